@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Builds kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd and kwok
+# from Go modules into a cache directory keyed by version; prints that directory.
+# A second run finds the binaries and builds nothing.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+# shellcheck source=versions.env
+source "$here/versions.env"
+cache_root="${TENANTRY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tenantry}"
+bin_dir="$cache_root/controlplane/kube-${KUBE_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}"
+mkdir -p "$bin_dir"
+export CGO_ENABLED=0 GOFLAGS=-buildvcs=false
+
+log() { echo "[controlplane] $*" >&2; }
+
+build() { # build <module dir> <package> <output name> [ldflags]
+  local out="$bin_dir/$3"
+  if [[ -x "$out" ]]; then return; fi
+  log "building $3 (first run only; cached in $bin_dir)"
+  (cd "$here/$1" && go build -trimpath -ldflags "-s -w ${4:-}" -o "$out.tmp" "$2")
+  mv "$out.tmp" "$out"
+}
+
+kube_major_minor="${KUBE_VERSION#v}"
+kv="k8s.io/component-base/version"
+kube_ldflags="-X $kv.gitVersion=${KUBE_VERSION} -X $kv.gitMajor=${kube_major_minor%%.*}"
+kube_ldflags+=" -X $kv.gitMinor=$(echo "$kube_major_minor" | cut -d. -f2) -X $kv.gitTreeState=clean"
+kube_ldflags+=" -X $kv.buildDate=1970-01-01T00:00:00Z"
+kube_ldflags+=" -X k8s.io/client-go/pkg/version.gitVersion=${KUBE_VERSION}"
+kube_ldflags+=" -X k8s.io/client-go/pkg/version.gitMajor=${kube_major_minor%%.*}"
+kube_ldflags+=" -X k8s.io/client-go/pkg/version.gitMinor=$(echo "$kube_major_minor" | cut -d. -f2)"
+
+build etcd go.etcd.io/etcd/server/v3 etcd
+build kwok sigs.k8s.io/kwok/cmd/kwok kwok "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION}"
+for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+  build kube "k8s.io/kubernetes/cmd/$cmd" "$cmd" "$kube_ldflags"
+done
+# kwok needs Stage objects to drive Nodes and Pods; take the "fast" stages from the pinned module.
+if [[ ! -s "$bin_dir/kwok-stages.yaml" ]]; then
+  kwok_dir="$(cd "$here/kwok" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)"
+  for f in "$kwok_dir"/kustomize/stage/node/fast/node-initialize.yaml \
+           "$kwok_dir"/kustomize/stage/pod/fast/pod-{ready,complete,delete}.yaml; do
+    cat "$f"; echo "---"
+  done > "$bin_dir/kwok-stages.yaml.tmp"
+  mv "$bin_dir/kwok-stages.yaml.tmp" "$bin_dir/kwok-stages.yaml"
+fi
+echo "$bin_dir"

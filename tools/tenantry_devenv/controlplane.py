@@ -1,0 +1,273 @@
+"""A real local Kubernetes control plane: etcd, kube-apiserver, controller-manager, scheduler, kwok.
+
+Certificates, the service-account key pair and an admin kubeconfig are generated for each run.
+kwok fakes one Node and drives Pods through Running/Ready, so StatefulSets work without a kubelet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import subprocess
+import textwrap
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .processes import Process, StartupError, free_port, spawn, wait_until
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = REPO_ROOT / "tools" / "controlplane" / "build.sh"
+FAKE_NODE = "kwok-node-0"
+# A StorageClass without a provisioner plus pre-made PVs lets StatefulSet PVCs bind for real.
+LOCAL_STORAGE_CLASS = "local-fake"
+
+
+def control_plane_binaries() -> Path:
+    """Build (first time) or find (later) the cached binaries; returns their directory."""
+    result = subprocess.run(  # noqa: S603
+        ["bash", str(BUILD_SCRIPT)], check=False, capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise StartupError(f"building the control plane failed:\n{result.stderr[-4000:]}")
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)  # noqa: S603,S607
+
+
+def generate_pki(pki: Path) -> None:
+    """CA, API server serving cert, admin client cert (system:masters), service-account keys."""
+    pki.mkdir(parents=True, exist_ok=True)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=tenantry-test-ca", cwd=pki)
+    (pki / "apiserver.ext").write_text(
+        "subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,"
+        "DNS:kubernetes.default,DNS:kubernetes.default.svc\n"
+        "extendedKeyUsage=serverAuth\n"
+    )
+    (pki / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    for name, subj, ext in (
+        ("apiserver", "/CN=kube-apiserver", "apiserver.ext"),
+        ("admin", "/O=system:masters/CN=tenantry-admin", "client.ext"),
+    ):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
+                 "-out", f"{name}.csr", "-subj", subj, cwd=pki)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", f"{name}.crt", cwd=pki)
+    _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
+    _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
+
+
+def write_kubeconfig(path: Path, server: str, pki: Path) -> None:
+    path.write_text(textwrap.dedent(f"""\
+        apiVersion: v1
+        kind: Config
+        clusters:
+        - name: tenantry-local
+          cluster:
+            server: {server}
+            certificate-authority: {pki / 'ca.crt'}
+        users:
+        - name: admin
+          user:
+            client-certificate: {pki / 'admin.crt'}
+            client-key: {pki / 'admin.key'}
+        contexts:
+        - name: tenantry-local
+          context: {{cluster: tenantry-local, user: admin}}
+        current-context: tenantry-local
+        """))
+
+
+@dataclass
+class ControlPlane:
+    """The running control plane; `kubeconfig` is an admin kubeconfig for it."""
+
+    workdir: Path
+    bin_dir: Path
+    processes: list[Process] = field(default_factory=list)
+    api_port: int = 0
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.workdir / "kubeconfig"
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.api_port}"
+
+    def kubectl(self, *args: str, input_text: str | None = None,
+                check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(  # noqa: S603
+            [str(self.bin_dir / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
+            input=input_text, capture_output=True, text=True, check=check, timeout=120,
+        )
+
+    def _get(self, path: str) -> tuple[int, str]:
+        pki = self.workdir / "pki"
+        ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+        req = urllib.request.Request(self.server + path)  # noqa: S310 - our own https server
+        try:
+            with urllib.request.urlopen(req, context=ctx, timeout=5) as resp:  # noqa: S310
+                return int(resp.status), resp.read().decode()
+        except urllib.error.HTTPError as err:
+            return int(err.code), err.read().decode()
+
+    def start(self, timeout: float = 180.0) -> None:
+        pki, logs = self.workdir / "pki", self.workdir / "logs"
+        generate_pki(pki)
+        etcd_port, peer_port = free_port(), free_port()
+        self.api_port = free_port()
+        etcd = spawn("etcd", [
+            self.bin_dir / "etcd", "--data-dir", self.workdir / "etcd",
+            "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
+            "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
+            "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+            "--initial-cluster", f"default=http://127.0.0.1:{peer_port}",
+            "--unsafe-no-fsync", "--log-level", "warn",
+        ], logs / "etcd.log")
+        self.processes.append(etcd)
+        apiserver = spawn("kube-apiserver", [
+            self.bin_dir / "kube-apiserver",
+            f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            f"--secure-port={self.api_port}",
+            f"--tls-cert-file={pki / 'apiserver.crt'}",
+            f"--tls-private-key-file={pki / 'apiserver.key'}",
+            f"--client-ca-file={pki / 'ca.crt'}",
+            f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            "--service-account-issuer=https://kubernetes.default.svc",
+            "--service-cluster-ip-range=10.0.0.0/24",
+            "--authorization-mode=Node,RBAC", "--allow-privileged=true",
+            "--storage-media-type=application/json", "--v=1",
+        ], logs / "kube-apiserver.log")
+        self.processes.append(apiserver)
+        write_kubeconfig(self.kubeconfig, self.server, pki)
+        wait_until("kube-apiserver /readyz", lambda: self._get("/readyz")[0] == 200,
+                   apiserver, timeout)
+
+        common = [f"--kubeconfig={self.kubeconfig}", "--leader-elect=false",
+                  "--bind-address=127.0.0.1"]
+        self.processes.append(spawn("kube-controller-manager", [
+            self.bin_dir / "kube-controller-manager", *common,
+            f"--secure-port={free_port()}",
+            f"--service-account-private-key-file={pki / 'sa.key'}",
+            f"--root-ca-file={pki / 'ca.crt'}",
+            "--use-service-account-credentials=false",
+            "--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle",
+        ], logs / "kube-controller-manager.log"))
+        self.processes.append(spawn("kube-scheduler", [
+            self.bin_dir / "kube-scheduler", *common, f"--secure-port={free_port()}",
+        ], logs / "kube-scheduler.log"))
+        kwok = spawn("kwok", [
+            self.bin_dir / "kwok", f"--kubeconfig={self.kubeconfig}",
+            f"--config={self.bin_dir / 'kwok-stages.yaml'}",
+            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+            "--cidr=10.244.0.0/16", "--node-ip=127.0.0.1",
+            f"--server-address=127.0.0.1:{free_port()}",
+        ], logs / "kwok.log")
+        self.processes.append(kwok)
+        self._seed_cluster(kwok, timeout)
+
+    def _seed_cluster(self, kwok: Process, timeout: float) -> None:
+        """A fake Ready node, a StorageClass with PVs to bind, and the default ServiceAccount."""
+        self.kubectl("apply", "-f", "-", input_text=_SEED_MANIFESTS)
+
+        def node_ready() -> bool:
+            out = self.kubectl("get", "node", FAKE_NODE, "-o", "json", check=False)
+            conds = json.loads(out.stdout)["status"].get("conditions", [])
+            return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+
+        wait_until("the kwok node to be Ready", node_ready, kwok, timeout)
+        wait_until(
+            "the default ServiceAccount",
+            lambda: self.kubectl("get", "sa", "default", check=False).returncode == 0,
+            self.processes[2], timeout,
+        )
+
+    def add_persistent_volumes(self, count: int, size: str = "100Gi") -> None:
+        """Pre-made volumes for silo PVCs to bind to (there is no storage provisioner here)."""
+        docs = [_PV_TEMPLATE.format(index=i, size=size, cls=LOCAL_STORAGE_CLASS,
+                                    path=self.workdir / "volumes" / str(i), node=FAKE_NODE)
+                for i in range(count)]
+        self.kubectl("apply", "-f", "-", input_text="\n---\n".join(docs))
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+        self.processes.clear()
+
+    def save_state(self) -> None:
+        state = {"api_port": self.api_port, "bin_dir": str(self.bin_dir),
+                 "processes": [[p.name, p.pid, str(p.log)] for p in self.processes]}
+        (self.workdir / "state.json").write_text(json.dumps(state))
+
+    @classmethod
+    def load_state(cls, workdir: Path) -> ControlPlane:
+        state = json.loads((workdir / "state.json").read_text())
+        plane = cls(workdir=workdir, bin_dir=Path(state["bin_dir"]), api_port=state["api_port"])
+        plane.processes = [Process(n, int(pid), Path(log)) for n, pid, log in state["processes"]]
+        return plane
+
+
+def start_control_plane(workdir: Path, timeout: float = 180.0) -> ControlPlane:
+    """Build or reuse the binaries, then start everything; stops what started if a step fails."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    plane = ControlPlane(workdir=workdir, bin_dir=control_plane_binaries())
+    try:
+        plane.start(timeout=timeout)
+    except BaseException:
+        plane.stop()
+        raise
+    os.environ.setdefault("KUBECONFIG", str(plane.kubeconfig))
+    return plane
+
+
+_SEED_MANIFESTS = f"""\
+apiVersion: v1
+kind: Node
+metadata:
+  name: {FAKE_NODE}
+  annotations:
+    kwok.x-k8s.io/node: fake
+    node.alpha.kubernetes.io/ttl: "0"
+  labels:
+    kubernetes.io/hostname: {FAKE_NODE}
+    kubernetes.io/os: linux
+    kubernetes.io/arch: amd64
+    type: kwok
+    topology.kubernetes.io/region: eu-west
+status:
+  allocatable: {{cpu: "32", memory: 256Gi, pods: "110"}}
+  capacity: {{cpu: "32", memory: 256Gi, pods: "110"}}
+---
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata:
+  name: {LOCAL_STORAGE_CLASS}
+  annotations:
+    storageclass.kubernetes.io/is-default-class: "true"
+provisioner: kubernetes.io/no-provisioner
+volumeBindingMode: Immediate
+reclaimPolicy: Retain
+allowVolumeExpansion: true
+"""
+
+_PV_TEMPLATE = """\
+apiVersion: v1
+kind: PersistentVolume
+metadata:
+  name: fake-pv-{index}
+spec:
+  capacity: {{storage: {size}}}
+  accessModes: [ReadWriteOnce]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: {cls}
+  hostPath: {{path: {path}}}
+"""
