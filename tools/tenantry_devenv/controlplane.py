@@ -26,7 +26,7 @@ LOCAL_STORAGE_CLASS = "local-fake"
 
 def control_plane_binaries() -> Path:
     """Build (first time) or find (later) the cached binaries; returns their directory."""
-    result = subprocess.run(  # noqa: S603
+    result = subprocess.run(
         ["bash", str(BUILD_SCRIPT)], check=False, capture_output=True, text=True
     )
     if result.returncode != 0:
@@ -35,7 +35,7 @@ def control_plane_binaries() -> Path:
 
 
 def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)  # noqa: S603,S607
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
 def generate_pki(pki: Path) -> None:
@@ -101,7 +101,7 @@ class ControlPlane:
 
     def kubectl(self, *args: str, input_text: str | None = None,
                 check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(  # noqa: S603
+        return subprocess.run(
             [str(self.bin_dir / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
             input=input_text, capture_output=True, text=True, check=check, timeout=120,
         )

@@ -72,7 +72,7 @@ def spawn(
 ) -> Process:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
-        proc = subprocess.Popen(  # noqa: S603 - argv is built from our own paths and flags
+        proc = subprocess.Popen(
             [str(a) for a in argv],
             stdout=out,
             stderr=subprocess.STDOUT,

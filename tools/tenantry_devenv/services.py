@@ -32,8 +32,8 @@ def _system_user() -> str | None:
     try:
         pwd.getpwnam(PG_SYSTEM_USER)
     except KeyError:
-        subprocess.run(  # noqa: S603
-            ["useradd", "--system", "--no-create-home", PG_SYSTEM_USER],  # noqa: S607
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", PG_SYSTEM_USER],
             check=True, capture_output=True,
         )
     return PG_SYSTEM_USER
@@ -80,7 +80,7 @@ def start_postgres(datadir: Path, timeout: float = 60.0) -> Postgres:
     pwfile.write_text(password + "\n")
     if user:
         _chown_tree(pwfile, user)
-    subprocess.run(  # noqa: S603
+    subprocess.run(
         [str(bindir / "initdb"), "-D", str(datadir), "-U", "postgres", f"--pwfile={pwfile}",
          "--auth-host=scram-sha-256", "--auth-local=scram-sha-256", "--encoding=UTF8",
          "--no-instructions"],

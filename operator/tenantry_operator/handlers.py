@@ -1,0 +1,76 @@
+"""Thin kopf glue: run the reconciler on every change and on a timer, finalize on delete."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import kopf
+
+from . import finalize as finalizer
+from .kube import Kube
+from .model import GROUP, VERSION
+from .reconcile import reconcile, tenant_lock
+from .settings import get_settings
+from .steps import reconcile_steps
+
+FINALIZER = f"{GROUP}/cleanup"
+log = logging.getLogger(__name__)
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    ours = get_settings()
+    # Bounded concurrency: kopf's default worker limit is unbounded.
+    settings.batching.worker_limit = ours.worker_limit
+    settings.peering.standalone = not ours.peering
+    settings.peering.mandatory = ours.peering
+    settings.persistence.finalizer = FINALIZER
+    # Keep kopf's bookkeeping out of .status: the status schema is ours and strict.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING
+    memo["kube"] = Kube.from_env()
+    await finalizer.on_startup(ours)
+
+
+@kopf.on.cleanup()
+async def close(memo: kopf.Memo, **_: Any) -> None:
+    kube = memo.get("kube")
+    if kube is not None:
+        await kube.close()
+
+
+async def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
+    async with tenant_lock(body["metadata"]["name"]):
+        outcome = await reconcile(body, memo["kube"], get_settings(), reconcile_steps())
+    patch.status.update(outcome.status)
+    if outcome.permanent_error:
+        kopf.warn(body, reason="PlanViolation", message=outcome.permanent_error)
+    elif outcome.retry_after is not None:
+        raise kopf.TemporaryError(outcome.status["phase"], delay=outcome.retry_after)
+
+
+@kopf.on.resume(GROUP, VERSION, "tenants")
+@kopf.on.create(GROUP, VERSION, "tenants")
+@kopf.on.update(GROUP, VERSION, "tenants", field="spec")
+async def tenant_changed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    await _reconcile(body, patch, memo)
+
+
+@kopf.timer(GROUP, VERSION, "tenants", interval=get_settings().reconcile_interval_seconds,
+            initial_delay=get_settings().reconcile_interval_seconds)
+async def tenant_resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    """Level-based repair: re-apply everything, so hand-deleted objects come back."""
+    with contextlib.suppress(kopf.TemporaryError):  # the next tick retries; don't hammer
+        await _reconcile(body, patch, memo)
+
+
+@kopf.on.delete(GROUP, VERSION, "tenants")
+async def tenant_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    async with tenant_lock(body["metadata"]["name"]):
+        summary = await finalizer.finalize(body, memo["kube"], get_settings())
+    kopf.info(body, reason="Finalized", message=summary)

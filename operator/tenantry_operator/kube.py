@@ -1,0 +1,68 @@
+"""Thin async Kubernetes access: server-side apply of plain dicts, tolerant get and delete."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightkube import ApiError, AsyncClient, KubeConfig, codecs
+from lightkube.core.resource import GlobalResource, NamespacedResource
+from lightkube.generic_resource import create_global_resource
+
+from .model import GROUP, VERSION
+from .names import FIELD_MANAGER
+
+Tenant = create_global_resource(GROUP, VERSION, "Tenant", "tenants")
+TenantPlan = create_global_resource(GROUP, VERSION, "TenantPlan", "tenantplans")
+
+Manifest = dict[str, Any]
+
+
+def _not_found(err: ApiError) -> bool:
+    return err.status.code == 404
+
+
+class Kube:
+    """The one place that talks to the API server; builders hand it plain manifests."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self.client = client
+        # lightkube's overloads split global and namespaced kinds; these wrappers take both.
+        self._untyped: Any = client
+
+    @classmethod
+    def from_env(cls) -> Kube:
+        """In-cluster service account, or $KUBECONFIG / ~/.kube/config outside the cluster."""
+        return cls(AsyncClient(config=KubeConfig.from_env(), field_manager=FIELD_MANAGER))
+
+    async def apply(self, manifest: Manifest) -> Any:
+        """Create or converge an object; force takes ownership of fields a human changed."""
+        obj = codecs.from_dict(manifest)
+        return await self.client.apply(obj, field_manager=FIELD_MANAGER, force=True)
+
+    async def get(self, kind: type[GlobalResource] | type[NamespacedResource], name: str, namespace: str | None = None) -> Any:
+        """The object, or None when it does not exist."""
+        try:
+            return await self._untyped.get(kind, name, namespace=namespace)
+        except ApiError as err:
+            if _not_found(err):
+                return None
+            raise
+
+    async def delete(self, kind: type[GlobalResource] | type[NamespacedResource], name: str, namespace: str | None = None) -> bool:
+        """Delete if present; True when something was deleted."""
+        try:
+            await self._untyped.delete(kind, name, namespace=namespace)
+        except ApiError as err:
+            if _not_found(err):
+                return False
+            raise
+        return True
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def as_dict(obj: Any) -> dict[str, Any]:
+    """A lightkube object (typed or generic) as a plain dict."""
+    result: dict[str, Any] = obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
+    return result

@@ -1,0 +1,108 @@
+"""Runs the step list for one Tenant and computes its status; knows nothing of kopf."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from .conditions import Condition, merge_conditions, ready_condition
+from .kube import Kube, TenantPlan, as_dict
+from .model import EffectiveSpec, PlanSpec, PlanViolation, TenantSpec, effective_spec
+from .settings import OperatorSettings
+from .steps import Step, StepContext
+
+log = logging.getLogger(__name__)
+
+_locks: dict[str, asyncio.Lock] = {}
+
+
+def tenant_lock(name: str) -> asyncio.Lock:
+    """Event handlers and the resync timer may fire together; one reconcile per tenant at once."""
+    return _locks.setdefault(name, asyncio.Lock())
+
+
+@dataclass
+class Outcome:
+    """The status to write, and whether (and when) to try again."""
+
+    status: dict[str, Any]
+    retry_after: float | None = None
+    permanent_error: str | None = None
+
+
+class StepFailed(Exception):
+    """A step could not converge yet; carries the condition to report."""
+
+    def __init__(self, condition: Condition, retry_after: float = 15.0) -> None:
+        super().__init__(condition.message)
+        self.condition = condition
+        self.retry_after = retry_after
+
+
+async def resolve_spec(
+    body: Mapping[str, Any], kube: Kube
+) -> tuple[EffectiveSpec | None, Condition, bool]:
+    """(effective spec, PlanResolved condition, retryable); spec is None when unresolved."""
+    meta = body["metadata"]
+    tenant = TenantSpec.from_body(body.get("spec", {}))
+    plan_obj = await kube.get(TenantPlan, tenant.plan)
+    if plan_obj is None:
+        msg = f"TenantPlan {tenant.plan!r} does not exist"
+        return None, Condition("PlanResolved", False, "PlanNotFound", msg), True
+    try:
+        plan = PlanSpec.model_validate(as_dict(plan_obj).get("spec", {}))
+        spec = effective_spec(meta["name"], meta["uid"], meta.get("generation", 0), tenant, plan)
+    except PlanViolation as err:
+        return None, Condition("PlanResolved", False, "IsolationNotAllowed", str(err)), False
+    except ValidationError as err:
+        return None, Condition("PlanResolved", False, "InvalidPlan", str(err)), True
+    return spec, Condition("PlanResolved", True, "Resolved", f"plan {tenant.plan}"), False
+
+
+def phase_of(spec: EffectiveSpec | None, conditions: Sequence[Condition]) -> str:
+    if all(c.ok for c in conditions):
+        return "Suspended" if spec is not None and spec.suspended else "Ready"
+    if any(c.reason == "IsolationNotAllowed" for c in conditions):
+        return "Failed"
+    if any(c.type == "MigrationComplete" and not c.ok for c in conditions):
+        return "Migrating"
+    return "Provisioning"
+
+
+async def reconcile(
+    body: Mapping[str, Any], kube: Kube, settings: OperatorSettings, steps: Sequence[Step]
+) -> Outcome:
+    """Resolve the plan, run every step in order, stop at the first that cannot converge."""
+    status: dict[str, Any] = dict(body.get("status") or {})
+    generation = int(body["metadata"].get("generation", 0))
+    spec, plan_cond, retryable = await resolve_spec(body, kube)
+    observed = [plan_cond]
+    retry: float | None = 30.0 if retryable else None
+    permanent = None if retryable or plan_cond.ok else plan_cond.message
+    provisioned: dict[str, str] = dict(status.get("provisioned") or {})
+    if spec is not None:
+        ctx = StepContext(spec=spec, kube=kube, settings=settings, status=status,
+                          provisioned=provisioned)
+        for step in steps:
+            try:
+                observed.append(await step(ctx))
+            except StepFailed as err:
+                observed.append(err.condition)
+                retry = err.retry_after
+                break
+    ready = ready_condition(observed)
+    conditions = merge_conditions(status.get("conditions", []), [*observed, ready], generation)
+    new_status: dict[str, Any] = {
+        "phase": phase_of(spec, observed),
+        "observedGeneration": generation,
+        "conditions": conditions,
+        "provisioned": provisioned,
+    }
+    if spec is not None:
+        new_status.update(ctx.status_updates)
+    return Outcome(status=new_status, retry_after=retry, permanent_error=permanent)

@@ -1,0 +1,50 @@
+"""Reconcile steps: each ensures one thing, is idempotent, and reports a Condition."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lightkube.resources.core_v1 import Namespace
+
+from . import builders
+from .conditions import Condition
+from .kube import Kube
+from .model import EffectiveSpec
+from .names import namespace_name
+from .settings import OperatorSettings
+
+
+@dataclass
+class StepContext:
+    """What every step sees; steps record what they provisioned in `provisioned`."""
+
+    spec: EffectiveSpec
+    kube: Kube
+    settings: OperatorSettings
+    status: dict[str, Any]
+    provisioned: dict[str, str] = field(default_factory=dict)
+    status_updates: dict[str, Any] = field(default_factory=dict)  # e.g. migration progress
+
+    @property
+    def namespace(self) -> str:
+        return namespace_name(self.spec.name, self.settings.namespace_prefix)
+
+
+Step = Callable[[StepContext], Awaitable[Condition]]
+
+
+async def ensure_namespace(ctx: StepContext) -> Condition:
+    await ctx.kube.apply(builders.tenant_namespace(ctx.spec, ctx.settings.namespace_prefix))
+    ctx.provisioned["namespace"] = ctx.namespace
+    return Condition("NamespaceReady", True, "Applied", f"namespace {ctx.namespace} is in place")
+
+
+async def delete_namespace(kube: Kube, name: str) -> bool:
+    return await kube.delete(Namespace, name)
+
+
+def reconcile_steps() -> list[Step]:
+    """The ordered step list; later steps may rely on what earlier ones provisioned."""
+    return [ensure_namespace]
