@@ -61,3 +61,39 @@ def redis_server(workdir: Path) -> Iterator[Redis]:
 
 def pytest_report_header() -> str:
     return f"tenantry: KUBECONFIG from fixtures (ambient KUBECONFIG={os.environ.get('KUBECONFIG')})"
+
+
+@pytest.fixture(scope="session")
+def shared_database(postgres: Postgres) -> str:
+    """Admin DSN of a `tenantry` database in the embedded Postgres, as the operator uses it."""
+    import psycopg
+
+    with psycopg.connect(postgres.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE tenantry")
+    return postgres.dsn("tenantry")
+
+
+@pytest.fixture(scope="session")
+def operator(
+    control_plane: ControlPlane, shared_database: str, redis_server: Redis
+) -> Iterator[object]:
+    """The operator in-process (kopf's KopfRunner) against the real control plane."""
+    from kopf.testing import KopfRunner
+
+    os.environ.update({
+        "KUBECONFIG": str(control_plane.kubeconfig),
+        "TENANTRY_DATABASE_URL": shared_database,
+        "TENANTRY_REDIS_URL": redis_server.url,
+        "TENANTRY_RECONCILE_INTERVAL_SECONDS": "3",
+    })
+    from tenantry_operator.settings import get_settings
+
+    get_settings.cache_clear()
+    plans = Path(__file__).resolve().parents[1] / "examples" / "plans.yaml"
+    control_plane.kubectl("apply", "-f", str(plans))
+    runner = KopfRunner(["run", "--all-namespaces", "--standalone", "--verbose",
+                         "-m", "tenantry_operator.handlers"])
+    with runner:
+        yield runner
+    if runner.exception is not None:
+        raise runner.exception

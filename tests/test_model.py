@@ -1,0 +1,87 @@
+"""Pure tests of the Tenant/TenantPlan model, the plan merge, conditions and builders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tenantry_operator.builders import tenant_namespace
+from tenantry_operator.conditions import Condition, merge_conditions, ready_condition
+from tenantry_operator.model import (
+    Isolation,
+    PlanSpec,
+    PlanViolation,
+    TenantSpec,
+    effective_spec,
+)
+from tenantry_operator.reconcile import phase_of
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _docs(name: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in yaml.safe_load_all((EXAMPLES / name).read_text())}
+
+
+PLANS = {name: PlanSpec.model_validate(doc["spec"]) for name, doc in _docs("plans.yaml").items()}
+
+
+def test_tenant_fields_override_the_plan_and_the_plan_fills_the_rest() -> None:
+    globex = TenantSpec.from_body(_docs("tenants.yaml")["globex"]["spec"])
+    spec = effective_spec("globex", "uid-1", 3, globex, PLANS["pro"])
+    assert spec.ai.daily_tokens == 500_000  # the tenant's own
+    assert spec.ai.monthly_tokens == 40_000_000  # from the plan
+    assert spec.ai.model == "claude-sonnet-4-5"
+    assert spec.ai.overage_allowed is True
+    assert spec.rag.top_k == 8
+    assert spec.isolation is Isolation.BRIDGE
+    assert spec.billing.overage_price_per_million_tokens == "3.00"
+
+
+def test_isolation_outside_the_plan_is_refused_with_a_clear_message() -> None:
+    globex = TenantSpec.from_body({"planRef": {"name": "free"}, "isolation": "bridge"})
+    with pytest.raises(PlanViolation, match="allows isolation pool; the Tenant asks for bridge"):
+        effective_spec("globex", "uid", 1, globex, PLANS["free"])
+
+
+def test_silo_example_parses_with_region_storage_and_dedicated_endpoint() -> None:
+    silo = TenantSpec.from_body(_docs("tenant-silo.yaml")["initech"]["spec"])
+    spec = effective_spec("initech", "uid", 1, silo, PLANS["enterprise"])
+    assert spec.region == "eu-west"
+    assert spec.database.storage is not None and spec.database.storage.size == "20Gi"
+    assert spec.ai.endpoint.type == "dedicated"
+    assert spec.ai.endpoint.secret_ref is not None
+    assert spec.ai.endpoint.secret_ref.key == "api-key"
+    assert spec.ai.requests_per_minute == 1000
+
+
+def test_namespace_has_standard_labels_and_an_owner_reference() -> None:
+    spec = effective_spec("acme", "uid-7", 1,
+                          TenantSpec.from_body({"planRef": {"name": "free"}}), PLANS["free"])
+    ns = tenant_namespace(spec, "tenant-")
+    assert ns["metadata"]["name"] == "tenant-acme"
+    assert ns["metadata"]["labels"]["tenantry.dev/tenant"] == "acme"
+    assert ns["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "tenantry-operator"
+    owner = ns["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["uid"]) == ("Tenant", "acme", "uid-7")
+
+
+def test_condition_transition_time_moves_only_when_status_changes() -> None:
+    first = merge_conditions([], [Condition("NamespaceReady", False, "Pending")], 1, now="T1")
+    same = merge_conditions(first, [Condition("NamespaceReady", False, "Still")], 2, now="T2")
+    flipped = merge_conditions(same, [Condition("NamespaceReady", True, "Applied")], 3, now="T3")
+    assert same[0]["lastTransitionTime"] == "T1"
+    assert same[0]["reason"] == "Still" and same[0]["observedGeneration"] == 2
+    assert flipped[0]["lastTransitionTime"] == "T3" and flipped[0]["status"] == "True"
+
+
+def test_ready_summarises_the_first_failing_step() -> None:
+    steps = [Condition("A", True, "Ok"), Condition("B", False, "Waiting", "pod not ready")]
+    ready = ready_condition(steps)
+    assert (ready.ok, ready.reason, ready.message) == (False, "Waiting", "B: pod not ready")
+    assert ready_condition(steps[:1]).ok
+    assert phase_of(None, [*steps, ready]) == "Provisioning"
+    assert phase_of(None, [Condition("PlanResolved", False, "IsolationNotAllowed")]) == "Failed"

@@ -1,0 +1,90 @@
+"""`make demo`: control plane, Postgres+pgvector, Redis, CRDs, the operator, two sample Tenants."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+
+from .controlplane import REPO_ROOT, start_control_plane
+from .processes import Process, StartupError, log_tail, spawn
+from .services import start_postgres, start_redis
+
+SAMPLE_TENANTS = ("acme", "globex")
+
+
+def say(text: str) -> None:
+    print(text, flush=True)  # noqa: T201 - the demo's output is for people
+
+
+def run_demo(workdir: Path, keep: bool = False, timeout: float = 180.0) -> int:
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    stack: list[Process] = []
+    say("==> starting the local control plane (kube-apiserver, etcd, controller-manager, "
+        "scheduler, kwok)")
+    plane = start_control_plane(workdir / "cluster")
+    stack.extend(plane.processes)
+    try:
+        say("==> starting embedded Postgres 18 + pgvector and redis-server")
+        pg = start_postgres(workdir / "postgres")
+        stack.append(pg.process)
+        with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+            conn.execute("CREATE DATABASE tenantry")
+        redis = start_redis(workdir / "redis")
+        stack.append(redis.process)
+
+        say("==> installing the CRDs and the example plans")
+        plane.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / "crds"))
+        plane.kubectl("wait", "--for=condition=Established", "crd/tenants.tenantry.dev")
+        plane.kubectl("apply", "-f", str(REPO_ROOT / "examples" / "plans.yaml"))
+
+        say("==> starting the operator")
+        operator = spawn("tenantry-operator", [sys.executable, "-m", "tenantry_operator"],
+                         workdir / "operator.log", env={
+                             "KUBECONFIG": str(plane.kubeconfig),
+                             "TENANTRY_DATABASE_URL": pg.dsn("tenantry"),
+                             "TENANTRY_REDIS_URL": redis.url,
+                             "TENANTRY_RECONCILE_INTERVAL_SECONDS": "30",
+                         })
+        stack.append(operator)
+
+        say("==> applying two sample tenants (examples/tenants.yaml): acme (pool), globex (bridge)")
+        plane.kubectl("apply", "-f", str(REPO_ROOT / "examples" / "tenants.yaml"))
+        deadline = time.monotonic() + timeout
+        while True:
+            phases = _phases(plane.kubectl("get", "tnt", "-o", "json").stdout)
+            if all(phases.get(t) == "Ready" for t in SAMPLE_TENANTS):
+                break
+            if not operator.alive() or time.monotonic() > deadline:
+                raise StartupError(f"tenants did not reach Ready ({phases}); operator log:\n"
+                                   f"{log_tail(operator.log, 60)}")
+            time.sleep(1)
+
+        say("\n==> what the operator created\n")
+        say(plane.kubectl("get", "tnt").stdout)
+        say(plane.kubectl("get", "namespaces", "-l", "tenantry.dev/tenant",
+                          "-L", "tenantry.dev/tenant,tenantry.dev/isolation").stdout)
+        for tenant in SAMPLE_TENANTS:
+            status = json.loads(plane.kubectl("get", "tnt", tenant, "-o", "json").stdout)
+            say(f"{tenant}: provisioned {json.dumps(status['status'].get('provisioned', {}))}")
+        say(f"\nKUBECONFIG={plane.kubeconfig}\noperator log: {operator.log}")
+        if keep:
+            say("running; press Ctrl-C to stop")
+            while operator.alive():
+                time.sleep(1)
+        return 0
+    finally:
+        for proc in reversed(stack):
+            proc.stop()
+        os.environ.pop("KUBECONFIG", None)
+
+
+def _phases(tenants_json: str) -> dict[str, str]:
+    items = json.loads(tenants_json)["items"]
+    return {t["metadata"]["name"]: (t.get("status") or {}).get("phase", "") for t in items}
