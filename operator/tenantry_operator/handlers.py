@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     ours = get_settings()
     # Bounded concurrency: kopf's default worker limit is unbounded.
-    settings.batching.worker_limit = ours.worker_limit
+    settings.queueing.worker_limit = ours.worker_limit
     settings.peering.standalone = not ours.peering
     settings.peering.mandatory = ours.peering
     settings.persistence.finalizer = FINALIZER
@@ -32,7 +32,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
-    settings.posting.level = logging.WARNING
+    settings.posting.level = logging.INFO
     memo["kube"] = Kube.from_env()
     await finalizer.on_startup(ours)
 

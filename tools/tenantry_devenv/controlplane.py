@@ -82,6 +82,10 @@ def write_kubeconfig(path: Path, server: str, pki: Path) -> None:
         """))
 
 
+class KubectlError(RuntimeError):
+    """kubectl exited non-zero; the message carries its output."""
+
+
 @dataclass
 class ControlPlane:
     """The running control plane; `kubeconfig` is an admin kubeconfig for it."""
@@ -101,10 +105,14 @@ class ControlPlane:
 
     def kubectl(self, *args: str, input_text: str | None = None,
                 check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
+        result = subprocess.run(
             [str(self.bin_dir / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
-            input=input_text, capture_output=True, text=True, check=check, timeout=120,
+            input=input_text, capture_output=True, text=True, check=False, timeout=120,
         )
+        if check and result.returncode != 0:
+            raise KubectlError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n"
+                               f"{result.stderr}{result.stdout}")
+        return result
 
     def _get(self, path: str) -> tuple[int, str]:
         pki = self.workdir / "pki"

@@ -1,0 +1,387 @@
+"""The shared-database contract: tenant ids, names, migrations, tenant sessions, usage rollup."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from importlib import resources
+from typing import Any, LiteralString, TypeAlias
+
+import psycopg
+from psycopg import sql
+from psycopg.pq import TransactionStatus
+from psycopg.rows import tuple_row
+
+__all__ = [
+    "APP_ROLE",
+    "PARTITIONED_TABLES",
+    "SHARED_SCHEMA",
+    "TENANT_ID_PATTERN",
+    "TENANT_PREDICATE",
+    "Conn",
+    "InvalidTenantId",
+    "Migration",
+    "MigrationChecksumError",
+    "MigrationError",
+    "advisory_xact_lock",
+    "bridge_role",
+    "bridge_schema",
+    "ensure_partitions",
+    "ensure_tenant_rls",
+    "fetch_rows",
+    "load_migrations",
+    "migrate",
+    "rollup_usage",
+    "set_tenant",
+    "tenant_transaction",
+    "validate_identifier",
+    "validate_tenant_id",
+]
+
+Conn: TypeAlias = psycopg.Connection[Any]
+Query: TypeAlias = LiteralString | bytes | sql.SQL | sql.Composed
+
+# Lowercase letters and digits only: the id is embedded in role, schema, index and Kubernetes
+# names, so it must be a valid identifier everywhere without quoting, and stay short enough
+# (40 + "tenant_" and index suffixes) for Postgres' 63-character limit.
+TENANT_ID_PATTERN = re.compile(r"^[a-z][a-z0-9]{0,39}$")
+# Schema and table names we build ourselves; anything else is refused before it reaches SQL.
+IDENTIFIER_PATTERN = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+SHARED_SCHEMA = "tenantry"
+APP_ROLE = "tenantry_app"
+PARTITIONED_TABLES = ("ai_conversations", "ai_usage_logs")
+TENANT_PREDICATE = sql.SQL("tenant_id = current_setting('app.current_tenant', true)")
+
+_MIGRATIONS_PACKAGE = "tenantry_runtime.contracts"
+_MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+class InvalidTenantId(ValueError):
+    """A tenant id that does not match TENANT_ID_PATTERN."""
+
+
+class MigrationError(RuntimeError):
+    """A migration could not be applied."""
+
+
+class MigrationChecksumError(MigrationError):
+    """An applied migration file was changed afterwards."""
+
+
+def validate_tenant_id(name: str) -> str:
+    """Return `name` if it is a valid tenant id, else raise InvalidTenantId."""
+    if not isinstance(name, str) or not TENANT_ID_PATTERN.fullmatch(name):
+        raise InvalidTenantId(
+            f"invalid tenant id {name!r}: use 1 to 40 lowercase letters and digits, "
+            "starting with a letter"
+        )
+    return name
+
+
+def validate_identifier(name: str) -> str:
+    """Return `name` if it is a plain lowercase SQL identifier, else raise ValueError."""
+    if not isinstance(name, str) or not IDENTIFIER_PATTERN.fullmatch(name):
+        raise ValueError(f"invalid SQL identifier {name!r}")
+    return name
+
+
+def bridge_schema(tenant: str) -> str:
+    return f"tenant_{validate_tenant_id(tenant)}"
+
+
+def bridge_role(tenant: str) -> str:
+    return f"tenant_{validate_tenant_id(tenant)}"
+
+
+def fetch_rows(
+    conn: Conn, query: Query, params: Sequence[Any] | Mapping[str, Any] | None = None
+) -> list[tuple[Any, ...]]:
+    """Run `query` and return tuples whatever row factory the caller's connection uses."""
+    with conn.cursor(row_factory=tuple_row) as cur:
+        cur.execute(query, params)
+        return cur.fetchall() if cur.description is not None else []
+
+
+def advisory_xact_lock(conn: Conn, key: str) -> None:
+    """Take a transaction-level advisory lock named by `key` (held until commit or rollback)."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
+
+
+# --- tenant sessions --------------------------------------------------------------------------
+
+
+def set_tenant(conn: Conn, tenant_id: str) -> None:
+    """Set app.current_tenant for the current transaction only (RLS policies read it)."""
+    validate_tenant_id(tenant_id)
+    # is_local=true: the setting dies with the transaction, so a pooled connection never carries
+    # one tenant's identity into the next request.
+    conn.execute("SELECT set_config('app.current_tenant', %s, true)", (tenant_id,))
+
+
+@contextmanager
+def tenant_transaction(conn: Conn, tenant_id: str) -> Iterator[Conn]:
+    """A transaction (or savepoint, if one is open) in which RLS sees only `tenant_id`."""
+    validate_tenant_id(tenant_id)
+    with conn.transaction():
+        set_tenant(conn, tenant_id)
+        yield conn
+
+
+# --- migrations -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    body: bytes
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.body).hexdigest()
+
+
+def load_migrations() -> list[Migration]:
+    """The versioned SQL files shipped with this package, in version order."""
+    folder = resources.files(_MIGRATIONS_PACKAGE) / "migrations"
+    found: dict[int, Migration] = {}
+    for entry in folder.iterdir():
+        match = _MIGRATION_FILE.fullmatch(entry.name)
+        if not match:
+            continue
+        version = int(match.group(1))
+        if version in found:
+            raise MigrationError(f"two migration files share version {version}")
+        found[version] = Migration(version, match.group(2), entry.read_bytes())
+    return [found[v] for v in sorted(found)]
+
+
+def _ensure_vector_extension(conn: Conn) -> None:
+    if fetch_rows(conn, "SELECT 1 FROM pg_extension WHERE extname = 'vector'"):
+        return
+    with conn.transaction():
+        # One key for the whole server: two schemas migrating at once would otherwise race on
+        # the extension's unique name.
+        advisory_xact_lock(conn, "tenantry.extension.vector")
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector WITH SCHEMA public")
+
+
+def _applied_checksums(conn: Conn, schema: str) -> dict[int, str]:
+    rows = fetch_rows(conn, sql.SQL("SELECT version, checksum FROM {}.schema_migrations").format(
+        sql.Identifier(schema)))
+    return {int(version): str(checksum) for version, checksum in rows}
+
+
+def _check_checksum(schema: str, migration: Migration, applied: dict[int, str]) -> None:
+    recorded = applied.get(migration.version)
+    if recorded is not None and recorded != migration.checksum:
+        raise MigrationChecksumError(
+            f"migration {migration.version:04d}_{migration.name} was changed after it was applied"
+            f" to schema {schema!r} (recorded {recorded[:12]}, file {migration.checksum[:12]});"
+            " add a new migration instead of editing an applied one"
+        )
+
+
+def migrate(conn: Conn, schema: str) -> list[int]:
+    """Apply the pending migrations to `schema` (created if missing); return versions applied.
+
+    Each migration runs in its own transaction under an advisory lock keyed on the schema, so
+    concurrent callers (two operator replicas) apply every version exactly once.
+    """
+    validate_identifier(schema)
+    if conn.info.transaction_status != TransactionStatus.IDLE:
+        raise MigrationError("migrate() commits each migration: call it outside a transaction")
+    migrations = load_migrations()
+    lock_key = f"tenantry.migrate:{schema}"
+    target = sql.Identifier(schema)
+    _ensure_vector_extension(conn)
+    with conn.transaction():
+        advisory_xact_lock(conn, lock_key)
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(target))
+        conn.execute(sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {}.schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())").format(target))
+        applied = _applied_checksums(conn, schema)
+    # Refuse to build on an edited history before touching anything.
+    for migration in migrations:
+        _check_checksum(schema, migration, applied)
+
+    done: list[int] = []
+    for migration in migrations:
+        if migration.version in applied:
+            continue
+        with conn.transaction():
+            advisory_xact_lock(conn, lock_key)
+            # Another replica may have applied it while we waited for the lock.
+            applied = _applied_checksums(conn, schema)
+            if migration.version in applied:
+                _check_checksum(schema, migration, applied)
+                continue
+            conn.execute(sql.SQL("SET LOCAL search_path TO {}, public").format(target))
+            try:
+                conn.execute(migration.body)
+            except psycopg.Error as exc:
+                raise MigrationError(
+                    f"migration {migration.version:04d}_{migration.name} failed on schema"
+                    f" {schema!r}: {exc}") from exc
+            conn.execute(
+                sql.SQL("INSERT INTO {}.schema_migrations (version, name, checksum)"
+                        " VALUES (%s, %s, %s)").format(target),
+                (migration.version, migration.name, migration.checksum))
+            done.append(migration.version)
+    return done
+
+
+# --- row-level security and partitions --------------------------------------------------------
+
+
+def ensure_tenant_rls(conn: Conn, schema: str, table: str) -> None:
+    """Enable and force RLS on `schema.table` with the `tenant_isolation` policy (idempotent)."""
+    qualified = sql.Identifier(validate_identifier(schema), validate_identifier(table))
+    rows = fetch_rows(conn, """
+        SELECT c.relrowsecurity, c.relforcerowsecurity,
+               EXISTS (SELECT 1 FROM pg_policy p
+                       WHERE p.polrelid = c.oid AND p.polname = 'tenant_isolation')
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = %s AND c.relname = %s""", (schema, table))
+    if not rows:
+        raise ValueError(f"table {schema}.{table} does not exist")
+    enabled, forced, has_policy = rows[0]
+    # ALTER TABLE takes an exclusive lock: only issue it when something is missing.
+    if not enabled:
+        conn.execute(sql.SQL("ALTER TABLE {} ENABLE ROW LEVEL SECURITY").format(qualified))
+    if not forced:
+        conn.execute(sql.SQL("ALTER TABLE {} FORCE ROW LEVEL SECURITY").format(qualified))
+    if not has_policy:
+        conn.execute(sql.SQL(
+            "CREATE POLICY tenant_isolation ON {} USING ({}) WITH CHECK ({})"
+        ).format(qualified, TENANT_PREDICATE, TENANT_PREDICATE))
+
+
+def _month_start(day: date, months_later: int) -> datetime:
+    index = day.year * 12 + day.month - 1 + months_later
+    return datetime(index // 12, index % 12 + 1, 1, tzinfo=UTC)
+
+
+def _relation_exists(conn: Conn, schema: str, name: str) -> bool:
+    return bool(fetch_rows(conn, """
+        SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = %s AND c.relname = %s""", (schema, name)))
+
+
+def ensure_partitions(
+    conn: Conn, schema: str, months_ahead: int = 3, today: date | None = None
+) -> list[str]:
+    """Create the monthly partitions of this month and the next `months_ahead`; return new names.
+
+    Rows already sitting in the DEFAULT partition for a new month are moved into it in the same
+    transaction (Postgres refuses to create the partition otherwise). Moving needs a connection
+    that sees every tenant's rows: a superuser or a BYPASSRLS role, as the operator's admin is.
+    """
+    validate_identifier(schema)
+    if months_ahead < 0:
+        raise ValueError("months_ahead must be >= 0")
+    first = today or datetime.now(UTC).date()
+    created: list[str] = []
+    for parent in PARTITIONED_TABLES:
+        if not _relation_exists(conn, schema, parent):
+            raise ValueError(f"{schema}.{parent} does not exist: run migrate() first")
+        for offset in range(months_ahead + 1):
+            lower, upper = _month_start(first, offset), _month_start(first, offset + 1)
+            name = f"{parent}_{lower.year:04d}_{lower.month:02d}"
+            with conn.transaction():
+                advisory_xact_lock(conn, f"tenantry.partitions:{schema}")
+                if _relation_exists(conn, schema, name):
+                    continue
+                _create_partition(conn, schema, parent, name, lower, upper)
+            created.append(name)
+    return created
+
+
+def _create_partition(
+    conn: Conn, schema: str, parent: str, name: str, lower: datetime, upper: datetime
+) -> None:
+    parent_id = sql.Identifier(schema, parent)
+    default_id = sql.Identifier(schema, f"{parent}_default")
+    bounds = {"lower": lower, "upper": upper}
+    stray = fetch_rows(conn, sql.SQL(
+        "SELECT 1 FROM {} WHERE created_at >= %(lower)s AND created_at < %(upper)s LIMIT 1"
+    ).format(default_id), bounds)
+    if stray:
+        conn.execute(sql.SQL("CREATE TEMP TABLE tenantry_moving (LIKE {}) ON COMMIT DROP").format(
+            default_id))
+        conn.execute(sql.SQL(
+            "WITH moved AS (DELETE FROM {} WHERE created_at >= %(lower)s"
+            " AND created_at < %(upper)s RETURNING *)"
+            " INSERT INTO tenantry_moving SELECT * FROM moved"
+        ).format(default_id), bounds)
+    conn.execute(sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})").format(
+        sql.Identifier(schema, name), parent_id,
+        sql.Literal(lower.isoformat()), sql.Literal(upper.isoformat())))
+    ensure_tenant_rls(conn, schema, name)
+    if stray:
+        conn.execute(sql.SQL("INSERT INTO {} SELECT * FROM tenantry_moving").format(parent_id))
+        # ON COMMIT DROP is not enough inside a caller's transaction: the next month reuses it.
+        conn.execute("DROP TABLE tenantry_moving")
+
+
+# --- usage ------------------------------------------------------------------------------------
+
+
+def rollup_usage(conn: Conn, schema: str, day: date, tenant: str | None = None) -> int:
+    """(Re)compute `schema.usage_daily` for `day` (UTC) from ai_usage_logs; return rows written.
+
+    Idempotent: running it again yields the same numbers; a (tenant, model) pair that has no
+    logs left for the day is removed. Without `tenant` it covers every tenant, which needs a
+    superuser or BYPASSRLS connection; with `tenant` it runs as that tenant (RLS-filtered).
+    """
+    validate_identifier(schema)
+    if tenant is not None:
+        validate_tenant_id(tenant)
+    lower = datetime.combine(day, time(), tzinfo=UTC)
+    params = {"day": day, "lower": lower, "upper": lower + timedelta(days=1), "tenant": tenant}
+    only_tenant = sql.SQL("AND tenant_id = %(tenant)s" if tenant else "")
+    target, logs = sql.Identifier(schema, "usage_daily"), sql.Identifier(schema, "ai_usage_logs")
+    upsert = sql.SQL("""
+        INSERT INTO {target} AS d (tenant_id, day, model, requests, input_tokens, output_tokens,
+                                   cache_creation_input_tokens, cache_read_input_tokens,
+                                   updated_at)
+        SELECT tenant_id, %(day)s, model, count(*), sum(input_tokens), sum(output_tokens),
+               sum(cache_creation_input_tokens), sum(cache_read_input_tokens), now()
+        FROM {logs}
+        WHERE created_at >= %(lower)s AND created_at < %(upper)s {only_tenant}
+        GROUP BY tenant_id, model
+        ON CONFLICT (tenant_id, day, model) DO UPDATE SET
+            requests = EXCLUDED.requests,
+            input_tokens = EXCLUDED.input_tokens,
+            output_tokens = EXCLUDED.output_tokens,
+            cache_creation_input_tokens = EXCLUDED.cache_creation_input_tokens,
+            cache_read_input_tokens = EXCLUDED.cache_read_input_tokens,
+            updated_at = EXCLUDED.updated_at
+    """).format(target=target, logs=logs, only_tenant=only_tenant)
+    prune = sql.SQL("""
+        DELETE FROM {target} AS d
+        WHERE d.day = %(day)s {only_tenant}
+          AND NOT EXISTS (SELECT 1 FROM {logs} AS l
+                          WHERE l.tenant_id = d.tenant_id AND l.model = d.model
+                            AND l.created_at >= %(lower)s AND l.created_at < %(upper)s)
+    """).format(target=target, logs=logs, only_tenant=only_tenant)
+
+    def run() -> int:
+        with conn.cursor() as cur:
+            cur.execute(upsert, params)
+            written = cur.rowcount
+            cur.execute(prune, params)
+        return written
+
+    if tenant is None:
+        with conn.transaction():
+            return run()
+    with tenant_transaction(conn, tenant):
+        return run()
