@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -43,6 +44,8 @@ POOL_QUERY = "SELECT id FROM pool_docs WHERE tenant_id = %s ORDER BY embedding <
 WARMUP_QUERIES = 50
 CONFIG_TIME_CAP_S = 90.0  # stop measuring one configuration after this long (slow plans)
 TINY_TENANT_DOCS = 50
+BUILD_BYTES_PER_VECTOR = 4096  # generous bound on pgvector's in-memory HNSW graph per element
+VECTOR_LITERAL = re.compile(r"'\[[^\]]*\]'::vector")
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ class Scenario:
 
 FULL = {
     "small": Scenario("small", tenants=100, docs=1_000, queries=500, table_tenants=100),
-    "large": Scenario("large", tenants=10, docs=100_000, queries=500, table_tenants=3),
+    "large": Scenario("large", tenants=10, docs=100_000, queries=500, table_tenants=2),
 }
 QUICK = {
     "small": Scenario("small", tenants=20, docs=500, queries=100, table_tenants=20),
@@ -194,6 +197,7 @@ class Row:
     recall: float
     min_recall: float
     rows: float
+    load: float
 
     def verdict(self) -> str:
         misses = [name for name, ok in (("recall", self.recall >= 0.95), ("p95", self.p95 < 10.0))
@@ -289,28 +293,51 @@ def run_configs(ctx: Context, layout: str, target: Target, build: Build,
                     p50=float(p50), p95=float(p95), p99=float(p99),
                     sql_p50=float(np.percentile(sql_ms, 50)), recall=float(np.mean(recalls)),
                     min_recall=float(np.min(recalls)), rows=float(np.mean(counts)),
+                    load=os.getloadavg()[0],
                 ))
                 if n < len(workload(ctx.corpus, tenants, ctx.sc.queries)):
                     ctx.notes.append(f"{layout} ef={ef} {mode}: stopped after {n} queries "
                                      f"({CONFIG_TIME_CAP_S:.0f}s cap)")
 
 
-def explain(ctx: Context, title: str, target: Target, tenant: int, tenant_id: str | None = None,
-            mode: str | None = None) -> None:
+def explain(ctx: Context, title: str, target: Target, tenant: int,
+            tenant_id: str | None = None) -> None:
+    """EXPLAIN ANALYZE the plan a prepared query settles on: psycopg prepares a query after 5
+    runs and Postgres may then switch to a generic plan, so 5 runs for `tenant` come first."""
     settings = {"hnsw.ef_search": str(ctx.args.ef_search[0]),
-                "hnsw.iterative_scan": mode or target.iterative[0]}
-    tid = tenant_id or ctx.corpus.tenant_ids[tenant]
-    vec = ctx.corpus.queries[tenant][0]
-    params = target.params(tenant, vec)
+                "hnsw.iterative_scan": target.iterative[0]}
+    warm_tid = ctx.corpus.tenant_ids[tenant]
+    tid = tenant_id or warm_tid
+    queries = ctx.corpus.queries[tenant]
+    params = target.params(tenant, queries[-1])
     if tenant_id is not None:
         params = (tenant_id, *params[1:])
-    with session(ctx.dsn("app"), settings) as conn, conn.transaction():
-        conn.execute(SET_TENANT, (tid,))
-        query = "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + target.statement(tenant)
-        lines = [str(row[0]) for row in conn.execute(query, params)]
-    ctx.plans.append((f"{ctx.sc.name}/{title} (tenant {tid}, iterative_scan="
-                      f"{settings['hnsw.iterative_scan']}, ef_search={settings['hnsw.ef_search']})",
-                      lines))
+    types = ["text", "vector"][-len(params):]
+    numbered = target.statement(tenant)
+    for i in range(len(params)):
+        numbered = numbered.replace("%s", f"${i + 1}", 1)
+    def execute(args: tuple[object, ...]) -> sql.Composed:
+        """EXECUTE with literal arguments (a utility statement cannot take bound ones)."""
+        values = [sql.Literal(f"[{','.join(map(str, a.tolist()))}]" if isinstance(a, np.ndarray)
+                              else a) for a in args]
+        return sql.SQL("EXECUTE bench_q ({})").format(sql.SQL(", ").join(
+            sql.SQL("{}::{}").format(v, sql.SQL(t)) for v, t in zip(values, types, strict=True)))
+
+    with session(ctx.dsn("app"), settings) as conn:
+        conn.execute(f"PREPARE bench_q ({', '.join(types)}) AS {numbered}")
+        for j in range(5):
+            with conn.transaction():
+                conn.execute(SET_TENANT, (warm_tid,))
+                conn.execute(execute(target.params(tenant, queries[j % len(queries)])))
+        with conn.transaction():
+            conn.execute(SET_TENANT, (tid,))
+            lines = [str(row[0]) for row in conn.execute(
+                sql.SQL("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) ") + execute(params))]
+    lines = [VECTOR_LITERAL.sub("'[...]'::vector", line) for line in lines]
+    plan = "generic" if any("$1" in line for line in lines) else "custom"
+    ctx.plans.append((f"{ctx.sc.name}/{title}: tenant {tid}, 6th run of the prepared query "
+                      f"({plan} plan), iterative_scan={settings['hnsw.iterative_scan']}, "
+                      f"ef_search={settings['hnsw.ef_search']}", lines))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +354,17 @@ def copy_rows(conn: psycopg.Connection, table: str, columns: Sequence[str], type
             copy.write_row(row)
 
 
-def hnsw_sql(index: str, table: str, where: str | None = None) -> sql.Composed:
+def mwm_mb(ctx: Context, vectors: int) -> int:
+    return min(ctx.args.mwm_cap_mb, 64 + math.ceil(vectors * BUILD_BYTES_PER_VECTOR / 2**20))
+
+
+def build_hnsw(ctx: Context, conn: psycopg.Connection, index: str, table: str, vectors: int,
+               where: str | None = None) -> float:
+    """CREATE INDEX ... USING hnsw, with maintenance_work_mem sized to the graph; seconds taken.
+
+    A parallel build allocates all of maintenance_work_mem as shared memory up front: a 4GB
+    setting costs ~2s per build even for a 1,000-vector index, so it is sized per build."""
+    conn.execute(f"SET maintenance_work_mem = '{mwm_mb(ctx, vectors)}MB'")
     stmt = sql.SQL(
         "CREATE INDEX {} ON {} USING hnsw (embedding vector_cosine_ops) "
         "WITH (m = {}, ef_construction = {})"
@@ -335,13 +372,8 @@ def hnsw_sql(index: str, table: str, where: str | None = None) -> sql.Composed:
              sql.Literal(HNSW_EF_CONSTRUCTION))
     if where is not None:
         stmt += sql.SQL(" WHERE tenant_id = {}").format(sql.Literal(where))
-    return stmt
-
-
-def timed(conn: psycopg.Connection, statements: Iterable[sql.Composable]) -> float:
     started = time.perf_counter()
-    for stmt in statements:
-        conn.execute(stmt)
+    conn.execute(stmt)
     return time.perf_counter() - started
 
 
@@ -398,8 +430,10 @@ def run_shared(ctx: Context, layouts: Sequence[str]) -> None:
     with ctx.admin() as conn:
         build_notices(conn, ctx, "shared")
         log(f"{ctx.sc.name}/shared: building one HNSW index over {ctx.sc.vectors:,} vectors")
-        seconds = timed(conn, [hnsw_sql("pool_hnsw", POOL_TABLE)])
+        seconds = build_hnsw(ctx, conn, "pool_hnsw", POOL_TABLE, ctx.sc.vectors)
         build = Build(seconds, index_bytes(conn, ["pool_hnsw"]), 1)
+        ctx.notes.append(f"shared: HNSW build with maintenance_work_mem="
+                         f"{mwm_mb(ctx, ctx.sc.vectors)}MB")
         log(f"{ctx.sc.name}/shared: built in {seconds:.1f}s")
         prewarm(conn, [POOL_TABLE, "pool_hnsw"])
     if "shared" in layouts:
@@ -408,8 +442,10 @@ def run_shared(ctx: Context, layouts: Sequence[str]) -> None:
     if "shared+btree" not in layouts:
         return
     with ctx.admin() as conn:
-        seconds = timed(conn, [sql.SQL(f"CREATE INDEX pool_tenant ON {POOL_TABLE} (tenant_id)"),
-                               sql.SQL(f"ANALYZE {POOL_TABLE}")])
+        started = time.perf_counter()
+        conn.execute(f"CREATE INDEX pool_tenant ON {POOL_TABLE} (tenant_id)")
+        conn.execute(f"ANALYZE {POOL_TABLE}")
+        seconds = time.perf_counter() - started
         btree = Build(build.seconds + seconds, index_bytes(conn, ["pool_hnsw", "pool_tenant"]), 2)
         ctx.notes.append(f"shared+btree: btree on tenant_id built in {seconds:.1f}s "
                          f"({index_bytes(conn, ['pool_tenant']) >> 20} MB)")
@@ -442,9 +478,11 @@ def run_partial(ctx: Context) -> None:
     with ctx.admin() as conn:
         build_notices(conn, ctx, "partial")
         log(f"{ctx.sc.name}/partial: building {len(names)} partial HNSW indexes")
-        seconds = timed(conn, [hnsw_sql(name, POOL_TABLE, where=tid)
-                               for name, tid in zip(names, ctx.corpus.tenant_ids, strict=True)])
+        seconds = sum(build_hnsw(ctx, conn, name, POOL_TABLE, ctx.sc.docs, where=tid)
+                      for name, tid in zip(names, ctx.corpus.tenant_ids, strict=True))
         build = Build(seconds, index_bytes(conn, names), len(names))
+        ctx.notes.append(f"partial: {len(names)} HNSW builds, each scanning the whole pool table, "
+                         f"maintenance_work_mem={mwm_mb(ctx, ctx.sc.docs)}MB each")
         log(f"{ctx.sc.name}/partial: built in {seconds:.1f}s")
         prewarm(conn, [POOL_TABLE, *names])
     target = pool_target(["off"])
@@ -470,8 +508,8 @@ def run_table(ctx: Context) -> None:
             conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(
                 sql.Identifier(name), sql.Identifier(APP_ROLE)))
         log(f"{ctx.sc.name}/table: building {len(tables)} per-table HNSW indexes")
-        seconds = timed(conn, [hnsw_sql(idx, name) for idx, name in zip(indexes, tables,
-                                                                        strict=True)])
+        seconds = sum(build_hnsw(ctx, conn, idx, name, ctx.sc.docs)
+                      for idx, name in zip(indexes, tables, strict=True))
         size = index_bytes(conn, indexes)
         log(f"{ctx.sc.name}/table: built in {seconds:.1f}s")
         prewarm(conn, [*tables, *indexes])
@@ -543,8 +581,8 @@ def projected_build(sc: Scenario, full: Scenario, layout: str, build: Build) -> 
 
 def print_table(rows: Sequence[Row]) -> None:
     header = ("scenario", "layout", "iterative", "ef", "path", "build s", "index MB", "#idx",
-              "n", "p50 ms", "p95 ms", "p99 ms", "sql p50", "recall@5", "min rec", "rows/q",
-              "goal")
+              "n", "p50 ms", "p95 ms", "p99 ms", "stmt p50", "recall@5", "min rec", "rows/q",
+              "load", "goal")
     lines = [header]
     for r in rows:
         mark = "*" if r.build.extrapolated else ""
@@ -552,7 +590,7 @@ def print_table(rows: Sequence[Row]) -> None:
                       f"{r.build.seconds:.1f}{mark}", f"{r.build.index_bytes / 2**20:.0f}{mark}",
                       str(r.build.indexes), str(r.queries), f"{r.p50:.2f}", f"{r.p95:.2f}",
                       f"{r.p99:.2f}", f"{r.sql_p50:.2f}", f"{r.recall:.3f}",
-                      f"{r.min_recall:.1f}", f"{r.rows:.2f}", r.verdict()))
+                      f"{r.min_recall:.1f}", f"{r.rows:.2f}", f"{r.load:.1f}", r.verdict()))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for k, line in enumerate(lines):
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
@@ -572,12 +610,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="hnsw.iterative_scan modes for the shared layout")
     parser.add_argument("--table-tenants", type=int, default=None,
                         help="tenants given a table in the `table` layout (default: all for "
-                             "small, 3 for the full large scenario to fit the time budget)")
+                             "small, 2 for the full large scenario to fit the time budget)")
     parser.add_argument("--queries", type=int, default=None, help="timed queries per config")
     parser.add_argument("--seed", type=int, default=20250601)
     parser.add_argument("--shared-buffers", default="6GB",
                         help="restart the dev server with this shared_buffers ('keep': 512MB)")
-    parser.add_argument("--maintenance-work-mem", default="4GB")
+    parser.add_argument("--maintenance-work-mem", default="4GB",
+                        help="cap; each HNSW build gets 64MB + 4KB per vector, up to this")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where the throwaway cluster lives (default: a temp dir)")
     args = parser.parse_args(argv)
@@ -586,10 +625,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown layouts: {', '.join(sorted(unknown))}")
     args.ef_search = [int(x) for x in args.ef_search.split(",") if x]
+    args.mwm_cap_mb = parse_mb(args.maintenance_work_mem)
     args.iterative = [x for x in args.iterative.split(",") if x]
     if set(args.iterative) - {*ITERATIVE_MODES, "off"}:
         parser.error("--iterative takes relaxed_order, strict_order, off")
     return args
+
+
+def parse_mb(size: str) -> int:
+    match = re.fullmatch(r"(\d+)\s*(MB|GB)", size.strip(), re.IGNORECASE)
+    if match is None:
+        raise SystemExit(f"--maintenance-work-mem: expected e.g. 512MB or 4GB, got {size!r}")
+    return int(match[1]) * (1024 if match[2].upper() == "GB" else 1)
 
 
 def scenarios(args: argparse.Namespace) -> list[tuple[Scenario, Scenario]]:

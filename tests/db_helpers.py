@@ -9,7 +9,6 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-
 from tenantry_devenv.services import Postgres
 
 Conn = psycopg.Connection[Any]
@@ -62,3 +61,9 @@ def scalar(conn: Conn, query: Any, params: Any = None) -> Any:
 
 def relation_exists(conn: Conn, qualified: str) -> bool:
     return scalar(conn, "SELECT to_regclass(%s) IS NOT NULL", (qualified,)) is True
+
+
+def q(template: str, **names: str) -> sql.Composed:
+    """SQL whose {placeholders} are filled with (optionally schema-qualified) identifiers."""
+    return sql.SQL(template).format(  # type: ignore[arg-type]
+        **{key: sql.Identifier(*value.split(".")) for key, value in names.items()})

@@ -9,8 +9,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import psycopg
 import pytest
-from db_helpers import Conn, connect, relation_exists, scalar, scratch_database
-
+from db_helpers import Conn, connect, q, relation_exists, scalar, scratch_database
 from tenantry_devenv.services import Postgres
 from tenantry_runtime.contracts import database as contract
 from tenantry_runtime.contracts.database import (
@@ -50,9 +49,9 @@ def tables_of(conn: Conn, schema: str) -> set[str]:
 
 
 def recorded(conn: Conn, schema: str) -> list[tuple[int, str, str]]:
-    return [tuple(r) for r in conn.execute(  # type: ignore[misc]
-        f"SELECT version, name, checksum FROM {schema}.schema_migrations ORDER BY version"
-    ).fetchall()]
+    return [tuple(r) for r in conn.execute(q(  # type: ignore[misc]
+        "SELECT version, name, checksum FROM {t} ORDER BY version", t=f"{schema}.schema_migrations"
+    )).fetchall()]
 
 
 def test_the_package_ships_numbered_migrations() -> None:
@@ -62,7 +61,8 @@ def test_the_package_ships_numbered_migrations() -> None:
     # The same files serve every schema: they must not name one.
     for m in migrations:
         code = b"\n".join(line.split(b"--")[0] for line in m.body.splitlines())
-        assert b"tenantry" not in code and b"search_path" not in code and b"public." not in code
+        for word in (b"tenantry", b"search_path", b"public."):
+            assert word not in code
 
 
 def test_migrate_from_empty_applies_every_version(conn: Conn) -> None:

@@ -39,9 +39,12 @@ from tenantry_runtime.contracts.database import (
 
 __all__ = [
     "MAX_DIMENSIONS",
+    "SCHEMA_EMBEDDINGS",
     "CollectionMismatch",
     "bootstrap_shared",
+    "delete_shared_rows",
     "delete_tenant_data",
+    "drop_bridge",
     "ensure_bridge_tenant",
     "ensure_collection",
     "ensure_pool_tenant",
@@ -499,28 +502,49 @@ def retain_tenant(conn: Conn, tenant: str) -> str:
 
 def delete_tenant_data(conn: Conn, tenant: str) -> None:
     """deletionPolicy Delete: drop the tenant's schema, role, shared rows and partial indexes."""
+    validate_tenant_id(tenant)
+    drop_bridge(conn, tenant)
+    delete_shared_rows(conn, tenant)
+
+
+def drop_bridge(conn: Conn, tenant: str) -> None:
+    """Drop the bridge schema `tenant_<tenant>` with its data, and the role (idempotent)."""
     role, schema = bridge_role(tenant), bridge_schema(tenant)
     with conn.transaction():
         has_role = _role_attributes(conn, role) is not None
         if has_role:
             _ensure_role(conn, role, {"rolcanlogin": False})
+    # NOLOGIN is committed first, so no new session appears while the old ones are cut.
     if has_role:
         _terminate_sessions(conn, role)
     with conn.transaction():
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
         if has_role:
             _drop_role(conn, role)
+
+
+def delete_shared_rows(conn: Conn, tenant: str, keep_registry: bool = False) -> int:
+    """Delete the tenant's rows from every shared table and drop its partial HNSW indexes.
+
+    Returns the number of rows deleted. `keep_registry` keeps its `tenants` row (used when
+    the data moved to a bridge schema or silo and the row records where it went).
+    """
+    validate_tenant_id(tenant)
     if not _schema_exists(conn, SHARED_SCHEMA):
-        return
+        return 0
+    deleted = 0
     with tenant_transaction(conn, tenant):
         for table in tenant_tables(conn, SHARED_SCHEMA):
-            # Through the parent: partitions (and the DEFAULT one) are covered.
-            conn.execute(sql.SQL("DELETE FROM {} WHERE tenant_id = %s").format(
-                sql.Identifier(SHARED_SCHEMA, table)), (tenant,))
+            if keep_registry and table == "tenants":
+                continue
+            # Through the parent: every partition, the DEFAULT one included, is covered.
+            deleted += conn.execute(sql.SQL("DELETE FROM {} WHERE tenant_id = %s").format(
+                sql.Identifier(SHARED_SCHEMA, table)), (tenant,)).rowcount
             match = _SHARED_EMBEDDINGS.fullmatch(table)
             if match:
                 conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(
                     SHARED_SCHEMA, pool_index_name(int(match.group(1)), tenant))))
+    return deleted
 
 
 def _drop_role(conn: Conn, role: str) -> None:

@@ -1,19 +1,33 @@
-"""Startup bootstrap and deletion of a tenant, by its deletionPolicy and recorded names."""
+"""Startup bootstrap, and deletion of a tenant by its deletionPolicy and recorded names."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from lightkube.resources.core_v1 import Namespace
+import psycopg
+from lightkube.resources.apps_v1 import StatefulSet
+from lightkube.resources.core_v1 import Namespace, PersistentVolumeClaim
 from lightkube.types import PatchType
+from redis.asyncio import Redis
 
+from . import builders, database
 from .kube import Kube
+from .quotas import delete_tenant_keys
 from .settings import OperatorSettings
 
 
+def _with_shared(settings: OperatorSettings, work: Any) -> Any:
+    assert settings.database_url is not None
+    with psycopg.connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
+        return work(conn)
+
+
 async def on_startup(settings: OperatorSettings) -> None:
-    """Shared-database migrations are added by the data plane."""
+    """Migrate the shared database before any tenant is reconciled (locked against replicas)."""
+    if settings.database_url is not None:
+        await asyncio.to_thread(_with_shared, settings, database.bootstrap_shared)
 
 
 async def _orphan_namespace(kube: Kube, name: str) -> None:
@@ -22,19 +36,50 @@ async def _orphan_namespace(kube: Kube, name: str) -> None:
     await kube.client.patch(Namespace, name, patch, patch_type=PatchType.MERGE)
 
 
+async def _delete_silo(kube: Kube, namespace: str) -> None:
+    """The StatefulSet first, then its claims (the namespace's deletion takes the rest)."""
+    await kube.delete(StatefulSet, builders.SILO_NAME, namespace)
+    claims = kube.client.list(PersistentVolumeClaim, namespace=namespace,
+                              labels={"app.kubernetes.io/name": builders.SILO_NAME})
+    async for claim in claims:
+        if claim.metadata and claim.metadata.name:
+            await kube.delete(PersistentVolumeClaim, claim.metadata.name, namespace)
+
+
 async def finalize(body: Mapping[str, Any], kube: Kube, settings: OperatorSettings) -> str:
     """Tear down by the names recorded in status (never re-derived); returns a summary."""
+    name = body["metadata"]["name"]
     spec = body.get("spec", {})
     provisioned: Mapping[str, str] = (body.get("status") or {}).get("provisioned") or {}
-    policy = spec.get("deletionPolicy", "Retain")
+    delete = spec.get("deletionPolicy", "Retain") == "Delete"
     namespace = provisioned.get("namespace")
-    kept: list[str] = []
+    notes: list[str] = []
+    if settings.redis_url is not None:
+        redis = Redis.from_url(settings.redis_url.get_secret_value())
+        try:
+            removed = await delete_tenant_keys(redis, name)
+        finally:
+            await redis.aclose()
+        notes.append(f"removed {removed} Redis keys")
+    if settings.database_url is not None and provisioned.get("databaseLocation"):
+        if delete:
+            await asyncio.to_thread(_with_shared, settings,
+                                    lambda c: database.delete_tenant_data(c, name))
+            notes.append("dropped its schema, role and shared rows")
+        else:
+            notes.append(await asyncio.to_thread(_with_shared, settings,
+                                                 lambda c: database.retain_tenant(c, name)))
     if namespace:
-        if policy == "Delete":
+        if delete:
+            if provisioned.get("statefulSet"):
+                await _delete_silo(kube, namespace)
+                notes.append("deleted the silo StatefulSet and its volumes")
             await kube.delete(Namespace, namespace)
+            notes.append(f"deleted namespace {namespace}")
         elif await kube.get(Namespace, namespace) is not None:
             await _orphan_namespace(kube, namespace)
-            kept.append(f"namespace {namespace}")
-    if policy == "Delete":
-        return "deleted everything provisioned for the tenant"
-    return "retained: " + (", ".join(kept) or "nothing was provisioned")
+            kept = f"kept namespace {namespace}"
+            if provisioned.get("statefulSet"):
+                kept += " with the silo StatefulSet, its Secrets and volumes"
+            notes.append(kept)
+    return ("deleted: " if delete else "retained: ") + "; ".join(notes or ["nothing provisioned"])

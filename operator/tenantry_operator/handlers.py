@@ -13,7 +13,7 @@ from .kube import Kube
 from .model import GROUP, VERSION
 from .reconcile import reconcile, tenant_lock
 from .settings import get_settings
-from .steps import reconcile_steps
+from .pipeline import reconcile_steps
 
 FINALIZER = f"{GROUP}/cleanup"
 log = logging.getLogger(__name__)

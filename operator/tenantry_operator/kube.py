@@ -7,6 +7,7 @@ from typing import Any
 from lightkube import ApiError, AsyncClient, KubeConfig, codecs
 from lightkube.core.resource import GlobalResource, NamespacedResource
 from lightkube.generic_resource import create_global_resource
+from lightkube.types import PatchType
 
 from .model import GROUP, VERSION
 from .names import FIELD_MANAGER
@@ -57,6 +58,11 @@ class Kube:
                 return False
             raise
         return True
+
+    async def patch_tenant_status(self, name: str, status: dict[str, Any]) -> None:
+        """Merge-patch a Tenant's status now (progress that must not wait for the handler)."""
+        await self.client.patch(Tenant.Status, name, {"status": status},
+                                patch_type=PatchType.MERGE)
 
     async def close(self) -> None:
         await self.client.close()

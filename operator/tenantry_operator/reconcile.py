@@ -14,7 +14,7 @@ from .conditions import Condition, merge_conditions, ready_condition
 from .kube import Kube, TenantPlan, as_dict
 from .model import EffectiveSpec, PlanSpec, PlanViolation, TenantSpec, effective_spec
 from .settings import OperatorSettings
-from .steps import Step, StepContext
+from .steps import Step, StepContext, StepFailed
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +33,6 @@ class Outcome:
     status: dict[str, Any]
     retry_after: float | None = None
     permanent_error: str | None = None
-
-
-class StepFailed(Exception):
-    """A step could not converge yet; carries the condition to report."""
-
-    def __init__(self, condition: Condition, retry_after: float = 15.0) -> None:
-        super().__init__(condition.message)
-        self.condition = condition
-        self.retry_after = retry_after
 
 
 async def resolve_spec(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,7 +42,9 @@ class OperatorSettings(BaseSettings):
             " cluster and cannot reach the silo Service (development, tests)."
         ),
     )
-    pool_index_strategy: str = Field("partial", pattern=r"^(partial|shared)$")
+    pool_index_strategy: Literal["partial", "shared"] = Field(
+        "partial", description="Pool collections: one partial HNSW index per tenant, or one shared."
+    )
 
 
 @lru_cache(maxsize=1)

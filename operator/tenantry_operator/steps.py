@@ -35,6 +35,15 @@ class StepContext:
 Step = Callable[[StepContext], Awaitable[Condition]]
 
 
+class StepFailed(Exception):
+    """A step could not converge yet; carries the condition to report and when to retry."""
+
+    def __init__(self, condition: Condition, retry_after: float = 15.0) -> None:
+        super().__init__(condition.message)
+        self.condition = condition
+        self.retry_after = retry_after
+
+
 async def ensure_namespace(ctx: StepContext) -> Condition:
     await ctx.kube.apply(builders.tenant_namespace(ctx.spec, ctx.settings.namespace_prefix))
     ctx.provisioned["namespace"] = ctx.namespace
@@ -43,8 +52,3 @@ async def ensure_namespace(ctx: StepContext) -> Condition:
 
 async def delete_namespace(kube: Kube, name: str) -> bool:
     return await kube.delete(Namespace, name)
-
-
-def reconcile_steps() -> list[Step]:
-    """The ordered step list; later steps may rely on what earlier ones provisioned."""
-    return [ensure_namespace]

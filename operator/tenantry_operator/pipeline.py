@@ -1,0 +1,11 @@
+"""The ordered list of reconcile steps; later steps rely on what earlier ones provisioned."""
+
+from __future__ import annotations
+
+from .dataplane import ensure_collection, ensure_database, ensure_limits, ensure_runtime_config
+from .steps import Step, ensure_namespace
+
+
+def reconcile_steps() -> list[Step]:
+    return [ensure_namespace, ensure_database, ensure_collection, ensure_limits,
+            ensure_runtime_config]
