@@ -246,34 +246,57 @@ def session(dsn: str, settings: dict[str, str]) -> psycopg.Connection:
     return conn
 
 
+@dataclass
+class Pass:
+    """One timed pass over the workload: milliseconds per query, recall and rows returned."""
+
+    total_ms: list[float] = field(default_factory=list)
+    stmt_ms: list[float] = field(default_factory=list)
+    recalls: list[float] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+
+    @property
+    def p95(self) -> float:
+        return float(np.percentile(self.total_ms, 95))
+
+
 def measure(ctx: Context, target: Target, tenants: Sequence[int], settings: dict[str, str],
-            path: str) -> tuple[int, list[float], list[float], list[float], list[int]]:
+            path: str) -> tuple[Pass, bool]:
+    """Time the workload `--rounds` times on one connection; the pass with the lowest p95 wins
+    (other engineers' jobs share the 2 cores), and whether the time cap cut it short."""
     corpus = ctx.corpus
     pairs = workload(corpus, tenants, ctx.sc.queries)
-    total, sql_times, recalls, counts = [], [], [], []
+    passes: list[Pass] = []
+    started = time.perf_counter()
+    capped = False
     with session(ctx.dsn(path), settings) as conn:
         for t, j in pairs[:WARMUP_QUERIES]:
             with conn.transaction():
                 conn.execute(SET_TENANT, (corpus.tenant_ids[t],))
                 conn.execute(target.statement(t), target.params(t, corpus.queries[t][j])).fetchall()
-        started = time.perf_counter()
-        for t, j in pairs:
-            statement = target.statement(t)
-            params = target.params(t, corpus.queries[t][j])
-            t0 = time.perf_counter()
-            with conn.transaction():
-                conn.execute(SET_TENANT, (corpus.tenant_ids[t],))
-                t1 = time.perf_counter()
-                ids = [row[0] for row in conn.execute(statement, params).fetchall()]
-                t2 = time.perf_counter()
-            t3 = time.perf_counter()
-            total.append((t3 - t0) * 1000)
-            sql_times.append((t2 - t1) * 1000)
-            recalls.append(recall(corpus, t, j, ids))
-            counts.append(len(ids))
-            if t3 - started > CONFIG_TIME_CAP_S:
+        for _ in range(ctx.args.rounds):
+            run = Pass()
+            for t, j in pairs:
+                statement = target.statement(t)
+                params = target.params(t, corpus.queries[t][j])
+                t0 = time.perf_counter()
+                with conn.transaction():
+                    conn.execute(SET_TENANT, (corpus.tenant_ids[t],))
+                    t1 = time.perf_counter()
+                    ids = [row[0] for row in conn.execute(statement, params).fetchall()]
+                    t2 = time.perf_counter()
+                t3 = time.perf_counter()
+                run.total_ms.append((t3 - t0) * 1000)
+                run.stmt_ms.append((t2 - t1) * 1000)
+                run.recalls.append(recall(corpus, t, j, ids))
+                run.counts.append(len(ids))
+                if t3 - started > CONFIG_TIME_CAP_S:
+                    capped = True
+                    break
+            passes.append(run)
+            if capped:
                 break
-    return len(total), total, sql_times, recalls, counts
+    return min(passes, key=lambda p: (-len(p.total_ms), p.p95)), capped
 
 
 def run_configs(ctx: Context, layout: str, target: Target, build: Build,
@@ -285,19 +308,19 @@ def run_configs(ctx: Context, layout: str, target: Target, build: Build,
             for path in paths:
                 settings = {"hnsw.ef_search": str(ef), "hnsw.iterative_scan": mode}
                 log(f"{ctx.sc.name}/{layout}: iterative={mode} ef_search={ef} path={path}")
-                n, total, sql_ms, recalls, counts = measure(ctx, target, tenants, settings, path)
-                p50, p95, p99 = np.percentile(total, [50, 95, 99])
+                best, capped = measure(ctx, target, tenants, settings, path)
+                p50, p95, p99 = np.percentile(best.total_ms, [50, 95, 99])
                 ctx.rows.append(Row(
                     scenario=ctx.sc.name, layout=layout, iterative=mode, ef_search=ef,
-                    path="app+rls" if path == "app" else "superuser", build=build, queries=n,
-                    p50=float(p50), p95=float(p95), p99=float(p99),
-                    sql_p50=float(np.percentile(sql_ms, 50)), recall=float(np.mean(recalls)),
-                    min_recall=float(np.min(recalls)), rows=float(np.mean(counts)),
-                    load=os.getloadavg()[0],
+                    path="app+rls" if path == "app" else "superuser", build=build,
+                    queries=len(best.total_ms), p50=float(p50), p95=float(p95), p99=float(p99),
+                    sql_p50=float(np.percentile(best.stmt_ms, 50)),
+                    recall=float(np.mean(best.recalls)), min_recall=float(np.min(best.recalls)),
+                    rows=float(np.mean(best.counts)), load=os.getloadavg()[0],
                 ))
-                if n < len(workload(ctx.corpus, tenants, ctx.sc.queries)):
-                    ctx.notes.append(f"{layout} ef={ef} {mode}: stopped after {n} queries "
-                                     f"({CONFIG_TIME_CAP_S:.0f}s cap)")
+                if capped:
+                    ctx.notes.append(f"{layout} ef={ef} {mode} {path}: stopped after "
+                                     f"{CONFIG_TIME_CAP_S:.0f}s")
 
 
 def explain(ctx: Context, title: str, target: Target, tenant: int,
@@ -612,6 +635,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="tenants given a table in the `table` layout (default: all for "
                              "small, 2 for the full large scenario to fit the time budget)")
     parser.add_argument("--queries", type=int, default=None, help="timed queries per config")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timed passes per configuration, best p95 kept (default 3, quick 1)")
     parser.add_argument("--seed", type=int, default=20250601)
     parser.add_argument("--shared-buffers", default="6GB",
                         help="restart the dev server with this shared_buffers ('keep': 512MB)")
@@ -626,6 +651,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown layouts: {', '.join(sorted(unknown))}")
     args.ef_search = [int(x) for x in args.ef_search.split(",") if x]
     args.mwm_cap_mb = parse_mb(args.maintenance_work_mem)
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
     args.iterative = [x for x in args.iterative.split(",") if x]
     if set(args.iterative) - {*ITERATIVE_MODES, "off"}:
         parser.error("--iterative takes relaxed_order, strict_order, off")
@@ -689,7 +716,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             contexts.append(ctx)
             print()
             print(f"## scenario {sc.name}: {sc.tenants} tenants x {sc.docs:,} docs "
-                  f"({sc.vectors:,} vectors), {sc.queries} timed queries per row")
+                  f"({sc.vectors:,} vectors); per row {sc.queries} timed queries, best of "
+                  f"{args.rounds} pass(es) by p95")
             print()
             print_table(ctx.rows)
             print()

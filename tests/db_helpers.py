@@ -65,5 +65,5 @@ def relation_exists(conn: Conn, qualified: str) -> bool:
 
 def q(template: str, **names: str) -> sql.Composed:
     """SQL whose {placeholders} are filled with (optionally schema-qualified) identifiers."""
-    return sql.SQL(template).format(  # type: ignore[arg-type]
+    return sql.SQL(template).format(
         **{key: sql.Identifier(*value.split(".")) for key, value in names.items()})

@@ -347,11 +347,9 @@ spec:
 ]
 INVALID_IDS = [case[0] for case in INVALID]
 
-# Values the CRD admits today although what the operator builds from them is refused by the API
-# server (StatefulSet quantities, NetworkPolicy CIDRs, StorageClass names) or cannot be used at
-# all (a host-less URL, a plan that no planRef can name). Reported as CRD findings; once the
-# rules exist these xfails turn into XPASS failures and the marker must go.
-FINDING = "CRD finding: the CRD accepts this value; see the proposed rule in the CRD review"
+# Values that the schema alone would admit although what the operator builds from them is
+# refused by the API server (StatefulSet quantities, NetworkPolicy CIDRs, StorageClass names)
+# or cannot be used at all (a host-less URL, a plan that no planRef can name).
 FINDINGS: list[tuple[str, Manifest | str, str]] = [
     ("resources-value-not-a-quantity", tenant(silo_spec(database={
         "storage": {"size": "10Gi"}, "resources": {"requests": {"cpu": "lots"}}})),
@@ -435,7 +433,6 @@ def test_invalid_manifest_is_rejected(dry_runs: dict[str, Proc], case_id: str,
     assert_rejected(dry_runs[case_id], manifest, expected)
 
 
-@pytest.mark.xfail(strict=True, reason=FINDING)
 @pytest.mark.parametrize(("case_id", "manifest", "expected"), FINDINGS,
                          ids=[c[0] for c in FINDINGS])
 def test_unusable_value_is_rejected(dry_runs: dict[str, Proc], case_id: str,
@@ -533,13 +530,8 @@ def test_transition_rules_also_guard_merge_patch(objects: Objects) -> None:
     assert objects.get("tenant", name)["spec"]["isolation"] == "silo"
 
 
-# Immutability the CRD promises ("Immutable once set") but its transition rules cannot see:
-# a transition rule only runs when the field exists in both the old and the new object, so
-# removing the field is accepted and a later update can set any other value.
-LOOPHOLE = "CRD finding: field removal bypasses the `self == oldSelf` transition rule"
-
-
-@pytest.mark.xfail(strict=True, reason=LOOPHOLE)
+# A transition rule on a field only runs when the field exists in both the old and the new
+# object, so removing it must be refused by a rule one level up (see spec's rules).
 @pytest.mark.parametrize(("initial", "removed"), [
     pytest.param(tenant_spec(dataResidency={"region": "eu-west"}),
                  {"dataResidency": {}}, id="region-removed"),

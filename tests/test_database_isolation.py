@@ -74,7 +74,7 @@ HOSTILE = ["a; DROP TABLE tenantry.tenants; --", "A", "x'--", "tenant-1", "a" * 
 
 def insert(conn: Conn, schema: str, table: str, tenant: str,
            vector: str = "[1,0,0]", at: datetime | None = None) -> Any:
-    query = sql.SQL(INSERTS[table]).format(s=sql.Identifier(schema))  # type: ignore[arg-type]
+    query = sql.SQL(INSERTS[table]).format(s=sql.Identifier(schema))
     return conn.execute(query, {"t": tenant, "v": vector, "at": at or datetime.now(UTC)})
 
 
@@ -352,7 +352,7 @@ def test_a_bridge_role_cannot_reach_other_schemas(world: World, statement: str) 
         for tenant in (world.c, world.d):  # whatever tenant it claims to be
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"), \
                     tenant_transaction(conn, tenant):
-                conn.execute(query)  # type: ignore[call-overload]
+                conn.execute(query)
 
 
 @pytest.mark.parametrize("statement", [
@@ -366,7 +366,7 @@ def test_a_bridge_role_cannot_reach_other_schemas(world: World, statement: str) 
 ])
 def test_a_bridge_role_cannot_weaken_its_own_schema(world: World, statement: str) -> None:
     with world.bridge(world.c) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
-        conn.execute(statement.format(s=bridge_schema(world.c)))  # type: ignore[call-overload]
+        conn.execute(statement.format(s=bridge_schema(world.c)))
 
 
 def test_a_bridge_role_cannot_grant_its_tables_on(world: World) -> None:
@@ -547,6 +547,20 @@ def test_delete_removes_schema_role_rows_and_indexes(world: World) -> None:
     assert {t: shared_counts(world, t) for t in (world.a, world.b)} == others
     # Deleting a tenant that never existed is fine too.
     delete_tenant_data(world.admin, unique("never"))
+
+
+def test_moving_data_out_keeps_the_registry_row(world: World) -> None:
+    tenant = unique("m")
+    ensure_pool_tenant(world.admin, tenant)
+    with tenant_transaction(world.admin, tenant):
+        for table in ("documents", "ai_usage_logs", "tenant_embeddings_d3"):
+            insert(world.admin, "tenantry", table, tenant)
+    assert delete_shared_rows(world.admin, tenant, keep_registry=True) == 3
+    counts = shared_counts(world, tenant)
+    assert counts.pop("tenants") == 1
+    assert set(counts.values()) == {0}
+    assert delete_shared_rows(world.admin, tenant) == 1
+    assert delete_shared_rows(world.admin, tenant) == 0
 
 
 def test_provisioning_converges_after_manual_damage(world: World) -> None:

@@ -49,7 +49,7 @@ def tables_of(conn: Conn, schema: str) -> set[str]:
 
 
 def recorded(conn: Conn, schema: str) -> list[tuple[int, str, str]]:
-    return [tuple(r) for r in conn.execute(q(  # type: ignore[misc]
+    return [tuple(r) for r in conn.execute(q(
         "SELECT version, name, checksum FROM {t} ORDER BY version", t=f"{schema}.schema_migrations"
     )).fetchall()]
 
@@ -237,7 +237,7 @@ def daily(conn: Conn, day: date) -> set[tuple[str, str, int, int, int, int]]:
     rows = conn.execute("SELECT tenant_id, model, requests, input_tokens, output_tokens,"
                         " cache_read_input_tokens FROM tenantry.usage_daily WHERE day = %s",
                         (day,)).fetchall()
-    return {tuple(r) for r in rows}  # type: ignore[misc]
+    return {tuple(r) for r in rows}
 
 
 def test_rollup_numbers_are_exact_and_idempotent(conn: Conn) -> None:

@@ -1,13 +1,13 @@
-"""Provision, search, retain and delete tenant data in Postgres (sync psycopg; idempotent steps).
+"""Provision, search, retain and delete tenant data in Postgres (sync psycopg, idempotent)."""
 
-Names (roles, schemas, tables, indexes) are always composed with psycopg.sql.Identifier and
-values are bound parameters. The two literals: the tenant id inside a partial index predicate
-and search filter (validated against TENANT_ID_PATTERN first, and a predicate cannot be a
-parameter), and the role password in ALTER ROLE, which cannot be a parameter either; it is sent
-as a SCRAM verifier computed by libpq, so the clear-text password never reaches the server.
-
-The admin connection must see across tenants: a superuser, or the tables' owner with BYPASSRLS.
-"""
+# Names (roles, schemas, tables, indexes) are composed with psycopg.sql.Identifier; values are
+# bound parameters. Two exceptions, both documented where they occur: the tenant id as a literal
+# in a partial index predicate and in the matching search filter (validated against
+# TENANT_ID_PATTERN first; the planner must see the value to use the partial index), and the
+# role password in ALTER ROLE, which takes no parameter; it is sent as a SCRAM verifier computed
+# by libpq, so the clear text never reaches the server or its logs.
+#
+# The admin connection must see across tenants: a superuser, or the owner with BYPASSRLS.
 
 from __future__ import annotations
 
@@ -118,13 +118,14 @@ def tenant_tables(conn: Conn, schema: str) -> list[str]:
     return [str(name) for (name,) in rows]
 
 
-def _other_tables(conn: Conn, schema: str) -> list[str]:
-    """Partitions and bookkeeping tables: nobody but the owner may touch them directly."""
-    keep = set(tenant_tables(conn, schema))
+def _private_tables(conn: Conn, schema: str) -> list[str]:
+    """Partitions and the migration ledger: nobody but the owner may touch them directly."""
     rows = fetch_rows(conn, """
         SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE n.nspname = %s AND c.relkind IN ('r', 'p')""", (schema,))
-    return sorted(str(name) for (name,) in rows if name not in keep)
+        WHERE n.nspname = %s AND c.relkind IN ('r', 'p')
+          AND (c.relispartition OR c.relname = 'schema_migrations')
+        ORDER BY c.relname""", (schema,))
+    return [str(name) for (name,) in rows]
 
 
 def _schema_exists(conn: Conn, schema: str) -> bool:
@@ -176,7 +177,7 @@ def _grant_tables(conn: Conn, schema: str, role: str) -> None:
     for table in tenant_tables(conn, schema):
         conn.execute(sql.SQL("GRANT {} ON {} TO {}").format(
             DML, sql.Identifier(schema, table), sql.Identifier(role)))
-    for table in _other_tables(conn, schema):
+    for table in _private_tables(conn, schema):
         conn.execute(sql.SQL("REVOKE ALL ON {} FROM {}").format(
             sql.Identifier(schema, table), sql.Identifier(role)))
 

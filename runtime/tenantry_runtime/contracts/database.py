@@ -116,7 +116,11 @@ def advisory_xact_lock(conn: Conn, key: str) -> None:
 
 
 def set_tenant(conn: Conn, tenant_id: str) -> None:
-    """Set app.current_tenant for the current transaction only (RLS policies read it)."""
+    """Set app.current_tenant for the current transaction only (RLS policies read it).
+
+    On an autocommit connection outside a transaction block it lasts one statement: use
+    tenant_transaction() instead.
+    """
     validate_tenant_id(tenant_id)
     # is_local=true: the setting dies with the transaction, so a pooled connection never carries
     # one tenant's identity into the next request.
@@ -125,7 +129,11 @@ def set_tenant(conn: Conn, tenant_id: str) -> None:
 
 @contextmanager
 def tenant_transaction(conn: Conn, tenant_id: str) -> Iterator[Conn]:
-    """A transaction (or savepoint, if one is open) in which RLS sees only `tenant_id`."""
+    """A transaction in which RLS sees only `tenant_id`.
+
+    Inside an already open transaction this is a savepoint, and the setting then lasts until
+    the outer transaction ends.
+    """
     validate_tenant_id(tenant_id)
     with conn.transaction():
         set_tenant(conn, tenant_id)
