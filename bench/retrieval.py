@@ -32,6 +32,11 @@ N_TOPICS = 200
 CLUSTERS_PER_TENANT = (20, 50)
 TENANT_SPREAD = 0.5  # norm of the offset from a topic to a tenant's own centre
 NOISE = 0.7  # norm of the offset from a centre to a document or query
+# `lowrank` data (default): the offset lies mostly in a per-cluster LOWRANK_DIM-dim subspace, as
+# text embeddings have a low local intrinsic dimension; `isotropic` spreads it over all 384
+# dimensions, a worst case for any ANN index (every cluster-mate is almost equally near).
+LOWRANK_DIM = 16
+LOWRANK_RESIDUAL = 0.2  # share of NOISE that stays full-rank in `lowrank` data
 DISTANCE_TOLERANCE = 1e-5  # ties at the k-th exact distance count as hits
 
 LAYOUTS = ("shared", "shared+btree", "partial", "table")
@@ -94,7 +99,7 @@ class Corpus:
     truth_kth: list[np.ndarray] = field(default_factory=list)  # (queries,) k-th exact distance
 
 
-def make_corpus(sc: Scenario, seed: int) -> Corpus:
+def make_corpus(sc: Scenario, seed: int, data: str) -> Corpus:
     topics = unit(np.random.default_rng(seed).standard_normal((N_TOPICS, DIM)))
     per_tenant = math.ceil(sc.queries / min(sc.tenants, sc.table_tenants))
     corpus = Corpus(tenant_ids=[], docs=[], queries=[])
@@ -104,12 +109,19 @@ def make_corpus(sc: Scenario, seed: int) -> Corpus:
         chosen = rng.choice(N_TOPICS, size=k, replace=False)
         centres = unit(topics[chosen] + TENANT_SPREAD * unit(rng.standard_normal((k, DIM))))
         weights = rng.dirichlet(np.full(k, 2.0))
+        bases = [np.linalg.qr(rng.standard_normal((DIM, LOWRANK_DIM)))[0] for _ in range(k)]
 
         def sample(n: int, rng: np.random.Generator = rng, centres: np.ndarray = centres,
-                   weights: np.ndarray = weights) -> np.ndarray:
+                   weights: np.ndarray = weights, bases: list[np.ndarray] = bases) -> np.ndarray:
             which = rng.choice(len(centres), size=n, p=weights)
-            noise = rng.standard_normal((n, DIM)).astype(np.float32) * (NOISE / math.sqrt(DIM))
-            return unit(centres[which] + noise)
+            if data == "isotropic":
+                return unit(centres[which] + rng.standard_normal((n, DIM)) * NOISE / DIM**0.5)
+            offset = rng.standard_normal((n, DIM)) * (NOISE * LOWRANK_RESIDUAL / DIM**0.5)
+            z = rng.standard_normal((n, LOWRANK_DIM)) * (NOISE / LOWRANK_DIM**0.5)
+            for c in np.unique(which):
+                mask = which == c
+                offset[mask] += z[mask] @ bases[c].T
+            return unit(centres[which] + offset)
 
         corpus.tenant_ids.append(f"tenant-{t:03d}")
         corpus.docs.append(sample(sc.docs))
@@ -558,7 +570,7 @@ def run_scenario(server: Postgres, sc: Scenario, args: argparse.Namespace,
                  app_password: str) -> Context:
     log(f"{sc.name}: generating {sc.tenants} tenants x {sc.docs:,} docs")
     started = time.perf_counter()
-    corpus = make_corpus(sc, args.seed)
+    corpus = make_corpus(sc, args.seed, args.data)
     dbname = f"bench_{sc.name}"
     ctx = Context(args=args, server=server, dbname=dbname, app_password=app_password, sc=sc,
                   corpus=corpus)
@@ -637,6 +649,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queries", type=int, default=None, help="timed queries per config")
     parser.add_argument("--rounds", type=int, default=None,
                         help="timed passes per configuration, best p95 kept (default 3, quick 1)")
+    parser.add_argument("--data", choices=["lowrank", "isotropic"], default="lowrank",
+                        help="cluster shape: low intrinsic dimension (like text embeddings) or "
+                             "isotropic 384-dim noise (worst case for HNSW)")
     parser.add_argument("--seed", type=int, default=20250601)
     parser.add_argument("--shared-buffers", default="6GB",
                         help="restart the dev server with this shared_buffers ('keep': 512MB)")

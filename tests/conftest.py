@@ -26,10 +26,7 @@ def control_plane(workdir: Path) -> Iterator[ControlPlane]:
     """etcd + kube-apiserver + controller-manager + scheduler + kwok, with the CRDs installed."""
     plane = start_control_plane(workdir / "cluster")
     try:
-        crds = Path(__file__).resolve().parents[1] / "crds"
-        plane.kubectl("apply", "--server-side", "-f", str(crds))
-        plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                      "crd/tenants.tenantry.dev", "crd/tenantplans.tenantry.dev")
+        plane.install_crds()
         yield plane
     finally:
         plane.stop()
@@ -73,18 +70,46 @@ def shared_database(postgres: Postgres) -> str:
     return postgres.dsn("tenantry")
 
 
+# Silo tenants of the integration tests. Their StatefulSets run under kwok (no real container),
+# so the operator reaches each silo's database through TENANTRY_SILO_DSN_OVERRIDES: one
+# database per silo in a second embedded Postgres, the setting a user needs when the operator
+# runs outside the cluster.
+SILO_TENANTS = ("silo1", "upsilo", "silodel")
+
+
+@pytest.fixture(scope="session")
+def silo_postgres(workdir: Path) -> Iterator[Postgres]:
+    """A second Postgres server standing in for the silo Pods' databases."""
+    import psycopg
+
+    server = start_postgres(workdir / "pg-silo")
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        for tenant in SILO_TENANTS:
+            conn.execute(f"CREATE DATABASE silo_{tenant}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def operator(
-    control_plane: ControlPlane, shared_database: str, redis_server: Redis
+    control_plane: ControlPlane, shared_database: str, redis_server: Redis,
+    silo_postgres: Postgres,
 ) -> Iterator[object]:
     """The operator in-process (kopf's KopfRunner) against the real control plane."""
+    import json
+
     from kopf.testing import KopfRunner
 
+    control_plane.add_persistent_volumes(6, size="100Gi")
     os.environ.update({
         "KUBECONFIG": str(control_plane.kubeconfig),
         "TENANTRY_DATABASE_URL": shared_database,
         "TENANTRY_REDIS_URL": redis_server.url,
         "TENANTRY_RECONCILE_INTERVAL_SECONDS": "3",
+        "TENANTRY_SILO_DSN_OVERRIDES": json.dumps(
+            {t: silo_postgres.dsn(f"silo_{t}") for t in SILO_TENANTS}),
     })
     from tenantry_operator.settings import get_settings
 

@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from tenantry_operator.builders import tenant_namespace
 from tenantry_operator.conditions import Condition, merge_conditions, ready_condition
 from tenantry_operator.model import (

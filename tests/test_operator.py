@@ -3,57 +3,20 @@
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
-from typing import Any
 
 import pytest
-
+from kube_helpers import (
+    apply_tenant,
+    condition,
+    delete_tenant,
+    get_json,
+    tenant_status,
+    wait_for,
+    wait_ready,
+)
 from tenantry_devenv.controlplane import ControlPlane
 
 pytestmark = pytest.mark.usefixtures("operator")
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}; last value: {last!r}")
-
-
-def get_json(plane: ControlPlane, *args: str) -> dict[str, Any] | None:
-    out = plane.kubectl("get", *args, "-o", "json", check=False)
-    return json.loads(out.stdout) if out.returncode == 0 else None
-
-
-def tenant_status(plane: ControlPlane, name: str) -> dict[str, Any]:
-    obj = get_json(plane, "tnt", name) or {}
-    return obj.get("status") or {}
-
-
-def condition(status: dict[str, Any], ctype: str) -> dict[str, Any]:
-    return next((c for c in status.get("conditions", []) if c["type"] == ctype), {})
-
-
-def apply_tenant(plane: ControlPlane, name: str, **spec: Any) -> None:
-    body = {"apiVersion": "tenantry.dev/v1alpha1", "kind": "Tenant",
-            "metadata": {"name": name}, "spec": {"planRef": {"name": "free"}, **spec}}
-    plane.kubectl("apply", "-f", "-", input_text=json.dumps(body))
-
-
-def wait_ready(plane: ControlPlane, name: str, timeout: float = 60.0) -> dict[str, Any]:
-    return wait_for(f"tenant {name} Ready",
-                    lambda: (s := tenant_status(plane, name)).get("phase") == "Ready" and s,
-                    timeout)
-
-
-def delete_tenant(plane: ControlPlane, name: str) -> None:
-    plane.kubectl("delete", "tnt", name, "--wait=false")
-    wait_for(f"tenant {name} to disappear", lambda: get_json(plane, "tnt", name) is None)
 
 
 def test_pool_tenant_reaches_ready_with_namespace_and_conditions(

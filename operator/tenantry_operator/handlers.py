@@ -65,7 +65,8 @@ async def tenant_changed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **
             initial_delay=get_settings().reconcile_interval_seconds)
 async def tenant_resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     """Level-based repair: re-apply everything, so hand-deleted objects come back."""
-    with contextlib.suppress(kopf.TemporaryError):  # the next tick retries; don't hammer
+    # The next tick retries; a timer that raises would back off for a minute instead.
+    with contextlib.suppress(kopf.TemporaryError):
         await _reconcile(body, patch, memo)
 
 

@@ -55,6 +55,12 @@ async def resolve_spec(
     return spec, Condition("PlanResolved", True, "Resolved", f"plan {tenant.plan}"), False
 
 
+def condition_type(step: Step) -> str:
+    """`ensure_runtime_config` reports `RuntimeConfigReady`."""
+    words = step.__name__.removeprefix("ensure_").split("_")
+    return "".join(w.capitalize() for w in words) + "Ready"
+
+
 def phase_of(spec: EffectiveSpec | None, conditions: Sequence[Condition]) -> str:
     if all(c.ok for c in conditions):
         return "Suspended" if spec is not None and spec.suspended else "Ready"
@@ -85,6 +91,12 @@ async def reconcile(
             except StepFailed as err:
                 observed.append(err.condition)
                 retry = err.retry_after
+                break
+            except Exception as err:  # any failure becomes a visible condition, then a retry
+                log.warning("tenant %s: %s failed: %s", spec.name, step.__name__, err)
+                observed.append(Condition(condition_type(step), False, type(err).__name__,
+                                          str(err)[:1000]))
+                retry = 10.0
                 break
     ready = ready_condition(observed)
     conditions = merge_conditions(status.get("conditions", []), [*observed, ready], generation)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-from pathlib import Path
 
 from .controlplane import REPO_ROOT, ControlPlane, start_control_plane
 
@@ -21,7 +20,7 @@ def cluster_up() -> int:
         plane.stop()
     shutil.rmtree(STATE_DIR / "cluster", ignore_errors=True)
     plane = start_control_plane(STATE_DIR / "cluster")
-    plane.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / "crds"))
+    plane.install_crds()
     plane.save_state()
     print(f"control plane up: {plane.server}\nexport KUBECONFIG={plane.kubeconfig}")  # noqa: T201
     return 0

@@ -193,11 +193,24 @@ class ControlPlane:
             return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
 
         wait_until("the kwok node to be Ready", node_ready, kwok, timeout)
+        # Admission taints a new Node not-ready; the node-lifecycle controller would lift it,
+        # but it is off here (kwok posts no heartbeats, so it would evict everything instead).
+        self.kubectl("taint", "node", FAKE_NODE, "node.kubernetes.io/not-ready:NoSchedule-",
+                     check=False)
         wait_until(
             "the default ServiceAccount",
             lambda: self.kubectl("get", "sa", "default", check=False).returncode == 0,
             self.processes[2], timeout,
         )
+
+    def install_crds(self, timeout: float = 60.0) -> None:
+        """Apply crds/ and wait until the API server serves them."""
+        self.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / "crds"))
+        names = [f"crd/{p.stem.split('_')[1]}.tenantry.dev"
+                 for p in sorted((REPO_ROOT / "crds").glob("*.yaml"))]
+        wait_until("the CRDs to be Established", lambda: self.kubectl(
+            "wait", "--for=condition=Established", "--timeout=10s", *names,
+            check=False).returncode == 0, None, timeout)
 
     def add_persistent_volumes(self, count: int, size: str = "100Gi") -> None:
         """Pre-made volumes for silo PVCs to bind to (there is no storage provisioner here)."""

@@ -40,8 +40,7 @@ def run_demo(workdir: Path, keep: bool = False, timeout: float = 180.0) -> int:
         stack.append(redis.process)
 
         say("==> installing the CRDs and the example plans")
-        plane.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / "crds"))
-        plane.kubectl("wait", "--for=condition=Established", "crd/tenants.tenantry.dev")
+        plane.install_crds()
         plane.kubectl("apply", "-f", str(REPO_ROOT / "examples" / "plans.yaml"))
 
         say("==> starting the operator")
