@@ -108,6 +108,7 @@ class World:
         self.passwords[tenant] = secrets.token_urlsafe(12)
         self.roles.append(bridge_role(tenant))
         ensure_bridge_tenant(self.admin, tenant, self.passwords[tenant])
+        ensure_pool_tenant(self.admin, tenant, "bridge")  # the registry row, as the operator does
         return tenant
 
 
@@ -492,6 +493,7 @@ def test_retain_locks_the_tenant_out_and_keeps_its_data(world: World) -> None:
     assert retain_tenant(world.admin, tenant) == described  # idempotent
     # Re-provisioning brings it back, with its data.
     ensure_bridge_tenant(world.admin, tenant, world.passwords[tenant])
+    ensure_pool_tenant(world.admin, tenant, "bridge")
     with world.bridge(tenant) as conn, tenant_transaction(conn, tenant):
         assert scalar(conn, q("SELECT count(*) FROM {t}", t=f"{schema}.documents")) == 1
     assert scalar(world.admin, "SELECT state FROM tenantry.tenants WHERE tenant_id = %s",

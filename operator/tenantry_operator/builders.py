@@ -48,8 +48,8 @@ def namespace_selector(tenant: str) -> dict[str, Any]:
 # --- silo: a dedicated Postgres per tenant ----------------------------------------------------
 
 SILO_NAME = "postgres"
-SILO_ADMIN_SECRET = "postgres-admin"
-TENANT_DB_SECRET = "tenant-db-credentials"
+SILO_ADMIN_SECRET = "postgres-admin"  # noqa: S105 - a Secret's name, not a password
+TENANT_DB_SECRET = "tenant-db-credentials"  # noqa: S105
 SILO_DATABASE = "tenantry"
 SILO_PORT = 5432
 

@@ -253,7 +253,10 @@ def ensure_pool_tenant(conn: Conn, tenant: str, isolation: Isolation = "pool") -
 
 
 def ensure_bridge_tenant(conn: Conn, tenant: str, password: str) -> None:
-    """Role and schema `tenant_<tenant>`, migrated, granted to that role only; password reset."""
+    """Role and schema `tenant_<tenant>`, migrated, granted to that role only; password reset.
+
+    Does not touch the shared registry row; `ensure_pool_tenant(conn, tenant, "bridge")` does.
+    """
     role, schema = bridge_role(tenant), bridge_schema(tenant)
     if not password:
         raise ValueError("a bridge tenant needs a non-empty password")
@@ -274,7 +277,8 @@ def ensure_bridge_tenant(conn: Conn, tenant: str, password: str) -> None:
         conn.execute(sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC").format(db))
         conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}, {}").format(
             db, sql.Identifier(APP_ROLE), sql.Identifier(role)))
-    _upsert_tenant_row(conn, SHARED_SCHEMA, tenant, "bridge")
+    # The shared registry row (where the data lives) is the caller's to set: during an
+    # isolation upgrade it flips only after the copy is verified.
     _upsert_tenant_row(conn, schema, tenant, "bridge")
 
 

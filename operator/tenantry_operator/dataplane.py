@@ -16,7 +16,6 @@ import psycopg
 from lightkube.resources.apps_v1 import StatefulSet
 from lightkube.resources.core_v1 import Secret
 from redis.asyncio import Redis
-
 from tenantry_runtime.contracts.database import SHARED_SCHEMA, bridge_schema
 from tenantry_runtime.contracts.redis_keys import TenantKeys
 from tenantry_runtime.contracts.runtime_config import (
@@ -78,7 +77,7 @@ async def ensure_silo_server(ctx: StepContext) -> str:
     """Apply the silo's objects; return its admin DSN once its Pod is Ready."""
     ns, spec = ctx.namespace, ctx.spec
     host = builders.silo_host(ns)
-    admin_password = await ensure_credentials(ctx, builders.SILO_ADMIN_SECRET, "postgres",
+    await ensure_credentials(ctx, builders.SILO_ADMIN_SECRET, "postgres",
                                               builders.SILO_DATABASE, host)
     for manifest in (*builders.silo_services(spec, ns),
                      builders.silo_statefulset(spec, ns, ctx.settings.silo_image),
@@ -91,10 +90,20 @@ async def ensure_silo_server(ctx: StepContext) -> str:
         raise StepFailed(Condition("DatabaseReady", False, "WaitingForSiloPod",
                                    f"StatefulSet {ns}/{builders.SILO_NAME} has no Ready Pod yet"),
                          retry_after=3)
-    override = ctx.settings.silo_dsn_overrides.get(spec.name)
+    return await silo_dsn(ctx.kube, ctx.settings, spec.name, ns)
+
+
+async def silo_dsn(kube: Kube, settings: OperatorSettings, tenant: str, namespace: str) -> str:
+    """Admin DSN of a silo: the override when set (operator outside the cluster), else the
+    client Service with the password from the silo's admin Secret."""
+    override = settings.silo_dsn_overrides.get(tenant)
     if override:
         return override
-    return (f"postgresql://postgres:{admin_password}@{host.split(':')[0]}:{builders.SILO_PORT}"
+    password = await secret_value(kube, namespace, builders.SILO_ADMIN_SECRET, "password")
+    if password is None:
+        raise RuntimeError(f"Secret {namespace}/{builders.SILO_ADMIN_SECRET} has no password")
+    host = builders.silo_host(namespace).split(":")[0]
+    return (f"postgresql://postgres:{password}@{host}:{builders.SILO_PORT}"
             f"/{builders.SILO_DATABASE}")
 
 
@@ -104,7 +113,6 @@ async def ensure_silo_server(ctx: StepContext) -> str:
 async def ensure_database(ctx: StepContext) -> Condition:
     """Provision the tenant at its isolation level; raise it in place when the spec asks."""
     spec, shared = ctx.spec, shared_dsn(ctx.settings)
-    await in_database(shared, database.bootstrap_shared)
     current = await in_database(shared, lambda c: upgrade.current_isolation(c, spec.name))
     if current is not None and current.rank > spec.isolation.rank:
         return Condition("DatabaseReady", False, "IsolationLowered",
@@ -129,8 +137,9 @@ async def ensure_database(ctx: StepContext) -> Condition:
         await in_database(shared, lambda c: database.ensure_pool_tenant(c, spec.name))
     else:
         await in_database(target, lambda c: database.ensure_bridge_tenant(c, spec.name, password))
-        if spec.isolation is Isolation.SILO:  # the shared registry row says where it lives
-            await in_database(shared, lambda c: database.ensure_pool_tenant(c, spec.name, "silo"))
+        # The shared registry row says where the tenant's data lives.
+        await in_database(shared, lambda c: database.ensure_pool_tenant(
+            c, spec.name, spec.isolation.value))
     await upgrade.finish_cleanup(ctx, shared)
     location = {Isolation.POOL: "shared", Isolation.BRIDGE: "schema",
                 Isolation.SILO: "dedicated"}[spec.isolation]
@@ -175,7 +184,8 @@ async def ensure_limits(ctx: StepContext) -> Condition:
         await redis.aclose()
     ctx.provisioned["redisKeyPrefix"] = TenantKeys(ctx.spec.name).prefix
     return Condition("LimitsReady", True, "Written",
-                     f"{ctx.spec.ai.requests_per_minute} rpm, {ctx.spec.ai.daily_tokens} tokens/day")
+                     f"{ctx.spec.ai.requests_per_minute} rpm, "
+                     f"{ctx.spec.ai.daily_tokens} tokens/day")
 
 
 # --- runtime config ----------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""Startup bootstrap, and deletion of a tenant by its deletionPolicy and recorded names."""
+"""Deletion of a tenant, by its deletionPolicy and the names recorded in its status."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+import logging
 from typing import Any
 
 import psycopg
@@ -12,22 +13,19 @@ from lightkube.resources.core_v1 import Namespace, PersistentVolumeClaim
 from lightkube.types import PatchType
 from redis.asyncio import Redis
 
-from . import builders, database
+from . import builders, database, dataplane
 from .kube import Kube
 from .quotas import delete_tenant_keys
 from .settings import OperatorSettings
 
+log = logging.getLogger(__name__)
+
 
 def _with_shared(settings: OperatorSettings, work: Any) -> Any:
-    assert settings.database_url is not None
+    if settings.database_url is None:
+        raise RuntimeError("TENANTRY_DATABASE_URL is not set")
     with psycopg.connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
         return work(conn)
-
-
-async def on_startup(settings: OperatorSettings) -> None:
-    """Migrate the shared database before any tenant is reconciled (locked against replicas)."""
-    if settings.database_url is not None:
-        await asyncio.to_thread(_with_shared, settings, database.bootstrap_shared)
 
 
 async def _orphan_namespace(kube: Kube, name: str) -> None:
@@ -44,6 +42,32 @@ async def _delete_silo(kube: Kube, namespace: str) -> None:
     async for claim in claims:
         if claim.metadata and claim.metadata.name:
             await kube.delete(PersistentVolumeClaim, claim.metadata.name, namespace)
+
+
+async def _silo_data(kube: Kube, settings: OperatorSettings, tenant: str, namespace: str,
+                     delete: bool) -> str:
+    """Lock the tenant out of its silo database (Retain) or drop its data (Delete).
+
+    Best effort: with Delete the volumes go next anyway, and a silo that is down must not
+    block the deletion of its Tenant forever.
+    """
+    try:
+        dsn = await dataplane.silo_dsn(kube, settings, tenant, namespace)
+
+        def work(conn: psycopg.Connection[Any]) -> str:
+            if delete:
+                database.delete_tenant_data(conn, tenant)
+                return "dropped its data in the silo database"
+            return "silo database " + database.retain_tenant(conn, tenant)
+
+        def run() -> str:
+            with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+                return work(conn)
+
+        return await asyncio.to_thread(run)
+    except Exception as err:
+        log.warning("tenant %s: silo database unreachable during deletion: %s", tenant, err)
+        return f"silo database unreachable ({type(err).__name__}); its volumes decide its fate"
 
 
 async def finalize(body: Mapping[str, Any], kube: Kube, settings: OperatorSettings) -> str:
@@ -69,6 +93,8 @@ async def finalize(body: Mapping[str, Any], kube: Kube, settings: OperatorSettin
         else:
             notes.append(await asyncio.to_thread(_with_shared, settings,
                                                  lambda c: database.retain_tenant(c, name)))
+    if namespace and provisioned.get("statefulSet"):
+        notes.append(await _silo_data(kube, settings, name, namespace, delete))
     if namespace:
         if delete:
             if provisioned.get("statefulSet"):

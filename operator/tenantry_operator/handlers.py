@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Any
@@ -9,11 +10,12 @@ from typing import Any
 import kopf
 
 from . import finalize as finalizer
+from . import maintenance
 from .kube import Kube
 from .model import GROUP, VERSION
+from .pipeline import reconcile_steps
 from .reconcile import reconcile, tenant_lock
 from .settings import get_settings
-from .pipeline import reconcile_steps
 
 FINALIZER = f"{GROUP}/cleanup"
 log = logging.getLogger(__name__)
@@ -34,11 +36,15 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     )
     settings.posting.level = logging.INFO
     memo["kube"] = Kube.from_env()
-    await finalizer.on_startup(ours)
+    await maintenance.on_startup(ours)
+    memo["maintenance"] = asyncio.create_task(maintenance.keep_partitions_ahead(ours))
 
 
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
+    task = memo.get("maintenance")
+    if task is not None:
+        task.cancel()
     kube = memo.get("kube")
     if kube is not None:
         await kube.close()
@@ -71,7 +77,11 @@ async def tenant_resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_
 
 
 @kopf.on.delete(GROUP, VERSION, "tenants")
-async def tenant_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def tenant_deleted(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo,
+                         **_: Any) -> None:
     async with tenant_lock(body["metadata"]["name"]):
         summary = await finalizer.finalize(body, memo["kube"], get_settings())
+    # The last status and an Event say where retained data was left.
+    patch.status["phase"] = "Deleting"
+    patch.status["retained"] = {"location": summary}
     kopf.info(body, reason="Finalized", message=summary)

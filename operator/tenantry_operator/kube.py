@@ -16,6 +16,7 @@ Tenant = create_global_resource(GROUP, VERSION, "Tenant", "tenants")
 TenantPlan = create_global_resource(GROUP, VERSION, "TenantPlan", "tenantplans")
 
 Manifest = dict[str, Any]
+Kind = type[GlobalResource] | type[NamespacedResource]
 
 
 def _not_found(err: ApiError) -> bool:
@@ -40,7 +41,7 @@ class Kube:
         obj = codecs.from_dict(manifest)
         return await self.client.apply(obj, field_manager=FIELD_MANAGER, force=True)
 
-    async def get(self, kind: type[GlobalResource] | type[NamespacedResource], name: str, namespace: str | None = None) -> Any:
+    async def get(self, kind: Kind, name: str, namespace: str | None = None) -> Any:
         """The object, or None when it does not exist."""
         try:
             return await self._untyped.get(kind, name, namespace=namespace)
@@ -49,7 +50,7 @@ class Kube:
                 return None
             raise
 
-    async def delete(self, kind: type[GlobalResource] | type[NamespacedResource], name: str, namespace: str | None = None) -> bool:
+    async def delete(self, kind: Kind, name: str, namespace: str | None = None) -> bool:
         """Delete if present; True when something was deleted."""
         try:
             await self._untyped.delete(kind, name, namespace=namespace)

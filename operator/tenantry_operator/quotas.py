@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from redis.asyncio import Redis
-
 from tenantry_runtime.contracts.redis_keys import TenantKeys
 
 from .model import EffectiveSpec

@@ -19,6 +19,10 @@ class OperatorSettings(BaseSettings):
         120.0, gt=0, description="Level-based resync: how often a timer re-applies every Tenant."
     )
 
+    maintenance_interval_seconds: float = Field(
+        3600.0, gt=0, description="How often monthly partitions are created ahead."
+    )
+
     # Kubernetes layout
     namespace_prefix: str = Field("tenant-", pattern=r"^[a-z][a-z0-9-]{0,15}$")
     runtime_namespace: str = Field(

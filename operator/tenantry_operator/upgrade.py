@@ -15,7 +15,6 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-
 from tenantry_runtime.contracts.database import (
     SHARED_SCHEMA,
     Conn,
@@ -106,8 +105,8 @@ async def report(ctx: StepContext, **fields: Any) -> None:
     await ctx.kube.patch_tenant_status(ctx.spec.name, {"migration": migration})
 
 
-def _move(shared_dsn: str, target_dsn: str, tenant: str, source: Isolation, target: Isolation,
-          dimensions: int | None, progress: list[int]) -> None:
+def move_data(shared_dsn: str, target_dsn: str, tenant: str, source: Isolation,
+              target: Isolation, dimensions: int | None, progress: list[int]) -> None:
     """Copy under the write gate, verify every table, then flip the registry row."""
     with psycopg.connect(shared_dsn, autocommit=True) as shared, \
             psycopg.connect(target_dsn, autocommit=True) as dst:
@@ -154,7 +153,7 @@ async def run_upgrade(ctx: StepContext, source: Isolation, shared_dsn: str, targ
 
     await asyncio.to_thread(lambda: _run_in(target_dsn, prepare))
     progress: list[int] = []
-    await asyncio.to_thread(_move, shared_dsn, target_dsn, spec.name, source, spec.isolation,
+    await asyncio.to_thread(move_data, shared_dsn, target_dsn, spec.name, source, spec.isolation,
                             dims, progress)
     await report(ctx, step="CleaningUp", rowsCopied=sum(progress))
     await finish_cleanup(ctx, shared_dsn)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd and kwok
+# Builds kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok and helm
 # from Go modules into a cache directory keyed by version; prints that directory.
 # A second run finds the binaries and builds nothing.
 set -euo pipefail
@@ -44,4 +44,11 @@ if [[ ! -s "$bin_dir/kwok-stages.yaml" ]]; then
   done > "$bin_dir/kwok-stages.yaml.tmp"
   mv "$bin_dir/kwok-stages.yaml.tmp" "$bin_dir/kwok-stages.yaml"
 fi
+# helm renders and lints charts/tenantry in tests/test_chart.py; its version comes from helm/go.mod,
+# and the binary is named by it so a bump rebuilds instead of reusing a stale helm.
+helm_version="$(sed -n 's/^\(require \)\?[[:space:]]*helm\.sh\/helm\/v3 \(v[^ ]*\).*/\2/p' "$here/helm/go.mod")"
+hv="helm.sh/helm/v3/internal/version"
+build helm helm.sh/helm/v3/cmd/helm "helm-${helm_version}" \
+  "-X $hv.version=${helm_version} -X $hv.gitTreeState=clean"
+ln -sfn "helm-${helm_version}" "$bin_dir/helm"
 echo "$bin_dir"
