@@ -234,3 +234,66 @@ def test_bridge_to_silo_upgrade_moves_data_into_the_dedicated_database(
     assert get_json(control_plane, "namespace", "tenant-upsilo") is None or (
         get_json(control_plane, "namespace", "tenant-upsilo") or {}
     )["status"]["phase"] == "Terminating"
+
+
+def test_silo_delete_policy_removes_statefulset_volumes_and_registry(
+    control_plane: ControlPlane, shared_database: str,
+) -> None:
+    apply_tenant(control_plane, "silodel", plan="enterprise", isolation="silo",
+                 database=SILO_STORAGE, deletionPolicy="Delete")
+    wait_ready(control_plane, "silodel", timeout=120)
+    ns = "tenant-silodel"
+    assert get_json(control_plane, "pvc", "data-postgres-0", "-n", ns) is not None
+    delete_tenant(control_plane, "silodel")
+    wait_for("the silo's volume claim to go", lambda: (
+        (pvc := get_json(control_plane, "pvc", "data-postgres-0", "-n", ns)) is None
+        or pvc["metadata"].get("deletionTimestamp")))
+    assert scalar(shared_database, "SELECT count(*) FROM tenantry.tenants WHERE tenant_id = %s",
+                  ("silodel",)) == 0
+    events = control_plane.kubectl("get", "events", "-A", "--field-selector",
+                                   "involvedObject.name=silodel,reason=Finalized").stdout
+    assert "deleted the silo StatefulSet and its volumes" in events
+
+
+def test_objects_removed_by_hand_are_restored_by_the_resync(
+    control_plane: ControlPlane, shared_database: str, redis_server: Redis, postgres: Postgres,
+) -> None:
+    apply_tenant(control_plane, "dprepair", plan="pro", isolation="bridge",
+                 deletionPolicy="Delete")
+    wait_ready(control_plane, "dprepair", timeout=90)
+    ns = "tenant-dprepair"
+    password = secret_data(control_plane, ns, "tenant-db-credentials")["password"]
+    control_plane.kubectl("delete", "configmap", "tenantry-runtime-config", "-n", ns)
+    redis.Redis.from_url(redis_server.url).delete("tenantry:v1:{dprepair}:limits")
+    with psycopg.connect(shared_database, autocommit=True) as admin:
+        admin.execute("DROP SCHEMA tenant_dprepair CASCADE")
+        admin.execute("DROP OWNED BY tenant_dprepair")
+        admin.execute("DROP ROLE tenant_dprepair")
+    wait_for("the resync to restore everything", lambda: (
+        get_json(control_plane, "configmap", "tenantry-runtime-config", "-n", ns) is not None
+        and redis.Redis.from_url(redis_server.url).exists("tenantry:v1:{dprepair}:limits")
+        and scalar(shared_database, "SELECT to_regclass('tenant_dprepair.embeddings') "
+                   "IS NOT NULL")), timeout=60)
+    # The Secret stayed the source of truth: the restored role takes the same password.
+    with psycopg.connect(postgres.dsn("tenantry", user="tenant_dprepair", password=password),
+                         autocommit=True) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("tenant_dprepair",)
+    delete_tenant(control_plane, "dprepair")
+
+
+def test_retain_revokes_login_and_records_where_the_data_is(
+    control_plane: ControlPlane, shared_database: str, postgres: Postgres,
+) -> None:
+    apply_tenant(control_plane, "dpkeep", plan="pro", isolation="bridge")
+    wait_ready(control_plane, "dpkeep", timeout=90)
+    creds = secret_data(control_plane, "tenant-dpkeep", "tenant-db-credentials")
+    seed_tenant_data(shared_database, "tenant_dpkeep", "tenant_dpkeep.embeddings", "dpkeep", 3)
+    delete_tenant(control_plane, "dpkeep")
+    with pytest.raises(psycopg.OperationalError, match="not permitted to log in"):
+        psycopg.connect(postgres.dsn("tenantry", user=creds["username"],
+                                     password=creds["password"]))
+    assert counts(shared_database, "tenant_dpkeep", "tenant_dpkeep.embeddings",
+                  "dpkeep") == (3, 3, 3)
+    events = control_plane.kubectl("get", "events", "-A", "--field-selector",
+                                   "involvedObject.name=dpkeep,reason=Finalized").stdout
+    assert "tenant_dpkeep" in events and "documents=3" in events
