@@ -46,9 +46,15 @@ if [[ ! -s "$bin_dir/kwok-stages.yaml" ]]; then
 fi
 # helm renders and lints charts/tenantry in tests/test_chart.py; its version comes from helm/go.mod,
 # and the binary is named by it so a bump rebuilds instead of reusing a stale helm.
-helm_version="$(sed -n 's/^\(require \)\?[[:space:]]*helm\.sh\/helm\/v3 \(v[^ ]*\).*/\2/p' "$here/helm/go.mod")"
+gomod_version() { sed -n "s|^\(require \)\?[[:space:]]*$1 \(v[^ ]*\).*|\2|p" "$here/helm/go.mod"; }
+helm_version="$(gomod_version helm.sh/helm/v3)"
+# Like helm's Makefile: the Kubernetes version `helm template` assumes follows client-go (v0.N -> 1.N).
+client_go_minor="$(gomod_version k8s.io/client-go | cut -d. -f2)"
 hv="helm.sh/helm/v3/internal/version"
-build helm helm.sh/helm/v3/cmd/helm "helm-${helm_version}" \
-  "-X $hv.version=${helm_version} -X $hv.gitTreeState=clean"
+helm_ldflags="-X $hv.version=${helm_version} -X $hv.gitTreeState=clean"
+for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+  helm_ldflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=${client_go_minor}"
+done
+build helm helm.sh/helm/v3/cmd/helm "helm-${helm_version}" "$helm_ldflags"
 ln -sfn "helm-${helm_version}" "$bin_dir/helm"
 echo "$bin_dir"

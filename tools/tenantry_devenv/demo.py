@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import psycopg
+import redis as redis_client
 
 from .controlplane import REPO_ROOT, start_control_plane
 from .processes import Process, StartupError, log_tail, spawn
@@ -72,6 +73,20 @@ def run_demo(workdir: Path, keep: bool = False, timeout: float = 180.0) -> int:
         for tenant in SAMPLE_TENANTS:
             status = json.loads(plane.kubectl("get", "tnt", tenant, "-o", "json").stdout)
             say(f"{tenant}: provisioned {json.dumps(status['status'].get('provisioned', {}))}")
+        say("\nshared Postgres registry (tenantry.tenants) and tenant schemas:")
+        with psycopg.connect(pg.dsn("tenantry")) as conn:
+            for row in conn.execute("SELECT tenant_id, isolation, state FROM tenantry.tenants"
+                                    " ORDER BY tenant_id"):
+                say(f"  {row[0]:<10} {row[1]:<7} {row[2]}")
+            for (schema,) in conn.execute("SELECT nspname FROM pg_namespace WHERE nspname"
+                                          " LIKE 'tenant%' ORDER BY 1"):
+                say(f"  schema {schema}")
+        limits = redis_client.Redis.from_url(redis.url, decode_responses=True)
+        for key in sorted(limits.scan_iter(match="tenantry:v1:*")):
+            say(f"redis {key}: {limits.hgetall(key)}")
+        say("\nruntime config of globex (ConfigMap tenant-globex/tenantry-runtime-config):")
+        say(plane.kubectl("get", "configmap", "tenantry-runtime-config", "-n", "tenant-globex",
+                          "-o", "jsonpath={.data.config\\.json}").stdout)
         say(f"\nKUBECONFIG={plane.kubeconfig}\noperator log: {operator.log}")
         if keep:
             say("running; press Ctrl-C to stop")
