@@ -306,12 +306,15 @@ def test_cluster_role_is_least_privilege(helm: list[str], values_file: Path) -> 
                                     "namespace": NAMESPACE}]
 
 
-def test_long_release_name_is_truncated_to_63(helm: list[str]) -> None:
+@pytest.mark.parametrize(("name", "length"), [("operators-of-tenantry", 63),
+                                               ("operator-of-tenantry", 62)],
+                         ids=["cut-at-63", "cut-then-trailing-dash-dropped"])
+def test_long_release_name_is_truncated_to_63(helm: list[str], name: str, length: int) -> None:
     release = "r" * 50 + "-xy"  # 53 characters, Helm's limit for release names
-    docs = render(helm, "--set", "nameOverride=operator-of-tenantry", "-f",
+    docs = render(helm, "--set", f"nameOverride={name}", "-f",
                   str(CHART / "ci" / "default-values.yaml"), release=release)
-    expected = f"{release}-operator-of-tenantry"[:63].rstrip("-")
-    assert fullname(docs) == expected and len(expected) == 63
+    expected = f"{release}-{name}"[:63].rstrip("-")
+    assert fullname(docs) == expected and len(expected) == length
     for doc in docs:
         meta = doc["metadata"]
         assert len(meta["name"]) <= 63, meta["name"]
@@ -319,7 +322,7 @@ def test_long_release_name_is_truncated_to_63(helm: list[str]) -> None:
             assert len(value) <= 63, (meta["name"], value)
     deployment = one(docs, "Deployment")
     selector = deployment["spec"]["selector"]["matchLabels"]
-    assert selector == {"app.kubernetes.io/name": "operator-of-tenantry",
+    assert selector == {"app.kubernetes.io/name": name,
                         "app.kubernetes.io/instance": release}
     assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     assert one(docs, "ClusterRoleBinding")["subjects"][0]["name"] == expected

@@ -480,10 +480,8 @@ def _describe(schema: str, counts: dict[str, int]) -> str:
     return f"{schema}: {listed}"
 
 
-def retain_tenant(conn: Conn, tenant: str) -> str:
-    """deletionPolicy Retain: lock the tenant out, keep its data; describe where it remains."""
-    role, schema = bridge_role(tenant), bridge_schema(tenant)
-    kept: list[str] = []
+def _lock_out(conn: Conn, role: str) -> bool:
+    """NOLOGIN, then cut the role's sessions; False when the role does not exist."""
     with conn.transaction():
         has_role = _role_attributes(conn, role) is not None
         if has_role:
@@ -491,6 +489,14 @@ def retain_tenant(conn: Conn, tenant: str) -> str:
     # NOLOGIN is committed before the sessions are cut, so none can reconnect in between.
     if has_role:
         _terminate_sessions(conn, role)
+    return has_role
+
+
+def retain_tenant(conn: Conn, tenant: str) -> str:
+    """deletionPolicy Retain: lock the tenant out, keep its data; describe where it remains."""
+    role, schema = bridge_role(tenant), bridge_schema(tenant)
+    kept: list[str] = []
+    if _lock_out(conn, role):
         kept.append(f"role {role} (NOLOGIN)")
     for where in (SHARED_SCHEMA, schema):
         if not _schema_exists(conn, where):
@@ -515,13 +521,7 @@ def delete_tenant_data(conn: Conn, tenant: str) -> None:
 def drop_bridge(conn: Conn, tenant: str) -> None:
     """Drop the bridge schema `tenant_<tenant>` with its data, and the role (idempotent)."""
     role, schema = bridge_role(tenant), bridge_schema(tenant)
-    with conn.transaction():
-        has_role = _role_attributes(conn, role) is not None
-        if has_role:
-            _ensure_role(conn, role, {"rolcanlogin": False})
-    # NOLOGIN is committed first, so no new session appears while the old ones are cut.
-    if has_role:
-        _terminate_sessions(conn, role)
+    has_role = _lock_out(conn, role)
     with conn.transaction():
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
         if has_role:
