@@ -435,3 +435,26 @@ def test_service_account_can_do_what_the_operator_does(helm: list[str],
         control_plane.kubectl("delete", "-f", "-", "--wait=false", input_text=kubectl_input(
             [d for d in rbac if d["kind"] != "ServiceAccount"]), check=False)
         control_plane.kubectl("delete", "namespace", namespace, "--wait=false")
+
+
+@pytest.mark.parametrize(("values_file", "warned"), [
+    (None, True), (CHART / "ci" / "existing-secrets-values.yaml", False)],
+    ids=["no-values", "existing-secrets"])
+def test_helm_install_dry_run_prints_notes(helm: list[str], control_plane: ControlPlane,
+                                           values_file: Path | None, warned: bool) -> None:
+    """Helm's own install path against the server; NOTES warn when no data plane is set."""
+    namespace = f"chart-{uuid.uuid4().hex[:8]}"
+    control_plane.kubectl("create", "namespace", namespace)
+    try:
+        args = ["-f", str(values_file)] if values_file else []
+        result = run_helm(helm, "install", "tenantry", str(CHART), "--dry-run=server",
+                          f"--kubeconfig={control_plane.kubeconfig}", "--namespace", namespace,
+                          *args)
+        assert result.returncode == 0, result.stderr
+        notes = result.stdout.split("NOTES:", 1)[1]
+        assert f"kubectl -n {namespace} rollout status deployment/tenantry" in notes
+        assert ("WARNING: no database configured" in notes) is warned
+        assert ("WARNING: no Redis configured" in notes) is warned
+        assert "kubectl apply --server-side -f" in notes
+    finally:
+        control_plane.kubectl("delete", "namespace", namespace, "--wait=false")
