@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -88,7 +89,7 @@ def log(message: str) -> None:
 
 
 def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+    return np.asarray(x / np.linalg.norm(x, axis=-1, keepdims=True), dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +153,7 @@ def make_corpus(sc: Scenario, seed: int, data: str) -> Corpus:
     return corpus
 
 
-def workload(corpus: Corpus, tenants: Sequence[int], total: int) -> list[tuple[int, int]]:
+def workload(tenants: Sequence[int], total: int) -> list[tuple[int, int]]:
     """(tenant, query) pairs, round-robin over the tenants so every tenant gets its share."""
     per = math.ceil(total / len(tenants))
     return [(t, j) for j in range(per) for t in tenants][:total]
@@ -193,7 +194,7 @@ def restart_with(server: Postgres, datadir: Path, settings: dict[str, str]) -> P
     return restarted
 
 
-def scalar(conn: psycopg.Connection, query: str, params: Sequence[object] = ()) -> object:
+def scalar(conn: psycopg.Connection, query: str, params: Sequence[object] = ()) -> Any:
     row = conn.execute(query, params).fetchone()
     return None if row is None else row[0]
 
@@ -257,8 +258,8 @@ class Context:
 
     def dsn(self, path: str = "app") -> str:
         if path == "app":
-            return self.server.dsn(self.dbname, user=APP_ROLE, password=self.app_password)
-        return self.server.dsn(self.dbname)
+            return str(self.server.dsn(self.dbname, user=APP_ROLE, password=self.app_password))
+        return str(self.server.dsn(self.dbname))
 
     def admin(self) -> psycopg.Connection:
         conn = psycopg.connect(self.dsn("super"), autocommit=True)
@@ -294,7 +295,7 @@ def measure(ctx: Context, target: Target, tenants: Sequence[int], settings: dict
     """Time the workload `--rounds` times on one connection; the pass with the lowest p95 wins
     (other engineers' jobs share the 2 cores), and whether the time cap cut it short."""
     corpus = ctx.corpus
-    pairs = workload(corpus, tenants, ctx.sc.queries)
+    pairs = workload(tenants, ctx.sc.queries)
     passes: list[Pass] = []
     started = time.perf_counter()
     capped = False
@@ -387,9 +388,10 @@ def explain(ctx: Context, title: str, target: Target, tenant: int,
                 sql.SQL("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) ") + execute(params))]
     lines = [VECTOR_LITERAL.sub("'[...]'::vector", line) for line in lines]
     plan = "generic" if any("$1" in line for line in lines) else "custom"
-    ctx.plans.append((f"{ctx.sc.name}/{title}: tenant {tid}, 6th run of the prepared query "
-                      f"({plan} plan), iterative_scan={settings['hnsw.iterative_scan']}, "
-                      f"ef_search={settings['hnsw.ef_search']}", lines))
+    heading = (f"{ctx.sc.name}/{title}: tenant {tid}, 6th run of the prepared query "
+               f"({plan} plan), iterative_scan={settings['hnsw.iterative_scan']}, "
+               f"ef_search={settings['hnsw.ef_search']}")
+    ctx.plans.append((heading, lines))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,7 +409,7 @@ def copy_rows(conn: psycopg.Connection, table: str, columns: Sequence[str], type
 
 
 def mwm_mb(ctx: Context, vectors: int) -> int:
-    return min(ctx.args.mwm_cap_mb, 64 + math.ceil(vectors * BUILD_BYTES_PER_VECTOR / 2**20))
+    return min(int(ctx.args.mwm_cap_mb), 64 + math.ceil(vectors * BUILD_BYTES_PER_VECTOR / 2**20))
 
 
 def build_hnsw(ctx: Context, conn: psycopg.Connection, index: str, table: str, vectors: int,
@@ -628,10 +630,10 @@ def projected_build(sc: Scenario, full: Scenario, layout: str, build: Build) -> 
     """Scale a quick-run build to the full scenario: one graph over all vectors for `shared`,
     one graph per tenant otherwise (the `table` layout builds only full.table_tenants)."""
     if layout.startswith("shared"):
-        return build.seconds * (full.vectors / sc.vectors) ** BUILD_EXPONENT
+        return build.seconds * float((full.vectors / sc.vectors) ** BUILD_EXPONENT)
     indexes = full.table_tenants if layout == "table" else full.tenants
     per_index = build.seconds / build.indexes
-    return per_index * indexes * (full.docs / sc.docs) ** BUILD_EXPONENT
+    return per_index * indexes * float((full.docs / sc.docs) ** BUILD_EXPONENT)
 
 
 def print_table(rows: Sequence[Row]) -> None:

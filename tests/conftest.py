@@ -74,7 +74,7 @@ def shared_database(postgres: Postgres) -> str:
 # so the operator reaches each silo's database through TENANTRY_SILO_DSN_OVERRIDES: one
 # database per silo in a second embedded Postgres, the setting a user needs when the operator
 # runs outside the cluster.
-SILO_TENANTS = ("silo1", "upsilo", "silodel")
+SILO_TENANTS = ("silo1", "upsilo", "silodel", "poolsilo")
 
 
 @pytest.fixture(scope="session")

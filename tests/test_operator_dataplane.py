@@ -97,7 +97,7 @@ def test_pool_tenant_gets_registry_row_collection_limits_and_config(
     assert scalar(shared_database, "SELECT isolation FROM tenantry.tenants WHERE tenant_id = %s",
                   ("dppool",)) == "pool"
     assert scalar(shared_database, "SELECT count(*) FROM pg_indexes WHERE schemaname = 'tenantry'"
-                  " AND indexname = 'emb_d384_dppool_hnsw'") == 1
+                  " AND indexname = 'tenant_embeddings_d384_hnsw'") == 1
     limits = redis.Redis.from_url(redis_server.url, decode_responses=True).hgetall(
         "tenantry:v1:{dppool}:limits")
     assert limits["daily_tokens"] == "12345"  # the tenant's own value
@@ -297,3 +297,25 @@ def test_retain_revokes_login_and_records_where_the_data_is(
     events = control_plane.kubectl("get", "events", "-A", "--field-selector",
                                    "involvedObject.name=dpkeep,reason=Finalized").stdout
     assert "tenant_dpkeep" in events and "documents=3" in events
+
+
+def test_pool_to_silo_upgrade_skips_the_bridge_step(
+    control_plane: ControlPlane, shared_database: str, silo_postgres: Postgres,
+) -> None:
+    apply_tenant(control_plane, "poolsilo", plan="enterprise", deletionPolicy="Delete")
+    wait_ready(control_plane, "poolsilo", timeout=90)
+    shared_table = "tenantry.tenant_embeddings_d384"
+    seed_tenant_data(shared_database, "tenantry", shared_table, "poolsilo", rows=7)
+    control_plane.kubectl("patch", "tnt", "poolsilo", "--type=merge", "-p", json.dumps(
+        {"spec": {"isolation": "silo", "database": SILO_STORAGE}}))
+    status = wait_for("migration Done", lambda: (
+        (s := tenant_status(control_plane, "poolsilo")).get("migration", {}).get("step")
+        == "Done" and s.get("phase") == "Ready" and s), timeout=120)
+    assert (status["migration"]["from"], status["migration"]["to"]) == ("pool", "silo")
+    silo_dsn = silo_postgres.dsn("silo_poolsilo")
+    assert counts(silo_dsn, "tenant_poolsilo", "tenant_poolsilo.embeddings",
+                  "poolsilo") == (7, 7, 7)
+    assert counts(shared_database, "tenantry", shared_table, "poolsilo") == (0, 0, 0)
+    assert scalar(shared_database, "SELECT isolation FROM tenantry.tenants WHERE tenant_id = %s",
+                  ("poolsilo",)) == "silo"
+    delete_tenant(control_plane, "poolsilo")

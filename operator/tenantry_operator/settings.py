@@ -46,8 +46,10 @@ class OperatorSettings(BaseSettings):
             " cluster and cannot reach the silo Service (development, tests)."
         ),
     )
+    # bench/README.md: one shared index (iterative scans, the (tenant_id, id) primary key for
+    # small tenants) meets the goals without a full-table index build per onboarded tenant.
     pool_index_strategy: Literal["partial", "shared"] = Field(
-        "partial", description="Pool collections: one partial HNSW index per tenant, or one shared."
+        "shared", description="Pool collections: one shared HNSW index, or one partial per tenant."
     )
 
 
