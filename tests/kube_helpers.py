@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable
@@ -54,3 +55,14 @@ def delete_tenant(plane: ControlPlane, name: str) -> None:
     plane.kubectl("delete", "tnt", name, "--wait=false")
     wait_for(f"tenant {name} to disappear", lambda: get_json(plane, "tnt", name) is None,
              timeout=90)
+
+
+def deep_merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    """`change` laid over `base`, nested dicts merged (as Helm coalesces values)."""
+    merged = copy.deepcopy(base)
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+from kube_helpers import deep_merge
 from tenantry_devenv.controlplane import ControlPlane
 from tenantry_operator.settings import OperatorSettings
 
@@ -63,16 +63,6 @@ def render(helm: list[str], *args: str, release: str = RELEASE,
     result = run_helm(helm, "template", release, str(CHART), "--namespace", namespace, *args)
     assert result.returncode == 0, f"helm template {' '.join(args)} failed:\n{result.stderr}"
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-
-def deep_merge(base: Manifest, change: Manifest) -> Manifest:
-    merged = copy.deepcopy(base)
-    for key, value in change.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 def effective_values(values_file: Path | None) -> Manifest:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+from kube_helpers import deep_merge
 from tenantry_devenv.controlplane import ControlPlane
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -65,16 +66,6 @@ def plan_spec(**fields: Any) -> Manifest:
 
 def to_yaml(manifest: Manifest | str) -> str:
     return manifest if isinstance(manifest, str) else yaml.safe_dump(manifest, sort_keys=False)
-
-
-def deep_merge(base: Manifest, change: Manifest) -> Manifest:
-    merged = copy.deepcopy(base)
-    for key, value in change.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 def dry_run(plane: ControlPlane, manifest: Manifest | str) -> Proc:

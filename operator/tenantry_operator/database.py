@@ -11,9 +11,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -73,6 +74,23 @@ _ROLE_ATTRIBUTES = {  # pg_roles column -> keyword when true (NO<keyword> when f
 }
 _LOCKED_DOWN = {"rolsuper": False, "rolbypassrls": False, "rolcreatedb": False,
                 "rolcreaterole": False, "rolreplication": False}
+
+
+T = TypeVar("T")
+
+
+async def in_database(dsn: str, work: Callable[[Conn], T]) -> T:
+    """Run `work` on a fresh autocommit connection in a worker thread.
+
+    One short connection per call: the operator is not a hot path, and a fresh connection
+    never carries state from a failed step.
+    """
+
+    def run() -> T:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+            return work(conn)
+
+    return await asyncio.to_thread(run)
 
 
 class CollectionMismatch(ValueError):

@@ -1,18 +1,10 @@
-"""Reconcile steps of the data plane: database location, collection, Redis limits, runtime config.
-
-Database work is synchronous psycopg run in a worker thread, one short connection per step:
-the operator is not a hot path, and a fresh connection never carries state from a failed step.
-"""
+"""Data-plane reconcile steps: database location, collection, Redis limits, runtime config."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import secrets
-from collections.abc import Callable
-from typing import Any, TypeVar
 
-import psycopg
 from lightkube.resources.apps_v1 import StatefulSet
 from lightkube.resources.core_v1 import Secret
 from redis.asyncio import Redis
@@ -33,24 +25,12 @@ from .quotas import write_limits
 from .settings import OperatorSettings
 from .steps import StepContext, StepFailed
 
-T = TypeVar("T")
-
 
 def shared_dsn(settings: OperatorSettings) -> str:
     if settings.database_url is None:
         raise StepFailed(Condition("DatabaseReady", False, "NoDatabaseConfigured",
                                    "TENANTRY_DATABASE_URL is not set"), retry_after=60)
     return settings.database_url.get_secret_value()
-
-
-async def in_database(dsn: str, work: Callable[[psycopg.Connection[Any]], T]) -> T:
-    """Run `work` on a fresh autocommit connection in a worker thread."""
-
-    def run() -> T:
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
-            return work(conn)
-
-    return await asyncio.to_thread(run)
 
 
 async def secret_value(kube: Kube, namespace: str, name: str, key: str) -> str | None:
@@ -113,7 +93,7 @@ async def silo_dsn(kube: Kube, settings: OperatorSettings, tenant: str, namespac
 async def ensure_database(ctx: StepContext) -> Condition:
     """Provision the tenant at its isolation level; raise it in place when the spec asks."""
     spec, shared = ctx.spec, shared_dsn(ctx.settings)
-    current = await in_database(shared, lambda c: upgrade.current_isolation(c, spec.name))
+    current = await database.in_database(shared, lambda c: upgrade.current_isolation(c, spec.name))
     if current is not None and current.rank > spec.isolation.rank:
         return Condition("DatabaseReady", False, "IsolationLowered",
                          f"data lives at {current.value}; lowering to {spec.isolation.value} "
@@ -130,15 +110,17 @@ async def ensure_database(ctx: StepContext) -> Condition:
     target = shared
     if spec.isolation is Isolation.SILO:
         target = await ensure_silo_server(ctx)
-        await in_database(target, database.bootstrap_shared)
+        await database.in_database(target, database.bootstrap_shared)
+    ctx.database_dsn = target  # the collection step works in the same database
     if current is not None and current is not spec.isolation:
         await upgrade.run_upgrade(ctx, current, shared, target, password)
     elif spec.isolation is Isolation.POOL:
-        await in_database(shared, lambda c: database.ensure_pool_tenant(c, spec.name))
+        await database.in_database(shared, lambda c: database.ensure_pool_tenant(c, spec.name))
     else:
-        await in_database(target, lambda c: database.ensure_bridge_tenant(c, spec.name, password))
+        await database.in_database(
+            target, lambda c: database.ensure_bridge_tenant(c, spec.name, password))
         # The shared registry row says where the tenant's data lives.
-        await in_database(shared, lambda c: database.ensure_pool_tenant(
+        await database.in_database(shared, lambda c: database.ensure_pool_tenant(
             c, spec.name, spec.isolation.value))
     await upgrade.finish_cleanup(ctx, shared)
     location = {Isolation.POOL: "shared", Isolation.BRIDGE: "schema",
@@ -150,20 +132,14 @@ async def ensure_database(ctx: StepContext) -> Condition:
                      f"{spec.isolation.value} tenant, schema {ctx.provisioned['schema']}")
 
 
-async def tenant_database_dsn(ctx: StepContext) -> str:
-    if ctx.spec.isolation is Isolation.SILO:
-        return await ensure_silo_server(ctx)
-    return shared_dsn(ctx.settings)
-
-
 async def ensure_collection(ctx: StepContext) -> Condition:
     rag = ctx.spec.rag
     if not rag.enabled:
         ctx.provisioned.pop("collectionTable", None)
         return Condition("CollectionReady", True, "Disabled", "RAG is disabled for this tenant")
     location: database.Location = "shared" if ctx.spec.isolation is Isolation.POOL else "schema"
-    dsn = await tenant_database_dsn(ctx)
-    table = await in_database(dsn, lambda c: database.ensure_collection(
+    dsn = ctx.database_dsn or shared_dsn(ctx.settings)
+    table = await database.in_database(dsn, lambda c: database.ensure_collection(
         c, ctx.spec.name, location, rag.embedding_dimensions, rag.hnsw.m,
         rag.hnsw.ef_construction, ctx.settings.pool_index_strategy))
     ctx.provisioned["collectionTable"] = table

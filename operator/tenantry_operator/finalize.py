@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -21,11 +20,10 @@ from .settings import OperatorSettings
 log = logging.getLogger(__name__)
 
 
-def _with_shared(settings: OperatorSettings, work: Any) -> Any:
+def _shared_dsn(settings: OperatorSettings) -> str:
     if settings.database_url is None:
         raise RuntimeError("TENANTRY_DATABASE_URL is not set")
-    with psycopg.connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
-        return work(conn)
+    return settings.database_url.get_secret_value()
 
 
 async def _orphan_namespace(kube: Kube, name: str) -> None:
@@ -60,11 +58,7 @@ async def _silo_data(kube: Kube, settings: OperatorSettings, tenant: str, namesp
                 return "dropped its data in the silo database"
             return "silo database " + database.retain_tenant(conn, tenant)
 
-        def run() -> str:
-            with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
-                return work(conn)
-
-        return await asyncio.to_thread(run)
+        return await database.in_database(dsn, work)
     except Exception as err:
         log.warning("tenant %s: silo database unreachable during deletion: %s", tenant, err)
         return f"silo database unreachable ({type(err).__name__}); its volumes decide its fate"
@@ -87,12 +81,12 @@ async def finalize(body: Mapping[str, Any], kube: Kube, settings: OperatorSettin
         notes.append(f"removed {removed} Redis keys")
     if settings.database_url is not None and provisioned.get("databaseLocation"):
         if delete:
-            await asyncio.to_thread(_with_shared, settings,
-                                    lambda c: database.delete_tenant_data(c, name))
+            await database.in_database(_shared_dsn(settings),
+                                       lambda c: database.delete_tenant_data(c, name))
             notes.append("dropped its schema, role and shared rows")
         else:
-            notes.append(await asyncio.to_thread(_with_shared, settings,
-                                                 lambda c: database.retain_tenant(c, name)))
+            notes.append(await database.in_database(_shared_dsn(settings),
+                                                    lambda c: database.retain_tenant(c, name)))
     if namespace and provisioned.get("statefulSet"):
         notes.append(await _silo_data(kube, settings, name, namespace, delete))
     if namespace:

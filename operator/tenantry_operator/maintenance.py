@@ -5,24 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import psycopg
-
 from . import database
 from .settings import OperatorSettings
 
 log = logging.getLogger(__name__)
 
 
-def bootstrap(dsn: str) -> list[int]:
-    """Idempotent: migrations (locked against other replicas), partitions ahead, grants."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        return database.bootstrap_shared(conn)
-
-
 async def on_startup(settings: OperatorSettings) -> None:
     """Migrate the shared database before any tenant is reconciled."""
     if settings.database_url is not None:
-        applied = await asyncio.to_thread(bootstrap, settings.database_url.get_secret_value())
+        # Idempotent: migrations (locked against other replicas), partitions ahead, grants.
+        applied = await database.in_database(settings.database_url.get_secret_value(),
+                                             database.bootstrap_shared)
         log.info("shared database ready; migrations applied now: %s", applied or "none")
 
 
@@ -31,6 +25,7 @@ async def keep_partitions_ahead(settings: OperatorSettings) -> None:
     while settings.database_url is not None:
         await asyncio.sleep(settings.maintenance_interval_seconds)
         try:
-            await asyncio.to_thread(bootstrap, settings.database_url.get_secret_value())
+            await database.in_database(settings.database_url.get_secret_value(),
+                                       database.bootstrap_shared)
         except Exception:
             log.exception("shared database maintenance failed; retrying next round")

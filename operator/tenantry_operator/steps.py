@@ -26,6 +26,9 @@ class StepContext:
     status: dict[str, Any]
     provisioned: dict[str, str] = field(default_factory=dict)
     status_updates: dict[str, Any] = field(default_factory=dict)  # e.g. migration progress
+    # Admin DSN of the database holding the tenant's data, set by ensure_database. Never
+    # written to status: it may carry a password.
+    database_dsn: str | None = None
 
     @property
     def namespace(self) -> str:

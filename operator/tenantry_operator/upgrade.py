@@ -92,10 +92,11 @@ def copy_table(src: Conn, dst: Conn, pair: TablePair, tenant: str) -> int:
     copy_out = sql.SQL("COPY (SELECT * FROM {} WHERE tenant_id = {}) TO STDOUT (FORMAT BINARY)"
                        ).format(sql.Identifier(*pair.source), sql.Literal(tenant))
     copy_in = sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(sql.Identifier(*pair.target))
-    with src.cursor().copy(copy_out) as out, dst.cursor().copy(copy_in) as into:
-        for chunk in out:
-            into.write(chunk)
-    return fingerprint(dst, *pair.target, tenant)[0]
+    with src.cursor().copy(copy_out) as out, dst.cursor() as cur:
+        with cur.copy(copy_in) as into:
+            for chunk in out:
+                into.write(chunk)
+        return cur.rowcount
 
 
 async def report(ctx: StepContext, **fields: Any) -> None:
@@ -130,18 +131,24 @@ def move_data(shared_dsn: str, target_dsn: str, tenant: str, source: Isolation,
             database.ensure_pool_tenant(shared, tenant, target.value)
 
 
-def _count_rows(shared_dsn: str, tenant: str, source: Isolation, dimensions: int | None) -> int:
-    with psycopg.connect(shared_dsn, autocommit=True) as conn, conn.transaction():
+def _count_rows(conn: Conn, tenant: str, source: Isolation, dimensions: int | None) -> int:
+    total = 0
+    with conn.transaction():
         set_tenant(conn, tenant)
-        return sum(fingerprint(conn, *p.source, tenant)[0]
-                   for p in table_pairs(tenant, source, dimensions) if _exists(conn, *p.source))
+        for pair in table_pairs(tenant, source, dimensions):
+            if _exists(conn, *pair.source):
+                total += int(fetch_rows(conn, sql.SQL(
+                    "SELECT count(*) FROM {} WHERE tenant_id = %s").format(
+                    sql.Identifier(*pair.source)), (tenant,))[0][0])
+    return total
 
 
 async def run_upgrade(ctx: StepContext, source: Isolation, shared_dsn: str, target_dsn: str,
                       password: str) -> None:
     spec = ctx.spec
     dims = spec.rag.embedding_dimensions if spec.rag.enabled else None
-    total = await asyncio.to_thread(_count_rows, shared_dsn, spec.name, source, dims)
+    total = await database.in_database(shared_dsn,
+                                       lambda c: _count_rows(c, spec.name, source, dims))
     await report(ctx, **{"from": source.value, "to": spec.isolation.value, "step": "Copying",
                          "rowsCopied": 0, "rowsTotal": total, "startedAt": now_rfc3339()})
 
@@ -151,7 +158,7 @@ async def run_upgrade(ctx: StepContext, source: Isolation, shared_dsn: str, targ
             database.ensure_collection(conn, spec.name, "schema", dims, spec.rag.hnsw.m,
                                        spec.rag.hnsw.ef_construction)
 
-    await asyncio.to_thread(lambda: _run_in(target_dsn, prepare))
+    await database.in_database(target_dsn, prepare)
     progress: list[int] = []
     await asyncio.to_thread(move_data, shared_dsn, target_dsn, spec.name, source, spec.isolation,
                             dims, progress)
@@ -159,19 +166,13 @@ async def run_upgrade(ctx: StepContext, source: Isolation, shared_dsn: str, targ
     await finish_cleanup(ctx, shared_dsn)
 
 
-def _run_in(dsn: str, work: Any) -> None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        work(conn)
-
-
-def _cleanup(shared_dsn: str, tenant: str, source: str, target: Isolation) -> None:
-    with psycopg.connect(shared_dsn, autocommit=True) as conn:
-        if current_isolation(conn, tenant) is not target:  # never before the switch
-            raise VerificationFailed(f"refusing cleanup of {tenant}: the switch did not happen")
-        if source == Isolation.POOL.value:
-            database.delete_shared_rows(conn, tenant, keep_registry=True)
-        else:
-            database.drop_bridge(conn, tenant)
+def _cleanup(conn: Conn, tenant: str, source: str, target: Isolation) -> None:
+    if current_isolation(conn, tenant) is not target:  # never before the switch
+        raise VerificationFailed(f"refusing cleanup of {tenant}: the switch did not happen")
+    if source == Isolation.POOL.value:
+        database.delete_shared_rows(conn, tenant, keep_registry=True)
+    else:
+        database.drop_bridge(conn, tenant)
 
 
 async def finish_cleanup(ctx: StepContext, shared_dsn: str) -> None:
@@ -179,7 +180,7 @@ async def finish_cleanup(ctx: StepContext, shared_dsn: str) -> None:
     migration = ctx.status_updates.get("migration") or ctx.status.get("migration") or {}
     if migration.get("step") not in ("Copying", "CleaningUp"):
         return
-    await asyncio.to_thread(_cleanup, shared_dsn, ctx.spec.name, migration["from"],
-                            ctx.spec.isolation)
+    await database.in_database(shared_dsn, lambda c: _cleanup(
+        c, ctx.spec.name, migration["from"], ctx.spec.isolation))
     ctx.status_updates["migration"] = migration
     await report(ctx, step="Done", finishedAt=now_rfc3339())
