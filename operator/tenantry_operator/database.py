@@ -26,13 +26,13 @@ from tenantry_runtime.contracts.database import (
     APP_ROLE,
     SHARED_SCHEMA,
     Conn,
-    advisory_xact_lock,
     bridge_role,
     bridge_schema,
     ensure_partitions,
     ensure_tenant_rls,
     fetch_rows,
     migrate,
+    operator_lock,
     tenant_transaction,
     validate_identifier,
     validate_tenant_id,
@@ -343,7 +343,7 @@ def ensure_collection(
         raise RuntimeError(f"schema {target!r} missing: provision the tenant first")
 
     with conn.transaction():
-        advisory_xact_lock(conn, f"tenantry.collection:{target}.{table}")
+        operator_lock(conn, f"collection:{target}.{table}")
         _ensure_embeddings_table(conn, target, table, dimensions)
         if location == "schema":
             _ensure_hnsw_index(conn, target, table, f"{table}_hnsw", m, ef_construction, None)

@@ -19,6 +19,7 @@ from psycopg.rows import tuple_row
 __all__ = [
     "APP_ROLE",
     "PARTITIONED_TABLES",
+    "PRIVATE_SCHEMA",
     "SHARED_SCHEMA",
     "TENANT_ID_PATTERN",
     "TENANT_PREDICATE",
@@ -27,14 +28,16 @@ __all__ = [
     "Migration",
     "MigrationChecksumError",
     "MigrationError",
-    "advisory_xact_lock",
     "bridge_role",
     "bridge_schema",
     "ensure_partitions",
+    "ensure_private_schema",
     "ensure_tenant_rls",
     "fetch_rows",
     "load_migrations",
     "migrate",
+    "migrate_lock_key",
+    "operator_lock",
     "rollup_usage",
     "set_tenant",
     "tenant_transaction",
@@ -53,6 +56,9 @@ TENANT_ID_PATTERN = re.compile(r"^[a-z][a-z0-9]{0,39}$")
 IDENTIFIER_PATTERN = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 SHARED_SCHEMA = "tenantry"
+# The operator's own bookkeeping (locks, verified copies): no role but its owner may use it, so no
+# tenant login can take, hold or even name its locks.
+PRIVATE_SCHEMA = "tenantry_private"
 APP_ROLE = "tenantry_app"
 PARTITIONED_TABLES = ("ai_conversations", "ai_usage_logs")
 TENANT_PREDICATE = sql.SQL("tenant_id = current_setting('app.current_tenant', true)")
@@ -107,9 +113,68 @@ def fetch_rows(
         return cur.fetchall() if cur.description is not None else []
 
 
-def advisory_xact_lock(conn: Conn, key: str) -> None:
-    """Take a transaction-level advisory lock named by `key` (held until commit or rollback)."""
-    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
+# --- operator locks -----------------------------------------------------------------------------
+
+# Row locks on a table in PRIVATE_SCHEMA instead of advisory locks: an advisory key can be taken
+# by any login that can compute it, which would let a tenant stall other tenants' migrations.
+_PRIVATE_TABLES: dict[str, sql.SQL] = {
+    "locks": sql.SQL("name text PRIMARY KEY"),
+    # Written by an isolation upgrade in the transaction that switches the registry; cleanup
+    # removes only source tables listed here.
+    "verified_copies": sql.SQL(
+        "tenant_id text NOT NULL, source_schema text NOT NULL, source_table text NOT NULL,"
+        " target text, rows bigint NOT NULL, digest text NOT NULL,"
+        " verified_at timestamptz NOT NULL DEFAULT now(),"
+        " PRIMARY KEY (tenant_id, source_schema, source_table)"),
+}
+# Concurrent CREATE ... IF NOT EXISTS can still collide on the catalogs' unique indexes.
+_CREATE_RACES = (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateSchema,
+                 psycopg.errors.DuplicateTable, psycopg.errors.DuplicateObject)
+
+
+def ensure_private_schema(conn: Conn) -> None:
+    """Create PRIVATE_SCHEMA and its tables if missing; safe against concurrent callers."""
+    for _ in range(5):
+        present = fetch_rows(conn, """
+            SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname = %s AND c.relname = ANY(%s)""",
+            (PRIVATE_SCHEMA, list(_PRIVATE_TABLES)))[0][0]
+        if present == len(_PRIVATE_TABLES):
+            return
+        try:
+            with conn.transaction():  # a savepoint inside the caller's transaction
+                _create_private_schema(conn)
+            return
+        except _CREATE_RACES:
+            continue  # another session created it first: look again
+    raise RuntimeError(f"could not create schema {PRIVATE_SCHEMA!r}")
+
+
+def _create_private_schema(conn: Conn) -> None:
+    schema = sql.Identifier(PRIVATE_SCHEMA)
+    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
+    conn.execute(sql.SQL("REVOKE ALL ON SCHEMA {} FROM PUBLIC").format(schema))
+    for table, columns in _PRIVATE_TABLES.items():
+        name = sql.Identifier(PRIVATE_SCHEMA, table)
+        conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(name, columns))
+        conn.execute(sql.SQL("REVOKE ALL ON {} FROM PUBLIC").format(name))
+
+
+def operator_lock(conn: Conn, key: str) -> None:
+    """Hold the lock named `key` exclusively until the caller's transaction ends.
+
+    Call inside a transaction. Only the schema's owner (the operator's admin, or a superuser)
+    can take it: tenant logins have no privilege on PRIVATE_SCHEMA.
+    """
+    if conn.info.transaction_status == TransactionStatus.IDLE:
+        raise RuntimeError("operator_lock() lasts until commit: call it inside a transaction")
+    ensure_private_schema(conn)
+    locks = sql.Identifier(PRIVATE_SCHEMA, "locks")
+    # First make sure the row exists (this waits for a concurrent inserter to commit), then lock
+    # it in a new statement, whose snapshot sees that row.
+    conn.execute(sql.SQL("INSERT INTO {} (name) VALUES (%s) ON CONFLICT DO NOTHING").format(
+        locks), (key,))
+    conn.execute(sql.SQL("SELECT 1 FROM {} WHERE name = %s FOR UPDATE").format(locks), (key,))
 
 
 # --- tenant sessions --------------------------------------------------------------------------
@@ -173,9 +238,9 @@ def _ensure_vector_extension(conn: Conn) -> None:
     if fetch_rows(conn, "SELECT 1 FROM pg_extension WHERE extname = 'vector'"):
         return
     with conn.transaction():
-        # One key for the whole server: two schemas migrating at once would otherwise race on
-        # the extension's unique name.
-        advisory_xact_lock(conn, "tenantry.extension.vector")
+        # One key for the database: two schemas migrating at once would otherwise race on the
+        # extension's unique name.
+        operator_lock(conn, "extension:vector")
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector WITH SCHEMA public")
 
 
@@ -195,21 +260,27 @@ def _check_checksum(schema: str, migration: Migration, applied: dict[int, str]) 
         )
 
 
+def migrate_lock_key(schema: str) -> str:
+    """The operator lock that migrate() holds on `schema`: held, no table appears or goes."""
+    return f"migrate:{validate_identifier(schema)}"
+
+
 def migrate(conn: Conn, schema: str) -> list[int]:
     """Apply the pending migrations to `schema` (created if missing); return versions applied.
 
-    Each migration runs in its own transaction under an advisory lock keyed on the schema, so
+    Each migration runs in its own transaction under an operator lock keyed on the schema, so
     concurrent callers (two operator replicas) apply every version exactly once.
     """
     validate_identifier(schema)
     if conn.info.transaction_status != TransactionStatus.IDLE:
         raise MigrationError("migrate() commits each migration: call it outside a transaction")
     migrations = load_migrations()
-    lock_key = f"tenantry.migrate:{schema}"
+    lock_key = migrate_lock_key(schema)
     target = sql.Identifier(schema)
+    ensure_private_schema(conn)  # the locks below live there
     _ensure_vector_extension(conn)
     with conn.transaction():
-        advisory_xact_lock(conn, lock_key)
+        operator_lock(conn, lock_key)
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(target))
         conn.execute(sql.SQL(
             "CREATE TABLE IF NOT EXISTS {}.schema_migrations ("
@@ -225,7 +296,7 @@ def migrate(conn: Conn, schema: str) -> list[int]:
         if migration.version in applied:
             continue
         with conn.transaction():
-            advisory_xact_lock(conn, lock_key)
+            operator_lock(conn, lock_key)
             # Another replica may have applied it while we waited for the lock.
             applied = _applied_checksums(conn, schema)
             if migration.version in applied:
@@ -296,6 +367,7 @@ def ensure_partitions(
     if months_ahead < 0:
         raise ValueError("months_ahead must be >= 0")
     first = today or datetime.now(UTC).date()
+    ensure_private_schema(conn)  # the lock below lives there
     created: list[str] = []
     for parent in PARTITIONED_TABLES:
         if not _relation_exists(conn, schema, parent):
@@ -304,7 +376,7 @@ def ensure_partitions(
             lower, upper = _month_start(first, offset), _month_start(first, offset + 1)
             name = f"{parent}_{lower.year:04d}_{lower.month:02d}"
             with conn.transaction():
-                advisory_xact_lock(conn, f"tenantry.partitions:{schema}")
+                operator_lock(conn, f"partitions:{schema}")
                 if _relation_exists(conn, schema, name):
                     continue
                 _create_partition(conn, schema, parent, name, lower, upper)
