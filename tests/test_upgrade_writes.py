@@ -118,8 +118,10 @@ def test_concurrent_writes_during_a_move_all_land_in_the_new_location(
     assert sum(progress) >= 200
 
 
+@pytest.mark.parametrize("change", ["NEW.title := NEW.title || '!'",
+                                    "NEW.created_at := NEW.created_at + interval '1 microsecond'"])
 def test_a_copy_that_differs_fails_verification_and_nothing_switches(
-    pool_tenant: tuple[str, str],
+    pool_tenant: tuple[str, str], change: str,
 ) -> None:
     dsn, tenant = pool_tenant
     with psycopg.connect(dsn, autocommit=True) as admin:
@@ -129,7 +131,7 @@ def test_a_copy_that_differs_fails_verification_and_nothing_switches(
         # A target that silently alters rows, as a broken copy would.
         admin.execute(f"""
             CREATE FUNCTION "tenant_{tenant}".mangle() RETURNS trigger LANGUAGE plpgsql
-            AS $$ BEGIN NEW.title := NEW.title || '!'; RETURN NEW; END $$;
+            AS $$ BEGIN {change}; RETURN NEW; END $$;
             CREATE TRIGGER mangle BEFORE INSERT ON "tenant_{tenant}".documents
             FOR EACH ROW EXECUTE FUNCTION "tenant_{tenant}".mangle();""")
     with pytest.raises(VerificationFailed, match="documents"):
@@ -286,7 +288,7 @@ def test_a_move_whose_registry_names_neither_end_stops_with_a_clear_error(
         seed(admin, tenant, None)
         prepare_bridge(dsn, tenant, None)
         database.ensure_pool_tenant(admin, tenant, "silo")  # someone else moved it on
-    with pytest.raises(RegistryMismatch, match="lives at silo, neither pool .* nor bridge"):
+    with pytest.raises(RegistryMismatch, match=r"lives at silo, neither pool .* nor bridge"):
         move_data(dsn, dsn, tenant, Isolation.POOL, Isolation.BRIDGE, [])
     with psycopg.connect(dsn, autocommit=True) as admin:
         assert rows_of(admin, f"tenant_{tenant}.documents", tenant) == []  # nothing copied
