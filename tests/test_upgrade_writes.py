@@ -241,13 +241,15 @@ def test_a_bridge_table_that_cannot_be_copied_per_tenant_refuses_the_move(
     prepare_bridge(dsn, tenant, None)
     with psycopg.connect(dsn, autocommit=True) as admin:
         database.ensure_pool_tenant(admin, tenant, "bridge")
-        admin.execute(f'CREATE TABLE "tenant_{tenant}".lookup (k text)')  # no tenant_id
+        lookup = f"tenant_{tenant}.lookup"
+        admin.execute(q("CREATE TABLE {t} (k text)", t=lookup))  # no tenant_id
+        admin.execute(q("INSERT INTO {t} VALUES ('keep me')", t=lookup))
     with scratch_database(postgres, "silo") as silo:
         silo_dsn = postgres.dsn(silo)
         with psycopg.connect(silo_dsn, autocommit=True) as conn:
             database.bootstrap_shared(conn)
         prepare_bridge(silo_dsn, tenant, None)
-        with pytest.raises(MoveRefused, match="lookup has no tenant_id column"):
+        with pytest.raises(MoveRefused, match="lookup has rows but no tenant_id column"):
             move_data(dsn, silo_dsn, tenant, Isolation.BRIDGE, Isolation.SILO, [])
     with psycopg.connect(dsn, autocommit=True) as admin:
         assert registry(admin, tenant) == "bridge"

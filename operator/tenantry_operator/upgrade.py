@@ -95,7 +95,7 @@ def source_schema(tenant: str, source: Isolation) -> str:
 
 def source_tables(conn: Conn, tenant: str, source: Isolation) -> list[str]:
     """Every table of the source that cleanup removes the tenant's rows from: the move copies
-    exactly these. Pool: each shared table with tenant rows but the registry; bridge: every
+    exactly these. Pool: each shared table with tenant_id but the registry; bridge: every
     table of the schema (it is dropped whole) but its migration ledger."""
     schema = source_schema(tenant, source)
     if source is Isolation.POOL:
@@ -154,14 +154,17 @@ def plan_move(src: Conn, dst: Conn, tenant: str, source: Isolation
     schema, dst_schema = source_schema(tenant, source), bridge_schema(tenant)
     tables = source_tables(src, tenant, source)
     per_tenant = set(database.tenant_tables(src, schema))
-    by_target: dict[str, list[str]] = {}
-    for table in tables:
-        if table not in per_tenant:
-            raise MoveRefused(f"{schema}.{table} has no tenant_id column, so it cannot be"
-                              " copied per tenant; move or drop it by hand first")
-        by_target.setdefault(target_table(source, table), []).append(table)
     pairs: list[TablePair] = []
     stale: list[tuple[str, str]] = []
+    by_target: dict[str, list[str]] = {}
+    for table in tables:
+        if table in per_tenant:
+            by_target.setdefault(target_table(source, table), []).append(table)
+        elif _removes_rows(src, schema, table, tenant, source):
+            raise MoveRefused(f"{schema}.{table} has rows but no tenant_id column, so it cannot"
+                              " be copied per tenant; move or empty it by hand first")
+        else:
+            pairs.append(TablePair((schema, table), None))  # empty: nothing to lose
     for target, sources in by_target.items():
         holding = [t for t in sources if _has_rows(src, schema, t, tenant)]
         if len(holding) > 1:
