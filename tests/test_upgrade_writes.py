@@ -6,10 +6,11 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import psycopg
 import pytest
-from db_helpers import q, scratch_database, unique
+from db_helpers import Conn, q, scratch_database, unique
 from psycopg.conninfo import make_conninfo
 from tenantry_devenv.services import Postgres
 from tenantry_operator import database
@@ -146,14 +147,14 @@ def test_a_copy_that_differs_fails_verification_and_nothing_switches(
 # --- helpers for whole moves -------------------------------------------------------------------
 
 
-def rows_of(conn: psycopg.Connection[object], table: str, tenant: str) -> list[tuple[object, ...]]:
+def rows_of(conn: Conn, table: str, tenant: str) -> list[tuple[Any, ...]]:
     """The tenant's rows of `schema.table`, in a stable order, as Python values."""
     schema, name = table.split(".")
     return sorted(tuple(row) for row in conn.execute(q(
         "SELECT * FROM {t} WHERE tenant_id = %s", t=f"{schema}.{name}"), (tenant,)).fetchall())
 
 
-def seed(conn: psycopg.Connection[object], tenant: str, embeddings: str | None) -> None:
+def seed(conn: Conn, tenant: str, embeddings: str | None) -> None:
     """Rows with timestamps, intervals' worth of dates, floats and JSON in every data table."""
     with write_transaction(conn, tenant, "pool"):
         for i in range(3):
@@ -172,7 +173,7 @@ def seed(conn: psycopg.Connection[object], tenant: str, embeddings: str | None) 
     rollup_usage(conn, "tenantry", datetime.now(UTC).date(), tenant)
 
 
-def registry(conn: psycopg.Connection[object], tenant: str) -> str:
+def registry(conn: Conn, tenant: str) -> str:
     row = conn.execute("SELECT isolation FROM tenantry.tenants WHERE tenant_id = %s",
                        (tenant,)).fetchone()
     assert row is not None

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import psycopg
 import pytest
@@ -22,6 +24,7 @@ from tenantry_runtime.contracts.database import (
     PRIVATE_SCHEMA,
     bridge_role,
     ensure_partitions,
+    ensure_private_schema,
     migrate,
 )
 from tenantry_runtime.contracts.tenant_locks import (
@@ -31,6 +34,7 @@ from tenantry_runtime.contracts.tenant_locks import (
 )
 
 DIMS = 4
+T = TypeVar("T")
 
 
 @dataclass
@@ -181,3 +185,45 @@ def test_the_operators_routine_upsert_does_not_wait_for_writers(shared: Shared) 
 def test_holding_the_gate_of_an_unregistered_tenant_is_refused(shared: Shared) -> None:
     with shared.admin() as admin, admin.transaction(), pytest.raises(TenantNotRegistered):
         hold_writes(admin, unique("nobody"))
+
+
+# --- bootstrap and concurrency of the operator's own locks ---------------------------------------
+
+
+def run_together(work: Callable[[], T], times: int) -> list[T]:
+    """Start `work` `times` times at once (a barrier lines them up); return results in order."""
+    barrier = threading.Barrier(times)
+
+    def lined_up() -> T:
+        barrier.wait()
+        return work()
+
+    with ThreadPoolExecutor(times) as pool:
+        return [f.result(timeout=60) for f in [pool.submit(lined_up) for _ in range(times)]]
+
+
+def test_the_lock_schema_is_created_once_by_racing_callers(postgres: Postgres) -> None:
+    with scratch_database(postgres, "boot") as db:
+        def create() -> None:
+            with connect(postgres, db) as conn:
+                ensure_private_schema(conn)
+
+        run_together(create, 6)
+        with connect(postgres, db) as conn:
+            row = conn.execute("SELECT count(*) FROM pg_class c JOIN pg_namespace n"
+                               " ON n.oid = c.relnamespace WHERE n.nspname = %s"
+                               " AND c.relkind = 'r'", (PRIVATE_SCHEMA,)).fetchone()
+            assert row == (2,)
+
+
+def test_concurrent_partition_upkeep_creates_each_partition_once(postgres: Postgres) -> None:
+    with scratch_database(postgres, "part") as db:
+        with connect(postgres, db) as conn:
+            migrate(conn, "tenantry")
+
+        def upkeep() -> list[str]:
+            with connect(postgres, db) as conn:
+                return ensure_partitions(conn, "tenantry", months_ahead=2)
+
+        created = [name for names in run_together(upkeep, 4) for name in names]
+        assert len(created) == len(set(created)) == 6  # 3 months x 2 tables, each once
