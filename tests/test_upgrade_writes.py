@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -340,3 +341,20 @@ def test_the_fingerprint_is_the_same_under_any_session_settings(
         admin.execute("SET extra_float_digits = -3")
         assert {t: fingerprint(admin, "tenantry", t, tenant) for t in DATA} == plain
         assert plain["documents"][0] == 3
+
+
+def test_two_concurrent_moves_copy_once_and_the_second_finds_the_work_done(
+    pool_tenant: tuple[str, str],
+) -> None:
+    dsn, tenant = pool_tenant
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        seed(admin, tenant, None)
+        before = {t: rows_of(admin, f"tenantry.{t}", tenant) for t in DATA}
+    prepare_bridge(dsn, tenant, None)
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(move_data, dsn, dsn, tenant, Isolation.POOL, Isolation.BRIDGE, [])
+                for _ in range(2)]
+        assert sorted(run.result(timeout=60) for run in runs) == [False, True]
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        clean_up_source(admin, tenant, Isolation.POOL, Isolation.BRIDGE)
+        assert {t: rows_of(admin, f"tenant_{tenant}.{t}", tenant) for t in DATA} == before
