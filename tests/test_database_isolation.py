@@ -121,7 +121,7 @@ def world(postgres: Postgres) -> Iterator[World]:
                       app_password=secrets.token_urlsafe(12), c=unique("c"), d=unique("d"),
                       passwords={}, roles=roles)
             roles.append(w.app_user)
-            assert bootstrap_shared(admin) == [1, 2, 3]
+            assert bootstrap_shared(admin) == [1, 2, 3, 4]
             create_login_role(admin, w.app_user, w.app_password, APP_ROLE)
             now = datetime.now(UTC)
             old = datetime(2001, 1, 1, tzinfo=UTC)  # lands in the DEFAULT partition

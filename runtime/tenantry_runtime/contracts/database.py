@@ -20,8 +20,10 @@ __all__ = [
     "APP_ROLE",
     "PARTITIONED_TABLES",
     "SHARED_SCHEMA",
+    "TENANT_ID_CHECK",
     "TENANT_ID_PATTERN",
     "TENANT_PREDICATE",
+    "TENANT_SETTING",
     "Conn",
     "InvalidTenantId",
     "Migration",
@@ -30,11 +32,13 @@ __all__ = [
     "advisory_xact_lock",
     "bridge_role",
     "bridge_schema",
+    "ensure_check_constraint",
     "ensure_partitions",
     "ensure_tenant_rls",
     "fetch_rows",
     "load_migrations",
     "migrate",
+    "reset_session",
     "rollup_usage",
     "set_tenant",
     "tenant_transaction",
@@ -55,7 +59,15 @@ IDENTIFIER_PATTERN = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 SHARED_SCHEMA = "tenantry"
 APP_ROLE = "tenantry_app"
 PARTITIONED_TABLES = ("ai_conversations", "ai_usage_logs")
-TENANT_PREDICATE = sql.SQL("tenant_id = current_setting('app.current_tenant', true)")
+# The tenant of the session; NULL when unset. After a transaction that set it, RESET, DISCARD
+# or set_config(NULL) the setting reads '' rather than NULL: '' means "no tenant" too, so that a
+# code path that forgets to set it matches no row (and its inserts fail) instead of sharing an
+# empty bucket with every other such path.
+TENANT_SETTING = sql.SQL("NULLIF(current_setting('app.current_tenant', true), '')")
+TENANT_PREDICATE = sql.SQL("tenant_id = {}").format(TENANT_SETTING)
+# Every tenant table refuses rows whose tenant_id is not a valid tenant id ('' included).
+TENANT_ID_CHECK = sql.SQL("tenant_id ~ {}").format(sql.Literal(TENANT_ID_PATTERN.pattern))
+TENANT_ID_CONSTRAINT = "tenant_id_valid"
 
 _MIGRATIONS_PACKAGE = "tenantry_runtime.contracts"
 _MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -138,6 +150,25 @@ def tenant_transaction(conn: Conn, tenant_id: str) -> Iterator[Conn]:
     with conn.transaction():
         set_tenant(conn, tenant_id)
         yield conn
+
+
+def reset_session(conn: Conn) -> None:
+    """Return a pooled connection to a clean session: the `reset` hook for a connection pool.
+
+    DISCARD ALL drops session-level settings (a tenant set with is_local=false, SET ROLE),
+    temporary tables, prepared statements (psycopg forgets its own on DISCARD ALL) and
+    advisory locks, so the next borrower starts with no tenant. Use it as
+    `psycopg_pool.ConnectionPool(dsn, reset=reset_session)`.
+    """
+    if conn.info.transaction_status != TransactionStatus.IDLE:
+        # The pool only resets idle connections; anything else is a bug worth stopping on.
+        raise RuntimeError("reset_session() needs an idle connection")
+    autocommit = conn.autocommit
+    conn.autocommit = True  # DISCARD ALL cannot run inside a transaction block
+    try:
+        conn.execute("DISCARD ALL")
+    finally:
+        conn.autocommit = autocommit
 
 
 # --- migrations -------------------------------------------------------------------------------
@@ -250,7 +281,8 @@ def migrate(conn: Conn, schema: str) -> list[int]:
 
 
 def ensure_tenant_rls(conn: Conn, schema: str, table: str) -> None:
-    """Enable and force RLS on `schema.table` with the `tenant_isolation` policy (idempotent)."""
+    """Enable and force RLS on `schema.table` with the `tenant_isolation` policy, and refuse
+    tenant ids that are not valid ones (the TENANT_ID_CONSTRAINT check); idempotent."""
     qualified = sql.Identifier(validate_identifier(schema), validate_identifier(table))
     rows = fetch_rows(conn, """
         SELECT c.relrowsecurity, c.relforcerowsecurity,
@@ -270,6 +302,37 @@ def ensure_tenant_rls(conn: Conn, schema: str, table: str) -> None:
         conn.execute(sql.SQL(
             "CREATE POLICY tenant_isolation ON {} USING ({}) WITH CHECK ({})"
         ).format(qualified, TENANT_PREDICATE, TENANT_PREDICATE))
+    ensure_check_constraint(conn, schema, table, TENANT_ID_CONSTRAINT, TENANT_ID_CHECK)
+
+
+def ensure_check_constraint(conn: Conn, schema: str, table: str, name: str,
+                            check: sql.Composable, definition: str | None = None) -> None:
+    """Add the CHECK constraint `name` to `schema.table` unless it is there.
+
+    `definition`, when given, is the expected pg_get_constraintdef() text: a constraint of
+    that name with another definition is replaced. Rows that already violate it are kept (the
+    constraint is then added NOT VALID: enforced for every new or updated row), so adding a
+    guard never fails a reconcile nor deletes data.
+    """
+    qualified = sql.Identifier(validate_identifier(schema), validate_identifier(table))
+    rows = fetch_rows(conn, """
+        SELECT pg_get_constraintdef(co.oid) FROM pg_constraint co
+        JOIN pg_class c ON c.oid = co.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = %s AND c.relname = %s AND co.conname = %s""",
+        (schema, table, validate_identifier(name)))
+    if rows:
+        current = str(rows[0][0]).removesuffix(" NOT VALID")
+        if definition is None or current == definition:
+            return
+        conn.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+            qualified, sql.Identifier(name)))
+    add = sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({})").format(
+        qualified, sql.Identifier(name), check)
+    try:
+        with conn.transaction():
+            conn.execute(add)
+    except psycopg.errors.CheckViolation:
+        conn.execute(add + sql.SQL(" NOT VALID"))
 
 
 def _month_start(day: date, months_later: int) -> datetime:
