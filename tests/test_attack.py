@@ -22,6 +22,9 @@ from tenantry_operator.database import (
     bootstrap_shared,
     delete_tenant_data,
     ensure_bridge_tenant,
+    ensure_collection,
+    ensure_pool_tenant,
+    pool_index_name,
 )
 from tenantry_runtime.contracts import database as contract
 from tenantry_runtime.contracts.database import (
@@ -243,3 +246,45 @@ def test_a_bridge_login_cannot_write_its_registry_copy(world: World, statement: 
             assert conn.execute(q("SELECT isolation, state FROM {t}",
                                   t=f"{bridge_schema(world.c)}.tenants")).fetchall() == [
                 ("bridge", "active")]
+
+
+# --- 16: what every login can read in the catalogs --------------------------------------------
+
+CATALOG_TEXT = """
+    SELECT string_agg(x, ' ') FROM (
+        SELECT nspname::text FROM pg_namespace
+        UNION ALL SELECT rolname::text FROM pg_roles
+        UNION ALL SELECT schemaname || '.' || indexname || ' ' || indexdef FROM pg_indexes
+        UNION ALL SELECT schemaname || '.' || relname FROM pg_stat_user_tables
+        UNION ALL SELECT relname::text FROM pg_class
+        UNION ALL SELECT conname || ' ' || pg_get_constraintdef(oid) FROM pg_constraint
+        UNION ALL SELECT pg_get_expr(polqual, polrelid) FROM pg_policy
+        UNION ALL SELECT usename::text FROM pg_stat_activity WHERE usename IS NOT NULL
+    ) AS listed(x)"""
+
+
+@pytest.mark.parametrize("who", LOGINS)
+def test_catalogs_do_not_name_other_tenants(world: World, who: Login) -> None:
+    pooled = unique("listed")
+    ensure_pool_tenant(world.admin, pooled)
+    ensure_collection(world.admin, pooled, "shared", 3, 8, 32, "shared")
+    with tenant_transaction(world.admin, pooled):
+        insert(world.admin, "tenantry", "documents", pooled)
+    # d has a session open meanwhile (pg_stat_activity)
+    with world.bridge(world.d), login(world, who) as conn:
+        listed = scalar(conn, CATALOG_TEXT)
+    for tenant in (world.d, pooled, *([world.c] if who == "runtime" else [])):
+        assert tenant not in listed
+    assert bridge_schema(world.d) in listed  # the names are there, only opaque
+
+
+def test_a_partial_pool_index_has_an_opaque_name(world: World) -> None:
+    tenant = unique("part")
+    ensure_pool_tenant(world.admin, tenant)
+    ensure_collection(world.admin, tenant, "shared", 3, 8, 32, "partial")
+    name = pool_index_name(3, tenant)
+    assert tenant not in name
+    # LIMITATION: its predicate (pg_indexes.indexdef) names the tenant; "shared" (the
+    # default strategy) has none.
+    assert scalar(world.admin, "SELECT indexdef FROM pg_indexes WHERE indexname = %s",
+                  (name,)).endswith(f"WHERE (tenant_id = '{tenant}'::text)")

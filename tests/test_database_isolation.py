@@ -744,3 +744,34 @@ def test_a_role_that_cannot_be_dropped_keeps_no_data_and_is_retried(world: World
         delete_tenant_data(world.admin, tenant)  # the retry
         assert not scalar(world.admin, "SELECT count(*) FROM pg_roles WHERE rolname = %s",
                           (bridge_role(tenant),))
+
+
+# --- names from before they were opaque -------------------------------------------------------
+
+
+def test_legacy_names_are_renamed_with_their_data(world: World) -> None:
+    tenant = world.add_bridge(unique("old"))
+    role, schema, legacy = bridge_role(tenant), bridge_schema(tenant), f"tenant_{tenant}"
+    ensure_collection(world.admin, tenant, "schema", DIMS, 8, 32)
+    with world.bridge(tenant) as conn, tenant_transaction(conn, tenant):
+        insert(conn, schema, "documents", tenant)
+    # As an operator before opaque names left it (its role adopted into the registry).
+    world.admin.execute(q("ALTER SCHEMA {s} RENAME TO {l}", s=schema, l=legacy))
+    world.admin.execute(q("ALTER ROLE {r} RENAME TO {l}", r=role, l=legacy))
+    world.admin.execute("UPDATE tenantry.managed_roles SET role_name = %s WHERE role_name = %s",
+                        (legacy, role))
+    world.roles.append(legacy)
+    legacy_index = f"emb_d{DIMS}_{tenant}_hnsw"
+    world.admin.execute(q(f"CREATE INDEX {{i}} ON tenantry.tenant_embeddings_d{DIMS}"
+                          " USING hnsw (embedding vector_cosine_ops)", i=legacy_index))
+
+    ensure_bridge_tenant(world.admin, tenant, world.passwords[tenant])
+    ensure_collection(world.admin, tenant, "shared", DIMS, 8, 32, "partial")
+    assert not scalar(world.admin, "SELECT count(*) FROM pg_namespace WHERE nspname = %s",
+                      (legacy,))
+    assert not scalar(world.admin, "SELECT count(*) FROM pg_roles WHERE rolname = %s", (legacy,))
+    assert not relation_exists(world.admin, f"tenantry.{legacy_index}")
+    with world.bridge(tenant) as conn, tenant_transaction(conn, tenant):  # same password
+        assert scalar(conn, q("SELECT count(*) FROM {t}", t=f"{schema}.documents")) == 1
+    delete_tenant_data(world.admin, tenant)
+    assert not scalar(world.admin, "SELECT count(*) FROM pg_roles WHERE rolname = %s", (role,))

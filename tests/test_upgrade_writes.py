@@ -13,6 +13,7 @@ from tenantry_devenv.services import Postgres
 from tenantry_operator import database
 from tenantry_operator.model import Isolation
 from tenantry_operator.upgrade import VerificationFailed, fingerprint, move_data
+from tenantry_runtime.contracts.database import bridge_schema
 from tenantry_runtime.contracts.tenant_locks import TenantMoved, hold_writes, write_transaction
 
 
@@ -81,7 +82,7 @@ def test_concurrent_writes_during_a_move_all_land_in_the_new_location(
                     with write_transaction(conn, tenant, expected):
                         insert_document(conn, location, tenant, title)
                 except TenantMoved:  # the runtime reloads its config and retries
-                    location, expected = f"tenant_{tenant}", "bridge"
+                    location, expected = bridge_schema(tenant), "bridge"
                     continue
                 acknowledged.append(title)
                 n += 1

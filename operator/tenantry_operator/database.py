@@ -47,7 +47,9 @@ from tenantry_runtime.contracts.database import (
     ensure_partitions,
     ensure_tenant_rls,
     fetch_rows,
+    legacy_bridge_name,
     migrate,
+    opaque_name,
     tenant_transaction,
     validate_identifier,
     validate_tenant_id,
@@ -168,12 +170,26 @@ def shared_embeddings_table(dimensions: int) -> str:
 def pool_index_name(dimensions: int, tenant: str | None) -> str:
     """HNSW index on the shared table: per tenant (partial) when `tenant` is given, else whole.
 
-    At most 4 + 4 + 1 + 40 + 5 = 54 characters, under Postgres' 63.
+    A partial index's name is opaque (opaque_name), 4 + 4 + 1 + 34 + 5 = 48 characters at
+    most; its predicate, which every login can read in pg_indexes, still names the tenant.
     """
     _check_dimensions(dimensions)
     if tenant is None:
         return f"tenant_embeddings_d{dimensions}_hnsw"
-    return f"emb_d{dimensions}_{validate_tenant_id(tenant)}_hnsw"
+    return f"emb_d{dimensions}_{opaque_name('pool-index', tenant)}_hnsw"
+
+
+def _partial_index_names(dimensions: int, tenant: str) -> list[str]:
+    """Every name the tenant's partial index may have: the current and the legacy one."""
+    return [pool_index_name(dimensions, tenant), f"emb_d{dimensions}_{tenant}_hnsw"]
+
+
+def _drop_partial_indexes(conn: Conn, dimensions: int, tenant: str,
+                          keep: str | None = None) -> None:
+    for name in _partial_index_names(dimensions, tenant):
+        if name != keep:
+            conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(
+                sql.Identifier(SHARED_SCHEMA, name)))
 
 
 def _check_dimensions(dimensions: int) -> None:
@@ -305,6 +321,8 @@ def _acl_actions(conn: Conn, kind: AclKind, target: Sequence[str], grantee: str 
 
 
 def _registered_oid(conn: Conn, role: str) -> int | None:
+    if not fetch_rows(conn, "SELECT to_regclass(%s)", (f"{SHARED_SCHEMA}.{ROLE_REGISTRY}",))[0][0]:
+        return None  # a database never bootstrapped: nothing in it is the operator's
     rows = fetch_rows(conn, sql.SQL("SELECT role_oid FROM {} WHERE role_name = %s").format(
         _registry()), (role,))
     return int(rows[0][0]) if rows else None
@@ -460,25 +478,27 @@ def _ownership_actions(conn: Conn, schema: str) -> list[Action]:
 
 
 def _pin_actions(conn: Conn, schema: str, tenant: str) -> list[Action]:
-    """CHECK tenant_id = '<tenant>' on every tenant table of the tenant's bridge schema.
+    """CHECK that tenant_id is the tenant's, on every tenant table of its bridge schema.
 
     The tenant controls both app.current_tenant and tenant_id there, so RLS alone is advisory:
-    the pin makes a row of another tenant impossible. The tenant id is validated and then
-    written as a literal: a constraint takes no parameter.
+    the pin makes a row of another tenant impossible. Constraints are readable by every login,
+    so the pin compares a sha256 of tenant_id (it reveals no more than the opaque schema name
+    does); the digest, computed from the validated id, is written as a literal: a constraint
+    takes no parameter.
     """
-    validate_tenant_id(tenant)
-    check = sql.SQL("tenant_id = {}").format(sql.Literal(tenant))
-    definition = f"CHECK ((tenant_id = '{tenant}'::text))"  # as pg_get_constraintdef shows it
+    digest = hashlib.sha256(validate_tenant_id(tenant).encode()).hexdigest()
+    check = sql.SQL("sha256(convert_to(tenant_id, 'UTF8')) = {}::bytea").format(
+        sql.Literal(f"\\x{digest}"))
     tables = tenant_tables(conn, schema)
     rows = fetch_rows(conn, """
         SELECT c.relname FROM pg_constraint co JOIN pg_class c ON c.oid = co.conrelid
         JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE n.nspname = %s AND co.conname = %s
-          AND replace(pg_get_constraintdef(co.oid), ' NOT VALID', '') = %s""",
-        (schema, PIN_CONSTRAINT, definition))
+          AND strpos(pg_get_constraintdef(co.oid), %s) > 0""",
+        (schema, PIN_CONSTRAINT, digest))
     pinned = {str(name) for (name,) in rows}
     return [partial(ensure_check_constraint, conn, schema, table, PIN_CONSTRAINT, check,
-                    definition) for table in tables if table not in pinned]
+                    digest) for table in tables if table not in pinned]
 
 
 def _own_databases(conn: Conn) -> list[str]:
@@ -574,6 +594,31 @@ def ensure_pool_tenant(conn: Conn, tenant: str, isolation: Isolation = "pool") -
     _upsert_tenant_row(conn, SHARED_SCHEMA, tenant, isolation)
 
 
+def _rename_legacy(conn: Conn, tenant: str) -> None:
+    """Give a bridge schema and role created under the legacy name `tenant_<id>` their
+    opaque names (once; the role only if it is the operator's, the schema if the admin owns
+    it). Sessions keep working; the Secret's username follows on the same reconcile."""
+    legacy, schema, role = legacy_bridge_name(tenant), bridge_schema(tenant), bridge_role(tenant)
+
+    def plan() -> list[Action]:
+        actions: list[Action] = []
+        if (fetch_rows(conn, """
+                SELECT 1 FROM pg_namespace
+                WHERE nspname = %s AND nspowner = current_user::regrole""", (legacy,))
+                and not _schema_exists(conn, schema)):
+            actions.append(_run(conn, sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(
+                sql.Identifier(legacy), sql.Identifier(schema))))
+        if _is_managed(conn, legacy) and _role_oid(conn, role) is None:
+            actions.append(_run(conn, sql.SQL("ALTER ROLE {} RENAME TO {}").format(
+                sql.Identifier(legacy), sql.Identifier(role))))
+            actions.append(_run(conn, sql.SQL(
+                "UPDATE {} SET role_name = %s WHERE role_name = %s").format(_registry()),
+                (role, legacy)))
+        return actions
+
+    _converge(conn, plan)
+
+
 def _bridge_actions(conn: Conn, tenant: str) -> list[Action]:
     role, schema = bridge_role(tenant), bridge_schema(tenant)
     (database,) = fetch_rows(conn, "SELECT current_database()")[0]
@@ -589,7 +634,8 @@ def _bridge_actions(conn: Conn, tenant: str) -> list[Action]:
 
 
 def ensure_bridge_tenant(conn: Conn, tenant: str, password: str) -> None:
-    """Role and schema `tenant_<tenant>`, migrated, granted to that role only; password set.
+    """Role and schema bridge_role/bridge_schema(tenant), migrated, granted to that role only;
+    password set.
 
     Does not touch the shared registry row; `ensure_pool_tenant(conn, tenant, "bridge")` does.
     Raises UnmanagedRole when a role of that name exists that the operator did not create.
@@ -598,6 +644,7 @@ def ensure_bridge_tenant(conn: Conn, tenant: str, password: str) -> None:
     if not password:
         raise ValueError("a bridge tenant needs a non-empty password")
     _require_shared(conn)
+    _rename_legacy(conn, tenant)
     # NOINHERIT: even if someone grants it a group role, it does not silently gain rights
     # (and every reconcile revokes such memberships: SET ROLE would still reach them).
     _ensure_role(conn, role, {"rolcanlogin": True, "rolinherit": False, **_LOCKED_DOWN},
@@ -661,13 +708,13 @@ def ensure_collection(
         if location == "schema":
             _ensure_hnsw_index(conn, target, table, f"{table}_hnsw", m, ef_construction, None)
         elif pool_index == "partial":
-            _ensure_hnsw_index(conn, target, table, pool_index_name(dimensions, tenant),
-                               m, ef_construction, tenant)
+            name = pool_index_name(dimensions, tenant)
+            _ensure_hnsw_index(conn, target, table, name, m, ef_construction, tenant)
+            _drop_partial_indexes(conn, dimensions, tenant, keep=name)
         else:
             _ensure_hnsw_index(conn, target, table, pool_index_name(dimensions, None),
                                m, ef_construction, None, follow_parameters=False)
-            conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(
-                sql.Identifier(target, pool_index_name(dimensions, tenant))))
+            _drop_partial_indexes(conn, dimensions, tenant)
         pinned = target == bridge_schema(tenant)
         _converge(conn, lambda: [
             *_acl_actions(conn, "SCHEMA", (target,), grantee, {"USAGE"}, SCHEMA_PRIVILEGES),
@@ -828,6 +875,7 @@ def _lock_out(conn: Conn, role: str) -> bool:
 def retain_tenant(conn: Conn, tenant: str) -> str:
     """deletionPolicy Retain: lock the tenant out, keep its data; describe where it remains."""
     role, schema = bridge_role(tenant), bridge_schema(tenant)
+    _rename_legacy(conn, tenant)
     kept: list[str] = []
     if _lock_out(conn, role):
         kept.append(f"role {role} (NOLOGIN)")
@@ -858,7 +906,7 @@ def delete_tenant_data(conn: Conn, tenant: str) -> None:
 
 
 def drop_bridge(conn: Conn, tenant: str) -> None:
-    """Drop the bridge schema `tenant_<tenant>` with its data, then the role (idempotent).
+    """Drop the tenant's bridge schema with its data, then its role (idempotent).
 
     A role that is not the operator's (see UnmanagedRole) is left alone.
     """
@@ -868,6 +916,7 @@ def drop_bridge(conn: Conn, tenant: str) -> None:
 
 def _drop_bridge_data(conn: Conn, tenant: str) -> bool:
     """Lock the bridge role out and drop its schema; True when the role is the operator's."""
+    _rename_legacy(conn, tenant)
     managed = _lock_out(conn, bridge_role(tenant))
     with conn.transaction():
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
@@ -894,8 +943,7 @@ def delete_shared_rows(conn: Conn, tenant: str, keep_registry: bool = False) -> 
                 sql.Identifier(SHARED_SCHEMA, table)), (tenant,)).rowcount
             match = _SHARED_EMBEDDINGS.fullmatch(table)
             if match:
-                conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(
-                    SHARED_SCHEMA, pool_index_name(int(match.group(1)), tenant))))
+                _drop_partial_indexes(conn, int(match.group(1)), tenant)
     return deleted
 
 

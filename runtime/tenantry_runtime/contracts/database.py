@@ -36,8 +36,10 @@ __all__ = [
     "ensure_partitions",
     "ensure_tenant_rls",
     "fetch_rows",
+    "legacy_bridge_name",
     "load_migrations",
     "migrate",
+    "opaque_name",
     "reset_session",
     "rollup_usage",
     "set_tenant",
@@ -49,9 +51,9 @@ __all__ = [
 Conn: TypeAlias = psycopg.Connection[Any]
 Query: TypeAlias = LiteralString | bytes | sql.SQL | sql.Composed
 
-# Lowercase letters and digits only: the id is embedded in role, schema, index and Kubernetes
-# names, so it must be a valid identifier everywhere without quoting, and stay short enough
-# (40 + "tenant_" and index suffixes) for Postgres' 63-character limit.
+# Lowercase letters and digits only: the id is embedded in Kubernetes names and in values that
+# must be valid everywhere without quoting. Postgres names of tenant objects are opaque hashes
+# of it (opaque_name), so that catalogs every login can read do not list tenants.
 TENANT_ID_PATTERN = re.compile(r"^[a-z][a-z0-9]{0,39}$")
 # Schema and table names we build ourselves; anything else is refused before it reaches SQL.
 IDENTIFIER_PATTERN = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -102,12 +104,29 @@ def validate_identifier(name: str) -> str:
     return name
 
 
-def bridge_schema(tenant: str) -> str:
+def opaque_name(purpose: str, tenant: str) -> str:
+    """`t_` + 32 hex digits of sha256 over a domain-separated tenant id: a per-tenant name
+    that, listed in a catalog every login can read, does not say which tenant it serves.
+
+    Unsalted, so it hides the id only from someone who cannot guess it: hashing a candidate
+    id confirms it. A pure function of the id: every replica derives the same name.
+    """
+    digest = hashlib.sha256(f"tenantry/{purpose}/v1:{validate_tenant_id(tenant)}".encode())
+    return f"t_{digest.hexdigest()[:32]}"
+
+
+def legacy_bridge_name(tenant: str) -> str:
+    """The schema and role name of a bridge tenant before names were opaque (renamed on the
+    next reconcile)."""
     return f"tenant_{validate_tenant_id(tenant)}"
+
+
+def bridge_schema(tenant: str) -> str:
+    return opaque_name("bridge", tenant)
 
 
 def bridge_role(tenant: str) -> str:
-    return f"tenant_{validate_tenant_id(tenant)}"
+    return opaque_name("bridge", tenant)
 
 
 def fetch_rows(
@@ -306,11 +325,11 @@ def ensure_tenant_rls(conn: Conn, schema: str, table: str) -> None:
 
 
 def ensure_check_constraint(conn: Conn, schema: str, table: str, name: str,
-                            check: sql.Composable, definition: str | None = None) -> None:
+                            check: sql.Composable, must_contain: str | None = None) -> None:
     """Add the CHECK constraint `name` to `schema.table` unless it is there.
 
-    `definition`, when given, is the expected pg_get_constraintdef() text: a constraint of
-    that name with another definition is replaced. Rows that already violate it are kept (the
+    `must_contain`, when given, is a text the definition (pg_get_constraintdef) must contain:
+    a constraint of that name without it is replaced. Rows that already violate it are kept (the
     constraint is then added NOT VALID: enforced for every new or updated row), so adding a
     guard never fails a reconcile nor deletes data.
     """
@@ -321,8 +340,7 @@ def ensure_check_constraint(conn: Conn, schema: str, table: str, name: str,
         WHERE n.nspname = %s AND c.relname = %s AND co.conname = %s""",
         (schema, table, validate_identifier(name)))
     if rows:
-        current = str(rows[0][0]).removesuffix(" NOT VALID")
-        if definition is None or current == definition:
+        if must_contain is None or must_contain in str(rows[0][0]):
             return
         conn.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
             qualified, sql.Identifier(name)))
