@@ -316,9 +316,8 @@ def test_pool_to_silo_upgrade_skips_the_bridge_step(
         (s := tenant_status(control_plane, "poolsilo")).get("migration", {}).get("step")
         == "Done" and s.get("phase") == "Ready" and s), timeout=120)
     assert (status["migration"]["from"], status["migration"]["to"]) == ("pool", "silo")
-    silo_dsn = silo_postgres.dsn("silo_poolsilo")
-    assert counts(silo_dsn, "tenant_poolsilo", "tenant_poolsilo.embeddings",
-                  "poolsilo") == (7, 7, 7)
+    silo_dsn, schema = silo_postgres.dsn("silo_poolsilo"), bridge_schema("poolsilo")
+    assert counts(silo_dsn, schema, f"{schema}.embeddings", "poolsilo") == (7, 7, 7)
     assert counts(shared_database, "tenantry", shared_table, "poolsilo") == (0, 0, 0)
     assert scalar(shared_database, "SELECT isolation FROM tenantry.tenants WHERE tenant_id = %s",
                   ("poolsilo",)) == "silo"

@@ -98,7 +98,7 @@ def test_concurrent_writes_during_a_move_all_land_in_the_new_location(
 
     with psycopg.connect(dsn, autocommit=True) as admin:
         titles = {row[0] for row in admin.execute(
-            f'SELECT title FROM "tenant_{tenant}".documents WHERE tenant_id = %s',  # noqa: S608
+            f'SELECT title FROM "{bridge_schema(tenant)}".documents WHERE tenant_id = %s',  # noqa: S608
             (tenant,))}
     assert len(acknowledged) >= 5
     assert set(acknowledged) <= titles  # every acknowledged write survived the move
@@ -114,12 +114,13 @@ def test_a_copy_that_differs_fails_verification_and_nothing_switches(
         with write_transaction(admin, tenant, "pool"):
             insert_document(admin, "tenantry", tenant, "original")
         database.ensure_bridge_tenant(admin, tenant, "pw-" + unique("p"))
+        schema = bridge_schema(tenant)
         # A target that silently alters rows, as a broken copy would.
         admin.execute(f"""
-            CREATE FUNCTION "tenant_{tenant}".mangle() RETURNS trigger LANGUAGE plpgsql
+            CREATE FUNCTION "{schema}".mangle() RETURNS trigger LANGUAGE plpgsql
             AS $$ BEGIN NEW.title := NEW.title || '!'; RETURN NEW; END $$;
-            CREATE TRIGGER mangle BEFORE INSERT ON "tenant_{tenant}".documents
-            FOR EACH ROW EXECUTE FUNCTION "tenant_{tenant}".mangle();""")
+            CREATE TRIGGER mangle BEFORE INSERT ON "{schema}".documents
+            FOR EACH ROW EXECUTE FUNCTION "{schema}".mangle();""")
     with pytest.raises(VerificationFailed, match="documents"):
         move_data(dsn, dsn, tenant, Isolation.POOL, Isolation.BRIDGE, None, [])
     with psycopg.connect(dsn, autocommit=True) as admin:
