@@ -1,11 +1,12 @@
 """Provision, search, retain and delete tenant data in Postgres (sync psycopg, idempotent)."""
 
 # Names (roles, schemas, tables, indexes) are composed with psycopg.sql.Identifier; values are
-# bound parameters. Two exceptions, both documented where they occur: the tenant id as a literal
-# in a partial index predicate and in the matching search filter (validated against
-# TENANT_ID_PATTERN first; the planner must see the value to use the partial index), and the
-# role password in ALTER ROLE, which takes no parameter; it is sent as a SCRAM verifier computed
-# by libpq, so the clear text never reaches the server or its logs.
+# bound parameters. Three exceptions, documented where they occur, where SQL takes no parameter:
+# the tenant id as a literal in a partial index predicate and in the matching search filter
+# (validated against TENANT_ID_PATTERN first; the planner must see the value to use the partial
+# index); the sha256 of the validated tenant id in a bridge schema's pin constraint; and the
+# role password in CREATE/ALTER ROLE, sent as a SCRAM verifier computed by libpq, so the clear
+# text never reaches the server or its logs.
 #
 # The admin connection must see across tenants: a superuser, or the owner with BYPASSRLS.
 #
@@ -385,6 +386,13 @@ def _role_actions(conn: Conn, role: str, desired: dict[str, bool], password: str
     """What `role` needs to match `desired`; raises UnmanagedRole for a role not ours."""
     ident = sql.Identifier(role)
     current = _role_attributes(conn, role)
+    if current is not None and registered and not _is_managed(conn, role):
+        raise UnmanagedRole(
+            f"role {role} exists but the Tenantry operator did not create it (it is not in"
+            f" {SHARED_SCHEMA}.{ROLE_REGISTRY}); it is not taken over because it may carry"
+            f" memberships or rights of its own. Drop or rename that role and the operator"
+            f" creates it afresh; or, if you know it is this tenant's role, add its name and"
+            f" OID (from pg_roles) to {SHARED_SCHEMA}.{ROLE_REGISTRY}")
     verifier = None
     if password is not None and (current is None or not _scram_matches(
             password, _current_verifier(conn, role) or "")):
@@ -408,13 +416,6 @@ def _role_actions(conn: Conn, role: str, desired: dict[str, bool], password: str
                    SET role_oid = EXCLUDED.role_oid, verifier = EXCLUDED.verifier""").format(
                 _registry()), (verifier, role)))
         return actions
-    if registered and not _is_managed(conn, role):
-        raise UnmanagedRole(
-            f"role {role} exists but the Tenantry operator did not create it (it is not in"
-            f" {SHARED_SCHEMA}.{ROLE_REGISTRY}); it is not taken over because it may carry"
-            f" memberships or rights of its own. Drop or rename that role and the operator"
-            f" creates it afresh; or, if you know it is this tenant's role, add its name and"
-            f" OID (from pg_roles) to {SHARED_SCHEMA}.{ROLE_REGISTRY}")
     # Only name attributes that differ: a non-superuser admin may not even mention
     # SUPERUSER/BYPASSRLS/REPLICATION, but it never needs to when they are already off.
     options = [sql.SQL(keyword if desired[column] else f"NO{keyword}")
