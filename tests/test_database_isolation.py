@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import secrets
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -43,6 +45,7 @@ from tenantry_runtime.contracts.database import (
     InvalidTenantId,
     bridge_role,
     bridge_schema,
+    load_migrations,
     rollup_usage,
     set_tenant,
     tenant_transaction,
@@ -121,7 +124,7 @@ def world(postgres: Postgres) -> Iterator[World]:
                       app_password=secrets.token_urlsafe(12), c=unique("c"), d=unique("d"),
                       passwords={}, roles=roles)
             roles.append(w.app_user)
-            assert bootstrap_shared(admin) == [1, 2, 3]
+            assert bootstrap_shared(admin) == [m.version for m in load_migrations()]
             create_login_role(admin, w.app_user, w.app_password, APP_ROLE)
             now = datetime.now(UTC)
             old = datetime(2001, 1, 1, tzinfo=UTC)  # lands in the DEFAULT partition
@@ -606,3 +609,169 @@ def test_bootstrap_is_idempotent(world: World) -> None:
     assert bootstrap_shared(world.admin) == []
     with world.app() as app, tenant_transaction(app, world.a):
         assert scalar(app, "SELECT count(*) FROM tenantry.tenant_embeddings_d3") == 2
+
+
+# --- concurrent and settled reconciles --------------------------------------------------------
+
+
+def catalog_state(admin: Conn, schemas: list[str], roles: list[str]) -> list[tuple[Any, ...]]:
+    """The row versions (xmin) of every catalog row a reconcile could rewrite."""
+    queries = [
+        "SELECT 'role', rolname, xmin::text FROM pg_authid WHERE rolname = ANY(%(roles)s)",
+        "SELECT 'member', roleid::regrole::text || '>' || member::regrole::text, xmin::text"
+        " FROM pg_auth_members",
+        "SELECT 'database', datname, xmin::text FROM pg_database",
+        "SELECT 'schema', nspname, xmin::text FROM pg_namespace"
+        " WHERE nspname = ANY(%(schemas)s) OR nspname = 'public'",
+        "SELECT 'relation', n.nspname || '.' || c.relname, c.xmin::text FROM pg_class c"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = ANY(%(schemas)s)",
+        "SELECT 'constraint', c.conrelid::regclass::text || '.' || c.conname, c.xmin::text"
+        " FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace"
+        " WHERE n.nspname = ANY(%(schemas)s)",
+        "SELECT 'policy', polrelid::regclass::text, xmin::text FROM pg_policy",
+    ]
+    rows: list[tuple[Any, ...]] = []
+    for query in queries:
+        rows += admin.execute(query, {"schemas": schemas, "roles": roles}).fetchall()
+    for schema in schemas:  # the registry rows: not even a row lock (xmax)
+        rows += admin.execute(q("SELECT tenant_id, xmin::text, xmax::text FROM {t}",
+                                t=f"{schema}.tenants")).fetchall()
+    return sorted(rows)
+
+
+def test_a_settled_reconcile_writes_nothing(world: World) -> None:
+    tenant = world.add_bridge(unique("s"))
+    pool = unique("sp")
+    schemas = ["tenantry", bridge_schema(tenant)]
+    roles = [bridge_role(tenant), APP_ROLE]
+
+    def reconcile() -> None:
+        bootstrap_shared(world.admin)
+        ensure_bridge_tenant(world.admin, tenant, world.passwords[tenant])
+        ensure_pool_tenant(world.admin, tenant, "bridge")
+        ensure_collection(world.admin, tenant, "schema", DIMS, 8, 32)
+        ensure_pool_tenant(world.admin, pool)
+        ensure_collection(world.admin, pool, "shared", DIMS, 8, 32, "shared")
+
+    reconcile()
+    before = catalog_state(world.admin, schemas, roles)
+    reconcile()
+    assert catalog_state(world.admin, schemas, roles) == before
+    world.bridge(tenant).close()  # and the password still works
+
+
+def test_concurrent_reconciles_of_bridge_tenants_never_fail(world: World) -> None:
+    tenants = [world.add_bridge(unique("k")) for _ in range(3)]
+    threads_per_tenant, rounds = 3, 8
+    barrier = threading.Barrier(threads_per_tenant * len(tenants))
+
+    def reconcile(tenant: str) -> int:
+        with connect(world.pg, world.db) as admin:
+            barrier.wait(timeout=60)
+            for _ in range(rounds):
+                ensure_bridge_tenant(admin, tenant, world.passwords[tenant])
+                ensure_pool_tenant(admin, tenant, "bridge")
+                ensure_collection(admin, tenant, "schema", DIMS, 8, 32)
+        return rounds
+
+    with ThreadPoolExecutor(max_workers=threads_per_tenant * len(tenants)) as pool:
+        futures = [pool.submit(reconcile, t) for t in tenants for _ in range(threads_per_tenant)]
+        assert [f.result(timeout=300) for f in futures] == [rounds] * len(futures)
+    for tenant in tenants:
+        with world.bridge(tenant) as conn, tenant_transaction(conn, tenant):
+            insert(conn, bridge_schema(tenant), "embeddings", tenant)
+
+
+# --- the shared pool index --------------------------------------------------------------------
+
+
+def test_the_shared_index_does_not_follow_a_tenants_parameters(world: World) -> None:
+    dims = 5
+    index = f"tenantry.{pool_index_name(dims, None)}"
+    first, second = unique("ia"), unique("ib")
+    for tenant in (first, second):
+        ensure_pool_tenant(world.admin, tenant)
+
+    def state() -> tuple[int, list[str]]:
+        row = world.admin.execute("SELECT oid::int, reloptions FROM pg_class"
+                                  " WHERE oid = %s::regclass", (index,)).fetchone()
+        assert row is not None
+        return row[0], row[1]
+
+    ensure_collection(world.admin, first, "shared", dims, 8, 32, "shared")
+    created = state()
+    assert created[1] == ["m=8", "ef_construction=32"]
+    for _ in range(2):  # resyncs alternate between tenants whose specs differ
+        ensure_collection(world.admin, second, "shared", dims, 16, 64, "shared")
+        assert state() == created
+        ensure_collection(world.admin, first, "shared", dims, 8, 32, "shared")
+        assert state() == created
+    # A tenant's own index still follows its spec.
+    ensure_collection(world.admin, second, "shared", dims, 16, 64, "partial")
+    partial_index = f"tenantry.{pool_index_name(dims, second)}"
+    assert scalar(world.admin, "SELECT reloptions FROM pg_class WHERE oid = %s::regclass",
+                  (partial_index,)) == ["m=16", "ef_construction=64"]
+    assert state() == created
+
+
+# --- deletion when the role cannot be dropped -------------------------------------------------
+
+
+def test_a_role_that_cannot_be_dropped_keeps_no_data_and_is_retried(world: World) -> None:
+    tenant = world.add_bridge(unique("x"))
+    schema = bridge_schema(tenant)
+    with world.bridge(tenant) as conn, tenant_transaction(conn, tenant):
+        insert(conn, schema, "documents", tenant)
+    ensure_pool_tenant(world.admin, tenant, "bridge")
+    # The tenant's login owns something in a database the admin cannot enter right now.
+    with scratch_database(world.pg, "lo") as elsewhere:
+        world.admin.execute(q("GRANT CONNECT ON DATABASE {d} TO {r}", d=elsewhere,
+                              r=bridge_role(tenant)))
+        with connect(world.pg, elsewhere, bridge_role(tenant),
+                     world.passwords[tenant]) as conn:
+            conn.execute("SELECT lo_create(0)")
+        world.admin.execute(q("ALTER DATABASE {d} WITH ALLOW_CONNECTIONS false", d=elsewhere))
+        with pytest.raises(RuntimeError, match="could not be dropped") as failure:
+            delete_tenant_data(world.admin, tenant)
+        assert elsewhere in str(failure.value)
+        # The data went first, in its own transaction; the role is locked out.
+        assert not scalar(world.admin, "SELECT count(*) FROM pg_namespace WHERE nspname = %s",
+                          (schema,))
+        assert set(shared_counts(world, tenant).values()) == {0}
+        with pytest.raises(psycopg.OperationalError, match="not permitted to log in"):
+            world.bridge(tenant).close()
+        world.admin.execute(q("ALTER DATABASE {d} WITH ALLOW_CONNECTIONS true", d=elsewhere))
+        delete_tenant_data(world.admin, tenant)  # the retry
+        assert not scalar(world.admin, "SELECT count(*) FROM pg_roles WHERE rolname = %s",
+                          (bridge_role(tenant),))
+
+
+# --- names from before they were opaque -------------------------------------------------------
+
+
+def test_legacy_names_are_renamed_with_their_data(world: World) -> None:
+    tenant = world.add_bridge(unique("old"))
+    role, schema, legacy = bridge_role(tenant), bridge_schema(tenant), f"tenant_{tenant}"
+    ensure_collection(world.admin, tenant, "schema", DIMS, 8, 32)
+    with world.bridge(tenant) as conn, tenant_transaction(conn, tenant):
+        insert(conn, schema, "documents", tenant)
+    # As an operator before opaque names left it (its role adopted into the registry).
+    world.admin.execute(q("ALTER SCHEMA {s} RENAME TO {l}", s=schema, l=legacy))
+    world.admin.execute(q("ALTER ROLE {r} RENAME TO {l}", r=role, l=legacy))
+    world.admin.execute("UPDATE tenantry.managed_roles SET role_name = %s WHERE role_name = %s",
+                        (legacy, role))
+    world.roles.append(legacy)
+    legacy_index = f"emb_d{DIMS}_{tenant}_hnsw"
+    world.admin.execute(q(f"CREATE INDEX {{i}} ON tenantry.tenant_embeddings_d{DIMS}"
+                          " USING hnsw (embedding vector_cosine_ops)", i=legacy_index))
+
+    ensure_bridge_tenant(world.admin, tenant, world.passwords[tenant])
+    ensure_collection(world.admin, tenant, "shared", DIMS, 8, 32, "partial")
+    assert not scalar(world.admin, "SELECT count(*) FROM pg_namespace WHERE nspname = %s",
+                      (legacy,))
+    assert not scalar(world.admin, "SELECT count(*) FROM pg_roles WHERE rolname = %s", (legacy,))
+    assert not relation_exists(world.admin, f"tenantry.{legacy_index}")
+    with world.bridge(tenant) as conn, tenant_transaction(conn, tenant):  # same password
+        assert scalar(conn, q("SELECT count(*) FROM {t}", t=f"{schema}.documents")) == 1
+    delete_tenant_data(world.admin, tenant)
+    assert not scalar(world.admin, "SELECT count(*) FROM pg_roles WHERE rolname = %s", (role,))

@@ -23,6 +23,8 @@ from tenantry_runtime.contracts.database import (
     tenant_transaction,
 )
 
+SHIPPED = [m.version for m in load_migrations()]
+NEXT = SHIPPED[-1] + 1  # a version no shipped migration uses
 EXPECTED_TABLES = {
     "schema_migrations", "tenants", "documents", "ai_conversations", "ai_conversations_default",
     "ai_usage_logs", "ai_usage_logs_default", "usage_daily",
@@ -56,7 +58,7 @@ def recorded(conn: Conn, schema: str) -> list[tuple[int, str, str]]:
 
 def test_the_package_ships_numbered_migrations() -> None:
     migrations = load_migrations()
-    assert [m.version for m in migrations] == [1, 2, 3]
+    assert [m.version for m in migrations] == SHIPPED == [1, 2, 3, 4]
     assert all(m.body.strip() and len(m.checksum) == 64 for m in migrations)
     # The same files serve every schema: they must not name one.
     for m in migrations:
@@ -66,7 +68,7 @@ def test_the_package_ships_numbered_migrations() -> None:
 
 
 def test_migrate_from_empty_applies_every_version(conn: Conn) -> None:
-    assert migrate(conn, "tenantry") == [1, 2, 3]
+    assert migrate(conn, "tenantry") == SHIPPED
     assert tables_of(conn, "tenantry") == EXPECTED_TABLES
     assert recorded(conn, "tenantry") == [(m.version, m.name, m.checksum)
                                           for m in load_migrations()]
@@ -92,8 +94,8 @@ def test_rerun_is_a_no_op(conn: Conn) -> None:
 
 def test_the_same_files_apply_to_any_schema(conn: Conn) -> None:
     default_path = scalar(conn, "SHOW search_path")
-    assert migrate(conn, "tenantry") == [1, 2, 3]
-    assert migrate(conn, "tenant_acme") == [1, 2, 3]
+    assert migrate(conn, "tenantry") == SHIPPED
+    assert migrate(conn, "tenant_acme") == SHIPPED
     assert tables_of(conn, "tenant_acme") == EXPECTED_TABLES
     assert "documents" not in tables_of(conn, "public")
     # SET LOCAL: the connection's search_path is untouched afterwards.
@@ -102,9 +104,9 @@ def test_the_same_files_apply_to_any_schema(conn: Conn) -> None:
 
 def test_migrate_works_on_a_non_autocommit_connection(postgres: Postgres, database: str) -> None:
     with psycopg.connect(postgres.dsn(database)) as c:
-        assert migrate(c, "tenantry") == [1, 2, 3]
+        assert migrate(c, "tenantry") == SHIPPED
     with connect(postgres, database) as other:  # committed, visible from another session
-        assert len(recorded(other, "tenantry")) == 3
+        assert len(recorded(other, "tenantry")) == len(SHIPPED)
 
 
 def test_concurrent_migrations_apply_each_version_once(postgres: Postgres, database: str) -> None:
@@ -118,9 +120,9 @@ def test_concurrent_migrations_apply_each_version_once(postgres: Postgres, datab
 
     with ThreadPoolExecutor(workers) as pool:
         results = [f.result() for f in [pool.submit(run) for _ in range(workers)]]
-    assert sorted(v for r in results for v in r) == [1, 2, 3]
+    assert sorted(v for r in results for v in r) == SHIPPED
     with connect(postgres, database) as c:
-        assert [v for v, _, _ in recorded(c, "tenantry")] == [1, 2, 3]
+        assert [v for v, _, _ in recorded(c, "tenantry")] == SHIPPED
 
 
 def test_a_changed_applied_migration_is_refused(conn: Conn,
@@ -144,16 +146,16 @@ def test_a_tampered_checksum_record_is_detected(conn: Conn) -> None:
 def test_a_failing_migration_rolls_back_alone(conn: Conn,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     shipped = load_migrations()
-    broken = Migration(4, "broken", b"CREATE TABLE half_done (x int); SELECT 1 / 0;")
+    broken = Migration(NEXT, "broken", b"CREATE TABLE half_done (x int); SELECT 1 / 0;")
     monkeypatch.setattr(contract, "load_migrations", lambda: [*shipped, broken])
-    with pytest.raises(MigrationError, match="0004_broken"):
+    with pytest.raises(MigrationError, match=f"{NEXT:04d}_broken"):
         migrate(conn, "tenantry")
-    # 1..3 committed one by one; 4 left nothing behind and is not recorded.
-    assert [v for v, _, _ in recorded(conn, "tenantry")] == [1, 2, 3]
+    # The shipped ones committed one by one; the broken one left nothing behind.
+    assert [v for v, _, _ in recorded(conn, "tenantry")] == SHIPPED
     assert not relation_exists(conn, "tenantry.half_done")
-    fixed = Migration(4, "broken", b"CREATE TABLE half_done (x int);")
+    fixed = Migration(NEXT, "broken", b"CREATE TABLE half_done (x int);")
     monkeypatch.setattr(contract, "load_migrations", lambda: [*shipped, fixed])
-    assert migrate(conn, "tenantry") == [4]
+    assert migrate(conn, "tenantry") == [NEXT]
     assert relation_exists(conn, "tenantry.half_done")
 
 

@@ -26,7 +26,7 @@ from kube_helpers import (
 from pgvector.psycopg import register_vector
 from tenantry_devenv.controlplane import ControlPlane
 from tenantry_devenv.services import Postgres, Redis
-from tenantry_runtime.contracts.database import tenant_transaction
+from tenantry_runtime.contracts.database import bridge_role, bridge_schema, tenant_transaction
 from tenantry_runtime.contracts.runtime_config import TenantRuntimeConfig
 
 pytestmark = pytest.mark.usefixtures("operator")
@@ -121,14 +121,16 @@ def test_bridge_tenant_role_logs_in_with_its_secret_and_sees_only_its_schema(
     apply_tenant(control_plane, "dpbridge", plan="pro", isolation="bridge",
                  deletionPolicy="Delete")
     status = wait_ready(control_plane, "dpbridge", timeout=90)
-    assert status["provisioned"]["schema"] == "tenant_dpbridge"
-    assert status["provisioned"]["collectionTable"] == "tenant_dpbridge.embeddings"
+    schema, role = bridge_schema("dpbridge"), bridge_role("dpbridge")
+    assert status["provisioned"]["schema"] == schema
+    assert status["provisioned"]["role"] == role
+    assert status["provisioned"]["collectionTable"] == f"{schema}.embeddings"
     creds = secret_data(control_plane, "tenant-dpbridge", "tenant-db-credentials")
-    assert creds["username"] == "tenant_dpbridge"
+    assert creds["username"] == role
     tenant_dsn = postgres.dsn("tenantry", user=creds["username"], password=creds["password"])
     with psycopg.connect(tenant_dsn, autocommit=True) as conn, \
             tenant_transaction(conn, "dpbridge"):
-        conn.execute("SELECT count(*) FROM tenant_dpbridge.documents")
+        conn.execute(f"SELECT count(*) FROM {schema}.documents")  # noqa: S608
     with psycopg.connect(tenant_dsn, autocommit=True) as conn, \
             pytest.raises(psycopg.errors.InsufficientPrivilege):
         conn.execute("SELECT count(*) FROM tenantry.documents")
@@ -139,9 +141,9 @@ def test_bridge_tenant_role_logs_in_with_its_secret_and_sees_only_its_schema(
 
     delete_tenant(control_plane, "dpbridge")
     assert scalar(shared_database, "SELECT count(*) FROM pg_roles WHERE rolname = %s",
-                  ("tenant_dpbridge",)) == 0
+                  (role,)) == 0
     assert scalar(shared_database, "SELECT count(*) FROM pg_namespace WHERE nspname = %s",
-                  ("tenant_dpbridge",)) == 0
+                  (schema,)) == 0
 
 
 def test_silo_tenant_gets_statefulset_and_its_database_is_migrated(
@@ -168,9 +170,9 @@ def test_silo_tenant_gets_statefulset_and_its_database_is_migrated(
     for kind, name in (("service", "postgres"), ("service", "postgres-hl"),
                        ("pdb", "postgres"), ("secret", "postgres-admin")):
         assert get_json(control_plane, kind, name, "-n", ns) is not None, (kind, name)
-    silo_dsn = silo_postgres.dsn("silo_silo1")
-    assert scalar(silo_dsn, "SELECT count(*) FROM tenant_silo1.schema_migrations") >= 3
-    assert scalar(silo_dsn, "SELECT to_regclass('tenant_silo1.embeddings') IS NOT NULL")
+    silo_dsn, schema = silo_postgres.dsn("silo_silo1"), bridge_schema("silo1")
+    assert scalar(silo_dsn, f"SELECT count(*) FROM {schema}.schema_migrations") >= 3  # noqa: S608
+    assert scalar(silo_dsn, "SELECT to_regclass(%s) IS NOT NULL", (f"{schema}.embeddings",))
     assert scalar(shared_database, "SELECT isolation FROM tenantry.tenants WHERE tenant_id = %s",
                   ("silo1",)) == "silo"
     config = runtime_config(control_plane, "silo1")
@@ -201,7 +203,8 @@ def test_pool_to_bridge_upgrade_moves_every_row_and_switches_the_config(
     migration = status["migration"]
     assert (migration["from"], migration["to"]) == ("pool", "bridge")
     assert migration["rowsTotal"] == 75 and migration["rowsCopied"] == 75
-    assert counts(shared_database, "tenant_upbridge", "tenant_upbridge.embeddings",
+    schema = bridge_schema("upbridge")
+    assert counts(shared_database, schema, f"{schema}.embeddings",
                   "upbridge") == (25, 25, 25)
     assert counts(shared_database, "tenantry", shared_table, "upbridge") == (0, 0, 0)
     assert scalar(shared_database, "SELECT isolation FROM tenantry.tenants WHERE tenant_id = %s",
@@ -218,17 +221,17 @@ def test_bridge_to_silo_upgrade_moves_data_into_the_dedicated_database(
     apply_tenant(control_plane, "upsilo", plan="enterprise", isolation="bridge",
                  deletionPolicy="Delete")
     wait_ready(control_plane, "upsilo", timeout=90)
-    seed_tenant_data(shared_database, "tenant_upsilo", "tenant_upsilo.embeddings", "upsilo",
-                     rows=10)
+    schema = bridge_schema("upsilo")
+    seed_tenant_data(shared_database, schema, f"{schema}.embeddings", "upsilo", rows=10)
     control_plane.kubectl("patch", "tnt", "upsilo", "--type=merge", "-p", json.dumps(
         {"spec": {"isolation": "silo", "database": SILO_STORAGE}}))
     wait_for("migration Done", lambda: (
         (s := tenant_status(control_plane, "upsilo")).get("migration", {}).get("step")
         == "Done" and s.get("phase") == "Ready"), timeout=120)
     silo_dsn = silo_postgres.dsn("silo_upsilo")
-    assert counts(silo_dsn, "tenant_upsilo", "tenant_upsilo.embeddings", "upsilo") == (10, 10, 10)
+    assert counts(silo_dsn, schema, f"{schema}.embeddings", "upsilo") == (10, 10, 10)
     assert scalar(shared_database, "SELECT count(*) FROM pg_namespace WHERE nspname = %s",
-                  ("tenant_upsilo",)) == 0
+                  (schema,)) == 0
     assert runtime_config(control_plane, "upsilo").database.kind == "dedicated"
     delete_tenant(control_plane, "upsilo")
     assert get_json(control_plane, "namespace", "tenant-upsilo") is None or (
@@ -261,23 +264,23 @@ def test_objects_removed_by_hand_are_restored_by_the_resync(
     apply_tenant(control_plane, "dprepair", plan="pro", isolation="bridge",
                  deletionPolicy="Delete")
     wait_ready(control_plane, "dprepair", timeout=90)
-    ns = "tenant-dprepair"
+    ns, schema, role = "tenant-dprepair", bridge_schema("dprepair"), bridge_role("dprepair")
     password = secret_data(control_plane, ns, "tenant-db-credentials")["password"]
     control_plane.kubectl("delete", "configmap", "tenantry-runtime-config", "-n", ns)
     redis.Redis.from_url(redis_server.url).delete("tenantry:v1:{dprepair}:limits")
     with psycopg.connect(shared_database, autocommit=True) as admin:
-        admin.execute("DROP SCHEMA tenant_dprepair CASCADE")
-        admin.execute("DROP OWNED BY tenant_dprepair")
-        admin.execute("DROP ROLE tenant_dprepair")
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+        admin.execute(f"DROP OWNED BY {role}")
+        admin.execute(f"DROP ROLE {role}")
     wait_for("the resync to restore everything", lambda: (
         get_json(control_plane, "configmap", "tenantry-runtime-config", "-n", ns) is not None
         and redis.Redis.from_url(redis_server.url).exists("tenantry:v1:{dprepair}:limits")
-        and scalar(shared_database, "SELECT to_regclass('tenant_dprepair.embeddings') "
-                   "IS NOT NULL")), timeout=60)
+        and scalar(shared_database, "SELECT to_regclass(%s) IS NOT NULL",
+                   (f"{schema}.embeddings",))), timeout=60)
     # The Secret stayed the source of truth: the restored role takes the same password.
-    with psycopg.connect(postgres.dsn("tenantry", user="tenant_dprepair", password=password),
+    with psycopg.connect(postgres.dsn("tenantry", user=role, password=password),
                          autocommit=True) as conn:
-        assert conn.execute("SELECT current_user").fetchone() == ("tenant_dprepair",)
+        assert conn.execute("SELECT current_user").fetchone() == (role,)
     delete_tenant(control_plane, "dprepair")
 
 
@@ -287,16 +290,17 @@ def test_retain_revokes_login_and_records_where_the_data_is(
     apply_tenant(control_plane, "dpkeep", plan="pro", isolation="bridge")
     wait_ready(control_plane, "dpkeep", timeout=90)
     creds = secret_data(control_plane, "tenant-dpkeep", "tenant-db-credentials")
-    seed_tenant_data(shared_database, "tenant_dpkeep", "tenant_dpkeep.embeddings", "dpkeep", 3)
+    schema = bridge_schema("dpkeep")
+    seed_tenant_data(shared_database, schema, f"{schema}.embeddings", "dpkeep", 3)
     delete_tenant(control_plane, "dpkeep")
     with pytest.raises(psycopg.OperationalError, match="not permitted to log in"):
         psycopg.connect(postgres.dsn("tenantry", user=creds["username"],
                                      password=creds["password"]))
-    assert counts(shared_database, "tenant_dpkeep", "tenant_dpkeep.embeddings",
+    assert counts(shared_database, schema, f"{schema}.embeddings",
                   "dpkeep") == (3, 3, 3)
     events = control_plane.kubectl("get", "events", "-A", "--field-selector",
                                    "involvedObject.name=dpkeep,reason=Finalized").stdout
-    assert "tenant_dpkeep" in events and "documents=3" in events
+    assert schema in events and "documents=3" in events
 
 
 def test_pool_to_silo_upgrade_skips_the_bridge_step(
@@ -312,9 +316,8 @@ def test_pool_to_silo_upgrade_skips_the_bridge_step(
         (s := tenant_status(control_plane, "poolsilo")).get("migration", {}).get("step")
         == "Done" and s.get("phase") == "Ready" and s), timeout=120)
     assert (status["migration"]["from"], status["migration"]["to"]) == ("pool", "silo")
-    silo_dsn = silo_postgres.dsn("silo_poolsilo")
-    assert counts(silo_dsn, "tenant_poolsilo", "tenant_poolsilo.embeddings",
-                  "poolsilo") == (7, 7, 7)
+    silo_dsn, schema = silo_postgres.dsn("silo_poolsilo"), bridge_schema("poolsilo")
+    assert counts(silo_dsn, schema, f"{schema}.embeddings", "poolsilo") == (7, 7, 7)
     assert counts(shared_database, "tenantry", shared_table, "poolsilo") == (0, 0, 0)
     assert scalar(shared_database, "SELECT isolation FROM tenantry.tenants WHERE tenant_id = %s",
                   ("poolsilo",)) == "silo"

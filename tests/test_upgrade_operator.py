@@ -12,7 +12,7 @@ import pytest
 from db_helpers import q
 from kube_helpers import apply_tenant, delete_tenant, tenant_status, wait_for, wait_ready
 from tenantry_devenv.controlplane import ControlPlane
-from tenantry_runtime.contracts.database import tenant_transaction
+from tenantry_runtime.contracts.database import bridge_schema, tenant_transaction
 
 pytestmark = pytest.mark.usefixtures("operator")
 
@@ -46,6 +46,6 @@ def test_upgrading_a_tenant_with_rag_disabled_keeps_its_embeddings(
         (s := tenant_status(control_plane, tenant)).get("migration", {}).get("step")
         == "Done" and s.get("phase") == "Ready" and s), timeout=120)
     assert status["migration"]["rowsCopied"] == 4
-    assert vectors(shared_database, f"tenant_{tenant}.embeddings", tenant) == before
+    assert vectors(shared_database, f"{bridge_schema(tenant)}.embeddings", tenant) == before
     assert vectors(shared_database, shared_table, tenant) == []
     delete_tenant(control_plane, tenant)

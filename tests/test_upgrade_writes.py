@@ -27,7 +27,7 @@ from tenantry_operator.upgrade import (
     prepare_target,
     survey_source,
 )
-from tenantry_runtime.contracts.database import rollup_usage
+from tenantry_runtime.contracts.database import bridge_schema, rollup_usage
 from tenantry_runtime.contracts.tenant_locks import TenantMoved, hold_writes, write_transaction
 
 
@@ -96,7 +96,7 @@ def test_concurrent_writes_during_a_move_all_land_in_the_new_location(
                     with write_transaction(conn, tenant, expected):
                         insert_document(conn, location, tenant, title)
                 except TenantMoved:  # the runtime reloads its config and retries
-                    location, expected = f"tenant_{tenant}", "bridge"
+                    location, expected = bridge_schema(tenant), "bridge"
                     continue
                 acknowledged.append(title)
                 n += 1
@@ -112,7 +112,7 @@ def test_concurrent_writes_during_a_move_all_land_in_the_new_location(
 
     with psycopg.connect(dsn, autocommit=True) as admin:
         titles = {row[0] for row in admin.execute(
-            f'SELECT title FROM "tenant_{tenant}".documents WHERE tenant_id = %s',  # noqa: S608
+            f'SELECT title FROM "{bridge_schema(tenant)}".documents WHERE tenant_id = %s',  # noqa: S608
             (tenant,))}
     assert len(acknowledged) >= 5
     assert set(acknowledged) <= titles  # every acknowledged write survived the move
@@ -130,12 +130,13 @@ def test_a_copy_that_differs_fails_verification_and_nothing_switches(
         with write_transaction(admin, tenant, "pool"):
             insert_document(admin, "tenantry", tenant, "original")
         database.ensure_bridge_tenant(admin, tenant, "pw-" + unique("p"))
+        schema = bridge_schema(tenant)
         # A target that silently alters rows, as a broken copy would.
         admin.execute(f"""
-            CREATE FUNCTION "tenant_{tenant}".mangle() RETURNS trigger LANGUAGE plpgsql
+            CREATE FUNCTION "{schema}".mangle() RETURNS trigger LANGUAGE plpgsql
             AS $$ BEGIN {change}; RETURN NEW; END $$;
-            CREATE TRIGGER mangle BEFORE INSERT ON "tenant_{tenant}".documents
-            FOR EACH ROW EXECUTE FUNCTION "tenant_{tenant}".mangle();""")
+            CREATE TRIGGER mangle BEFORE INSERT ON "{schema}".documents
+            FOR EACH ROW EXECUTE FUNCTION "{schema}".mangle();""")
     with pytest.raises(VerificationFailed, match="documents"):
         move_data(dsn, dsn, tenant, Isolation.POOL, Isolation.BRIDGE, [])
     with psycopg.connect(dsn, autocommit=True) as admin:
@@ -210,7 +211,7 @@ def test_embeddings_of_a_tenant_with_rag_disabled_are_moved_not_deleted(
     assert move_data(dsn, dsn, tenant, Isolation.POOL, Isolation.BRIDGE, [])
     with psycopg.connect(dsn, autocommit=True) as admin:
         clean_up_source(admin, tenant, Isolation.POOL, Isolation.BRIDGE)
-        schema = f"tenant_{tenant}"
+        schema = bridge_schema(tenant)
         assert rows_of(admin, f"{schema}.embeddings", tenant) == vectors
         assert {t: rows_of(admin, f"{schema}.{t}", tenant) for t in DATA} == before
         for table in [*DATA, "tenant_embeddings_d3", "tenant_embeddings_d5"]:
@@ -243,7 +244,7 @@ def test_a_bridge_table_that_cannot_be_copied_per_tenant_refuses_the_move(
     prepare_bridge(dsn, tenant, None)
     with psycopg.connect(dsn, autocommit=True) as admin:
         database.ensure_pool_tenant(admin, tenant, "bridge")
-        lookup = f"tenant_{tenant}.lookup"
+        lookup = f"{bridge_schema(tenant)}.lookup"
         admin.execute(q("CREATE TABLE {t} (k text)", t=lookup))  # no tenant_id
         admin.execute(q("INSERT INTO {t} VALUES ('keep me')", t=lookup))
     with scratch_database(postgres, "silo") as silo:
@@ -264,7 +265,7 @@ def test_a_second_move_after_a_completed_move_keeps_the_target_data(
     pool_tenant: tuple[str, str],
 ) -> None:
     dsn, tenant = pool_tenant
-    schema = f"tenant_{tenant}"
+    schema = bridge_schema(tenant)
     with psycopg.connect(dsn, autocommit=True) as admin:
         seed(admin, tenant, None)
     prepare_bridge(dsn, tenant, None)
@@ -295,7 +296,7 @@ def test_a_move_whose_registry_names_neither_end_stops_with_a_clear_error(
     with pytest.raises(RegistryMismatch, match=r"lives at silo, neither pool .* nor bridge"):
         move_data(dsn, dsn, tenant, Isolation.POOL, Isolation.BRIDGE, [])
     with psycopg.connect(dsn, autocommit=True) as admin:
-        assert rows_of(admin, f"tenant_{tenant}.documents", tenant) == []  # nothing copied
+        assert rows_of(admin, f"{bridge_schema(tenant)}.documents", tenant) == []  # nothing copied
         assert registry(admin, tenant) == "silo"
 
 
@@ -321,9 +322,10 @@ def test_verification_passes_when_the_target_session_has_other_settings(
             prepare_target(conn, tenant, "pw-" + unique("p"), 3, Hnsw())
         progress: list[int] = []
         assert move_data(dsn, silo_dsn, tenant, Isolation.POOL, Isolation.SILO, progress)
+        schema = bridge_schema(tenant)
         with psycopg.connect(postgres.dsn(silo), autocommit=True) as conn:
-            assert {t: rows_of(conn, f"tenant_{tenant}.{t}", tenant) for t in DATA} == before
-            assert len(rows_of(conn, f"tenant_{tenant}.embeddings", tenant)) == 3
+            assert {t: rows_of(conn, f"{schema}.{t}", tenant) for t in DATA} == before
+            assert len(rows_of(conn, f"{schema}.embeddings", tenant)) == 3
     assert sum(progress) == 3 * 5
     with psycopg.connect(dsn, autocommit=True) as admin:
         assert registry(admin, tenant) == "silo"
@@ -357,4 +359,4 @@ def test_two_concurrent_moves_copy_once_and_the_second_finds_the_work_done(
         assert sorted(run.result(timeout=60) for run in runs) == [False, True]
     with psycopg.connect(dsn, autocommit=True) as admin:
         clean_up_source(admin, tenant, Isolation.POOL, Isolation.BRIDGE)
-        assert {t: rows_of(admin, f"tenant_{tenant}.{t}", tenant) for t in DATA} == before
+        assert {t: rows_of(admin, f"{bridge_schema(tenant)}.{t}", tenant) for t in DATA} == before

@@ -1,20 +1,33 @@
 """Provision, search, retain and delete tenant data in Postgres (sync psycopg, idempotent)."""
 
 # Names (roles, schemas, tables, indexes) are composed with psycopg.sql.Identifier; values are
-# bound parameters. Two exceptions, both documented where they occur: the tenant id as a literal
-# in a partial index predicate and in the matching search filter (validated against
-# TENANT_ID_PATTERN first; the planner must see the value to use the partial index), and the
-# role password in ALTER ROLE, which takes no parameter; it is sent as a SCRAM verifier computed
-# by libpq, so the clear text never reaches the server or its logs.
+# bound parameters. Three exceptions, documented where they occur, where SQL takes no parameter:
+# the tenant id as a literal in a partial index predicate and in the matching search filter
+# (validated against TENANT_ID_PATTERN first; the planner must see the value to use the partial
+# index); the sha256 of the validated tenant id in a bridge schema's pin constraint; and the
+# role password in CREATE/ALTER ROLE, sent as a SCRAM verifier computed by libpq, so the clear
+# text never reaches the server or its logs.
 #
 # The admin connection must see across tenants: a superuser, or the owner with BYPASSRLS.
+#
+# Catalog state (roles, memberships, ACLs, ownership, constraints) is read first and only what
+# differs is changed: Postgres rewrites a catalog row on every GRANT/REVOKE/ALTER ROLE, even an
+# unchanged one, without a row lock, so two such statements on the same object at once fail with
+# "tuple concurrently updated". Changes are serialised by a lock on the role registry table
+# (_converge); a settled reconcile takes no lock and writes nothing.
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
 import re
-from collections.abc import Callable, Sequence
-from typing import Any, Literal, TypeVar
+import unicodedata
+from collections.abc import Callable, Collection, Sequence
+from functools import partial
+from typing import Any, Literal, LiteralString, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -22,16 +35,21 @@ from pgvector import Vector
 from pgvector.psycopg import register_vector
 from psycopg import sql
 from psycopg.adapt import PyFormat
+from psycopg.conninfo import make_conninfo
 from tenantry_runtime.contracts.database import (
     APP_ROLE,
     SHARED_SCHEMA,
+    TENANT_SETTING,
     Conn,
     bridge_role,
     bridge_schema,
+    ensure_check_constraint,
     ensure_partitions,
     ensure_tenant_rls,
     fetch_rows,
+    legacy_bridge_name,
     migrate,
+    opaque_name,
     operator_lock,
     tenant_transaction,
     validate_identifier,
@@ -40,8 +58,11 @@ from tenantry_runtime.contracts.database import (
 
 __all__ = [
     "MAX_DIMENSIONS",
+    "ROLE_REGISTRY",
     "SCHEMA_EMBEDDINGS",
     "CollectionMismatch",
+    "RoleDropError",
+    "UnmanagedRole",
     "bootstrap_shared",
     "delete_shared_rows",
     "delete_tenant_data",
@@ -64,7 +85,6 @@ PoolIndex = Literal["partial", "shared"]
 
 # pgvector's HNSW index on `vector` supports at most 2000 dimensions.
 MAX_DIMENSIONS = 2000
-DML = sql.SQL("SELECT, INSERT, UPDATE, DELETE")
 SCHEMA_EMBEDDINGS = "embeddings"
 _SHARED_EMBEDDINGS = re.compile(r"^tenant_embeddings_d(\d{1,4})$")
 _ROLE_ATTRIBUTES = {  # pg_roles column -> keyword when true (NO<keyword> when false)
@@ -74,6 +94,40 @@ _ROLE_ATTRIBUTES = {  # pg_roles column -> keyword when true (NO<keyword> when f
 }
 _LOCKED_DOWN = {"rolsuper": False, "rolbypassrls": False, "rolcreatedb": False,
                 "rolcreaterole": False, "rolreplication": False}
+# CREATE ROLE's defaults: only attributes that differ are named (see _role_actions).
+_CREATE_DEFAULTS = {**_LOCKED_DOWN, "rolcanlogin": False, "rolinherit": True}
+# Operator-created roles: name, OID (a role dropped and re-created by someone else is not ours)
+# and the SCRAM verifier last set, to tell whether the password changed without reading
+# pg_authid (superuser only). Readable by the admin only, like pg_authid itself.
+ROLE_REGISTRY = "managed_roles"
+PIN_CONSTRAINT = "tenant_id_pinned"
+# Privileges as aclexplode() names them, and as SQL: the only privilege words ever composed.
+_PRIVILEGE_SQL = {
+    "SELECT": sql.SQL("SELECT"), "INSERT": sql.SQL("INSERT"), "UPDATE": sql.SQL("UPDATE"),
+    "DELETE": sql.SQL("DELETE"), "TRUNCATE": sql.SQL("TRUNCATE"),
+    "REFERENCES": sql.SQL("REFERENCES"), "TRIGGER": sql.SQL("TRIGGER"),
+    "MAINTAIN": sql.SQL("MAINTAIN"), "USAGE": sql.SQL("USAGE"), "CREATE": sql.SQL("CREATE"),
+    "CONNECT": sql.SQL("CONNECT"), "TEMPORARY": sql.SQL("TEMPORARY"),
+}
+TABLE_PRIVILEGES = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES",
+                              "TRIGGER", "MAINTAIN"})
+SCHEMA_PRIVILEGES = frozenset({"USAGE", "CREATE"})
+DATABASE_PRIVILEGES = frozenset({"CONNECT", "TEMPORARY", "CREATE"})
+DML_PRIVILEGES = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE"})
+_SCRAM_VERIFIER = re.compile(
+    r"^SCRAM-SHA-256\$(\d+):([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+):([A-Za-z0-9+/=]+)$")
+AclKind = Literal["DATABASE", "SCHEMA", "TABLE"]
+# An ACL is read from the object's catalog row, with the built-in default when it is NULL.
+_ACL_SOURCE: dict[AclKind, LiteralString] = {
+    "DATABASE": "SELECT coalesce(datacl, acldefault('d', datdba)), datdba FROM pg_database"
+                " WHERE datname = %(name)s",
+    "SCHEMA": "SELECT coalesce(nspacl, acldefault('n', nspowner)), nspowner FROM pg_namespace"
+              " WHERE nspname = %(name)s",
+    "TABLE": "SELECT coalesce(c.relacl, acldefault('r', c.relowner)), c.relowner FROM pg_class c"
+             " JOIN pg_namespace n ON n.oid = c.relnamespace"
+             " WHERE n.nspname = %(schema)s AND c.relname = %(name)s",
+}
+Action = Callable[[], object]
 
 
 T = TypeVar("T")
@@ -97,6 +151,14 @@ class CollectionMismatch(ValueError):
     """An existing collection cannot be converged to the requested one (e.g. other dimensions)."""
 
 
+class UnmanagedRole(RuntimeError):
+    """A role of the tenant's name exists that the operator did not create: not taken over."""
+
+
+class RoleDropError(RuntimeError):
+    """The tenant's data is gone but its role could not be dropped yet (retry)."""
+
+
 # --- names ------------------------------------------------------------------------------------
 
 
@@ -109,12 +171,26 @@ def shared_embeddings_table(dimensions: int) -> str:
 def pool_index_name(dimensions: int, tenant: str | None) -> str:
     """HNSW index on the shared table: per tenant (partial) when `tenant` is given, else whole.
 
-    At most 4 + 4 + 1 + 40 + 5 = 54 characters, under Postgres' 63.
+    A partial index's name is opaque (opaque_name), 4 + 4 + 1 + 34 + 5 = 48 characters at
+    most; its predicate, which every login can read in pg_indexes, still names the tenant.
     """
     _check_dimensions(dimensions)
     if tenant is None:
         return f"tenant_embeddings_d{dimensions}_hnsw"
-    return f"emb_d{dimensions}_{validate_tenant_id(tenant)}_hnsw"
+    return f"emb_d{dimensions}_{opaque_name('pool-index', tenant)}_hnsw"
+
+
+def _partial_index_names(dimensions: int, tenant: str) -> list[str]:
+    """Every name the tenant's partial index may have: the current and the legacy one."""
+    return [pool_index_name(dimensions, tenant), f"emb_d{dimensions}_{tenant}_hnsw"]
+
+
+def _drop_partial_indexes(conn: Conn, dimensions: int, tenant: str,
+                          keep: str | None = None) -> None:
+    for name in _partial_index_names(dimensions, tenant):
+        if name != keep:
+            conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(
+                sql.Identifier(SHARED_SCHEMA, name)))
 
 
 def _check_dimensions(dimensions: int) -> None:
@@ -157,50 +233,237 @@ def _role_attributes(conn: Conn, role: str) -> dict[str, bool] | None:
     return dict(zip(columns, rows[0], strict=True)) if rows else None
 
 
-def _ensure_role(conn: Conn, role: str, desired: dict[str, bool],
-                 password: str | None = None) -> None:
-    """Create `role` if missing and converge its attributes (and password when given)."""
-    if _role_attributes(conn, role) is None:
-        try:
-            with conn.transaction():  # savepoint: a concurrent replica may create it first
-                conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
-        except psycopg.errors.DuplicateObject:
-            pass
-    current = _role_attributes(conn, role) or {}
-    # Only name attributes that differ: a non-superuser admin may not even mention
-    # SUPERUSER/BYPASSRLS/REPLICATION, but it never needs to when they are already off.
-    options: list[sql.Composable] = [sql.SQL(keyword if desired[column] else f"NO{keyword}")
-               for column, keyword in _ROLE_ATTRIBUTES.items()
-               if column in desired and current.get(column) != desired[column]]
-    if password is not None:
+# --- serialised catalog changes ---------------------------------------------------------------
+
+
+def _registry() -> sql.Identifier:
+    return sql.Identifier(SHARED_SCHEMA, ROLE_REGISTRY)
+
+
+def _ensure_registry(conn: Conn) -> None:
+    """Create the role registry (after migrating the shared schema), adopting legacy roles.
+
+    Roles created before the registry existed are adopted once, when it is created, if they
+    are what the operator made: `tenant_<id>` next to an admin-owned schema of the same name.
+    """
+    if fetch_rows(conn, "SELECT to_regclass(%s)", (f"{SHARED_SCHEMA}.{ROLE_REGISTRY}",))[0][0]:
+        return
+    try:
+        with conn.transaction():
+            conn.execute(sql.SQL("""
+                CREATE TABLE {} (
+                    role_name  text PRIMARY KEY,
+                    role_oid   oid NOT NULL,
+                    verifier   text,
+                    created_at timestamptz NOT NULL DEFAULT now()
+                )""").format(_registry()))
+            conn.execute(sql.SQL("""
+                INSERT INTO {} (role_name, role_oid)
+                SELECT r.rolname, r.oid FROM pg_roles r
+                JOIN pg_namespace n ON n.nspname = r.rolname
+                WHERE r.rolname ~ '^tenant_[a-z][a-z0-9]{{0,39}}$'
+                  AND n.nspowner = (SELECT oid FROM pg_roles WHERE rolname = current_user)
+            """).format(_registry()))
+    except (psycopg.errors.DuplicateTable, psycopg.errors.UniqueViolation):
+        pass  # a concurrent replica created it first
+
+
+def _converge(conn: Conn, plan: Callable[[], list[Action]]) -> bool:
+    """Run the actions `plan` returns; True if there were any.
+
+    A settled state plans nothing and writes nothing. Otherwise the plan is made again under
+    the registry lock (self-conflicting, held until commit), which serialises catalog changes
+    of concurrent reconciles, so that none sees its catalog row "concurrently updated".
+    """
+    with conn.transaction():
+        if not plan():
+            return False
+        conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(_registry()))
+        for action in plan():
+            action()
+    return True
+
+
+def _run(conn: Conn, query: sql.Composable, params: Sequence[Any] | None = None) -> Action:
+    return partial(conn.execute, query, params)
+
+
+def _acl_actions(conn: Conn, kind: AclKind, target: Sequence[str], grantee: str | None,
+                 wanted: Collection[str], managed: Collection[str]) -> list[Action]:
+    """GRANT what `grantee` (None: PUBLIC) lacks of `wanted`, REVOKE the rest of `managed`.
+
+    Only privileges granted by the object's owner count (those are what the owner, or a
+    superuser acting as it, grants and revokes).
+    """
+    if not set(wanted) <= set(managed) <= set(_PRIVILEGE_SQL):
+        raise ValueError(f"unexpected privileges {sorted(set(managed) - set(_PRIVILEGE_SQL))}")
+    *schema, name = target
+    rows = fetch_rows(conn, sql.SQL("""
+        SELECT DISTINCT a.privilege_type FROM ({}) AS o(acl, owner), aclexplode(o.acl) AS a
+        WHERE a.grantor = o.owner
+          AND a.grantee = CASE WHEN %(grantee)s::text IS NULL THEN 0
+                          ELSE (SELECT oid FROM pg_roles WHERE rolname = %(grantee)s) END
+        """).format(sql.SQL(_ACL_SOURCE[kind])),
+        {"name": name, "schema": schema[0] if schema else None, "grantee": grantee})
+    held = {str(privilege) for (privilege,) in rows}
+    to_grant, to_revoke = set(wanted) - held, (held & set(managed)) - set(wanted)
+    obj = sql.SQL("{} {}").format(sql.SQL(kind), sql.Identifier(*target))
+    who = sql.SQL("PUBLIC") if grantee is None else sql.Identifier(grantee)
+    actions: list[Action] = []
+    for statement, privileges in ((sql.SQL("GRANT {} ON {} TO {}"), to_grant),
+                                  (sql.SQL("REVOKE {} ON {} FROM {}"), to_revoke)):
+        if privileges:
+            listed = sql.SQL(", ").join(_PRIVILEGE_SQL[p] for p in sorted(privileges))
+            actions.append(_run(conn, statement.format(listed, obj, who)))
+    return actions
+
+
+# --- roles ------------------------------------------------------------------------------------
+
+
+def _registered_oid(conn: Conn, role: str) -> int | None:
+    if not fetch_rows(conn, "SELECT to_regclass(%s)", (f"{SHARED_SCHEMA}.{ROLE_REGISTRY}",))[0][0]:
+        return None  # a database never bootstrapped: nothing in it is the operator's
+    rows = fetch_rows(conn, sql.SQL("SELECT role_oid FROM {} WHERE role_name = %s").format(
+        _registry()), (role,))
+    return int(rows[0][0]) if rows else None
+
+
+def _role_oid(conn: Conn, role: str) -> int | None:
+    rows = fetch_rows(conn, "SELECT oid FROM pg_roles WHERE rolname = %s", (role,))
+    return int(rows[0][0]) if rows else None
+
+
+def _is_managed(conn: Conn, role: str) -> bool:
+    """True when `role` exists and is the one the operator created (same OID as registered)."""
+    oid = _role_oid(conn, role)
+    return oid is not None and oid == _registered_oid(conn, role)
+
+
+def _scram_matches(password: str, verifier: str) -> bool:
+    """Whether `password` is the one behind a SCRAM-SHA-256 verifier (RFC 5802/7677)."""
+    match = _SCRAM_VERIFIER.fullmatch(verifier)
+    if not match:
+        return False
+    iterations, salt, stored_key, server_key = (
+        int(match[1]), *(base64.b64decode(part) for part in match.groups()[1:]))
+    # libpq applies SASLprep; NFKC is its core (exact for the ASCII passwords we generate).
+    normalised = unicodedata.normalize("NFKC", password).encode()
+    salted = hashlib.pbkdf2_hmac("sha256", normalised, salt, iterations)
+    client_key = hmac.digest(salted, b"Client Key", "sha256")
+    return (hmac.compare_digest(hashlib.sha256(client_key).digest(), stored_key)
+            and hmac.compare_digest(hmac.digest(salted, b"Server Key", "sha256"), server_key))
+
+
+def _current_verifier(conn: Conn, role: str) -> str | None:
+    """The role's password verifier: from pg_authid when readable, else as last recorded."""
+    if fetch_rows(conn, "SELECT has_table_privilege('pg_catalog.pg_authid', 'SELECT')")[0][0]:
+        rows = fetch_rows(conn, "SELECT rolpassword FROM pg_catalog.pg_authid"
+                                " WHERE rolname = %s", (role,))
+    else:
+        rows = fetch_rows(conn, sql.SQL("SELECT verifier FROM {} WHERE role_name = %s").format(
+            _registry()), (role,))
+    return str(rows[0][0]) if rows and rows[0][0] is not None else None
+
+
+def _membership_actions(conn: Conn, role: str, strip_members: bool) -> list[Action]:
+    """Revoke every membership of `role` in other roles (NOINHERIT does not stop SET ROLE),
+    and with `strip_members` every other role's membership in it (the admin's excepted)."""
+    rows = fetch_rows(conn, """
+        SELECT g.rolname, m.rolname, gr.rolname FROM pg_auth_members am
+        JOIN pg_roles g ON g.oid = am.roleid JOIN pg_roles m ON m.oid = am.member
+        JOIN pg_roles gr ON gr.oid = am.grantor
+        WHERE m.rolname = %(role)s
+           OR (%(strip)s AND g.rolname = %(role)s AND m.rolname <> current_user)
+        ORDER BY 1, 2, 3""", {"role": role, "strip": strip_members})
+    return [_run(conn, sql.SQL("REVOKE {} FROM {} GRANTED BY {} CASCADE").format(
+        sql.Identifier(group), sql.Identifier(member), sql.Identifier(grantor)))
+        for group, member, grantor in rows]
+
+
+def _role_actions(conn: Conn, role: str, desired: dict[str, bool], password: str | None,
+                  registered: bool, strip_members: bool) -> list[Action]:
+    """What `role` needs to match `desired`; raises UnmanagedRole for a role not ours."""
+    ident = sql.Identifier(role)
+    current = _role_attributes(conn, role)
+    if current is not None and registered and not _is_managed(conn, role):
+        raise UnmanagedRole(
+            f"role {role} exists but the Tenantry operator did not create it (it is not in"
+            f" {SHARED_SCHEMA}.{ROLE_REGISTRY}); it is not taken over because it may carry"
+            f" memberships or rights of its own. Drop or rename that role and the operator"
+            f" creates it afresh; or, if you know it is this tenant's role, add its name and"
+            f" OID (from pg_roles) to {SHARED_SCHEMA}.{ROLE_REGISTRY}")
+    verifier = None
+    if password is not None and (current is None or not _scram_matches(
+            password, _current_verifier(conn, role) or "")):
         # libpq computes the SCRAM verifier client side; only that reaches the server and its
         # logs. PASSWORD takes no bind parameter, hence the literal.
         verifier = conn.pgconn.encrypt_password(
             password.encode(), role.encode(), b"scram-sha-256").decode()
-        options.append(sql.SQL("PASSWORD {}").format(sql.Literal(verifier)))
-    if options:
-        conn.execute(sql.SQL("ALTER ROLE {} WITH {}").format(
-            sql.Identifier(role), sql.SQL(" ").join(options)))
+    password_option = ([sql.SQL("PASSWORD {}").format(sql.Literal(verifier))]
+                       if verifier else [])
+    if current is None:
+        options = [sql.SQL(keyword if desired[column] else f"NO{keyword}")
+                   for column, keyword in _ROLE_ATTRIBUTES.items()
+                   if column in desired and desired[column] != _CREATE_DEFAULTS[column]]
+        actions = [_run(conn, sql.SQL("CREATE ROLE {} WITH {}").format(
+            ident, sql.SQL(" ").join([*options, *password_option])))]
+        if registered:  # a stale row (the role was dropped by hand) is taken over: we create it
+            actions.append(_run(conn, sql.SQL("""
+                INSERT INTO {} (role_name, role_oid, verifier)
+                SELECT rolname, oid, %s FROM pg_roles WHERE rolname = %s
+                ON CONFLICT (role_name) DO UPDATE
+                   SET role_oid = EXCLUDED.role_oid, verifier = EXCLUDED.verifier""").format(
+                _registry()), (verifier, role)))
+        return actions
+    # Only name attributes that differ: a non-superuser admin may not even mention
+    # SUPERUSER/BYPASSRLS/REPLICATION, but it never needs to when they are already off.
+    options = [sql.SQL(keyword if desired[column] else f"NO{keyword}")
+               for column, keyword in _ROLE_ATTRIBUTES.items()
+               if column in desired and current[column] != desired[column]]
+    actions = []
+    if options or password_option:
+        actions.append(_run(conn, sql.SQL("ALTER ROLE {} WITH {}").format(
+            ident, sql.SQL(" ").join([*options, *password_option]))))
+    if verifier and registered:
+        actions.append(_run(conn, sql.SQL("UPDATE {} SET verifier = %s WHERE role_name = %s")
+                            .format(_registry()), (verifier, role)))
+    return actions + _membership_actions(conn, role, strip_members)
 
 
-def _grant_tables(conn: Conn, schema: str, role: str) -> None:
-    """USAGE on `schema` and DML on its tenant tables for `role`; nothing on partitions.
+def _ensure_role(conn: Conn, role: str, desired: dict[str, bool], password: str | None = None,
+                 *, registered: bool = True, strip_members: bool = True) -> None:
+    """Create `role` if missing, else converge its attributes, password and memberships.
+
+    `registered` roles are the operator's own: recorded at creation, and a pre-existing role
+    of that name that is not recorded is refused (UnmanagedRole) rather than taken over.
+    """
+    _converge(conn, lambda: _role_actions(conn, role, desired, password, registered,
+                                          strip_members))
+
+
+# --- grants and ownership ---------------------------------------------------------------------
+
+
+def _grant_actions(conn: Conn, schema: str, role: str,
+                   read_only: Collection[str] = ()) -> list[Action]:
+    """USAGE on `schema` and DML on its tenant tables (SELECT on `read_only` ones) for `role`;
+    nothing on partitions and the migration ledger; any other table privilege revoked.
 
     Deliberately no ALTER DEFAULT PRIVILEGES: those would also grant every future partition,
     and a partition queried directly is not covered by its parent's policy. Callers re-run
     this after each migration or new collection instead.
     """
-    conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
-        sql.Identifier(schema), sql.Identifier(role)))
+    actions = _acl_actions(conn, "SCHEMA", (schema,), role, {"USAGE"}, SCHEMA_PRIVILEGES)
     for table in tenant_tables(conn, schema):
-        conn.execute(sql.SQL("GRANT {} ON {} TO {}").format(
-            DML, sql.Identifier(schema, table), sql.Identifier(role)))
+        wanted = {"SELECT"} if table in read_only else DML_PRIVILEGES
+        actions += _acl_actions(conn, "TABLE", (schema, table), role, wanted, TABLE_PRIVILEGES)
     for table in _private_tables(conn, schema):
-        conn.execute(sql.SQL("REVOKE ALL ON {} FROM {}").format(
-            sql.Identifier(schema, table), sql.Identifier(role)))
+        actions += _acl_actions(conn, "TABLE", (schema, table), role, (), TABLE_PRIVILEGES)
+    return actions
 
 
-def _own_schema(conn: Conn, schema: str) -> None:
+def _ownership_actions(conn: Conn, schema: str) -> list[Action]:
     """Make the admin own `schema` and its tables, so no tenant role can ALTER or disable RLS."""
     rows = fetch_rows(conn, """
         SELECT n.nspowner = current_user::regrole,
@@ -209,28 +472,80 @@ def _own_schema(conn: Conn, schema: str) -> None:
                        AND c.relowner <> current_user::regrole ORDER BY c.relname)
         FROM pg_namespace n WHERE n.nspname = %s""", (schema,))
     owned, foreign_tables = rows[0]
-    if not owned:
-        conn.execute(sql.SQL("ALTER SCHEMA {} OWNER TO CURRENT_USER").format(
-            sql.Identifier(schema)))
-    for table in foreign_tables:
-        conn.execute(sql.SQL("ALTER TABLE {} OWNER TO CURRENT_USER").format(
-            sql.Identifier(schema, table)))
+    actions = [] if owned else [_run(conn, sql.SQL("ALTER SCHEMA {} OWNER TO CURRENT_USER")
+                                     .format(sql.Identifier(schema)))]
+    return actions + [_run(conn, sql.SQL("ALTER TABLE {} OWNER TO CURRENT_USER").format(
+        sql.Identifier(schema, table))) for table in foreign_tables]
+
+
+def _pin_actions(conn: Conn, schema: str, tenant: str) -> list[Action]:
+    """CHECK that tenant_id is the tenant's, on every tenant table of its bridge schema.
+
+    The tenant controls both app.current_tenant and tenant_id there, so RLS alone is advisory:
+    the pin makes a row of another tenant impossible. Constraints are readable by every login,
+    so the pin compares a sha256 of tenant_id (it reveals no more than the opaque schema name
+    does); the digest, computed from the validated id, is written as a literal: a constraint
+    takes no parameter.
+    """
+    digest = hashlib.sha256(validate_tenant_id(tenant).encode()).hexdigest()
+    check = sql.SQL("sha256(convert_to(tenant_id, 'UTF8')) = {}::bytea").format(
+        sql.Literal(f"\\x{digest}"))
+    tables = tenant_tables(conn, schema)
+    rows = fetch_rows(conn, """
+        SELECT c.relname FROM pg_constraint co JOIN pg_class c ON c.oid = co.conrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = %s AND co.conname = %s
+          AND strpos(pg_get_constraintdef(co.oid), %s) > 0""",
+        (schema, PIN_CONSTRAINT, digest))
+    pinned = {str(name) for (name,) in rows}
+    return [partial(ensure_check_constraint, conn, schema, table, PIN_CONSTRAINT, check,
+                    digest) for table in tables if table not in pinned]
+
+
+def _own_databases(conn: Conn) -> list[str]:
+    """The databases the admin owns (all, for a superuser) that accept connections."""
+    return [str(name) for (name,) in fetch_rows(conn, """
+        SELECT datname FROM pg_database
+        WHERE datallowconn AND pg_has_role(current_user, datdba, 'MEMBER') ORDER BY datname""")]
+
+
+def _database_actions(conn: Conn, database: str) -> list[Action]:
+    """Nobody connects or creates temporary tables through PUBLIC in `database`.
+
+    CONNECT: a tenant login that reaches `postgres` or `template1` could leave a large object
+    there that blocks dropping its role. TEMPORARY: a temporary table has no RLS and shadows
+    unqualified names for later requests on the same pooled connection. Roles get CONNECT on
+    the shared database explicitly (APP_ROLE here, bridge roles in ensure_bridge_tenant).
+    Databases created later get PUBLIC's defaults back until the next bootstrap (maintenance).
+    """
+    actions = _acl_actions(conn, "DATABASE", (database,), None, (), DATABASE_PRIVILEGES)
+    if database == fetch_rows(conn, "SELECT current_database()")[0][0]:
+        actions += _acl_actions(conn, "DATABASE", (database,), APP_ROLE, {"CONNECT"},
+                                DATABASE_PRIVILEGES)
+    return actions
 
 
 def _require_shared(conn: Conn) -> None:
-    if not _schema_exists(conn, SHARED_SCHEMA) or _role_attributes(conn, APP_ROLE) is None:
-        raise RuntimeError(f"schema {SHARED_SCHEMA!r} or role {APP_ROLE!r} missing:"
-                           " run bootstrap_shared() first")
+    if (not _schema_exists(conn, SHARED_SCHEMA) or _role_attributes(conn, APP_ROLE) is None
+            or not fetch_rows(conn, "SELECT to_regclass(%s)",
+                              (f"{SHARED_SCHEMA}.{ROLE_REGISTRY}",))[0][0]):
+        raise RuntimeError(f"schema {SHARED_SCHEMA!r}, its role registry or role {APP_ROLE!r}"
+                           " missing: run bootstrap_shared() first")
 
 
 def _upsert_tenant_row(conn: Conn, schema: str, tenant: str, isolation: Isolation) -> None:
     with tenant_transaction(conn, tenant):
+        table = sql.Identifier(schema, "tenants")
+        current = fetch_rows(conn, sql.SQL(
+            "SELECT isolation, state FROM {} WHERE tenant_id = %s").format(table), (tenant,))
+        if current == [(isolation, "active")]:
+            return  # settled: not even a row lock
         conn.execute(sql.SQL("""
             INSERT INTO {} AS t (tenant_id, isolation, state) VALUES (%s, %s, 'active')
             ON CONFLICT (tenant_id) DO UPDATE
                SET isolation = EXCLUDED.isolation, state = 'active', updated_at = now()
              WHERE (t.isolation, t.state) IS DISTINCT FROM (EXCLUDED.isolation, 'active')
-        """).format(sql.Identifier(schema, "tenants")), (tenant, isolation))
+        """).format(table), (tenant, isolation))
 
 
 def _terminate_sessions(conn: Conn, role: str) -> None:
@@ -246,20 +561,30 @@ def _terminate_sessions(conn: Conn, role: str) -> None:
 def grant_app_role(conn: Conn, schema: str) -> None:
     """Give APP_ROLE USAGE on `schema` and DML on its tenant tables (never on partitions)."""
     validate_identifier(schema)
-    with conn.transaction():
-        _grant_tables(conn, schema, APP_ROLE)
+    _converge(conn, lambda: _grant_actions(conn, schema, APP_ROLE))
 
 
 def bootstrap_shared(conn: Conn) -> list[int]:
-    """Create APP_ROLE, migrate the shared schema, its partitions and grants; return versions."""
-    with conn.transaction():
-        _ensure_role(conn, APP_ROLE, {"rolcanlogin": False, **_LOCKED_DOWN})
+    """Migrate the shared schema, create APP_ROLE, partitions, grants; return versions applied.
+
+    Also revokes CONNECT and TEMPORARY from PUBLIC on every database the admin owns.
+    """
     applied = migrate(conn, SHARED_SCHEMA)
+    _ensure_registry(conn)
+    # APP_ROLE is cluster-wide and may serve several databases (each with its own registry),
+    # so it is not registered; it must be a member of nothing, while its members are the
+    # runtime's logins.
+    _ensure_role(conn, APP_ROLE, {"rolcanlogin": False, **_LOCKED_DOWN},
+                 registered=False, strip_members=False)
     ensure_partitions(conn, SHARED_SCHEMA)
-    with conn.transaction():
-        _grant_tables(conn, SHARED_SCHEMA, APP_ROLE)
+    _converge(conn, lambda: [
+        *_grant_actions(conn, SHARED_SCHEMA, APP_ROLE),
         # PG15+ already ships this default; older clusters let every role create in public.
-        conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        *_acl_actions(conn, "SCHEMA", ("public",), None, (), {"CREATE"})])
+    for database in _own_databases(conn):
+        # One database at a time: one that is dropped meanwhile does not fail the others.
+        with contextlib.suppress(psycopg.errors.InvalidCatalogName):
+            _converge(conn, partial(_database_actions, conn, database))
     return applied
 
 
@@ -270,31 +595,64 @@ def ensure_pool_tenant(conn: Conn, tenant: str, isolation: Isolation = "pool") -
     _upsert_tenant_row(conn, SHARED_SCHEMA, tenant, isolation)
 
 
+def _rename_legacy(conn: Conn, tenant: str) -> None:
+    """Give a bridge schema and role created under the legacy name `tenant_<id>` their
+    opaque names (once; the role only if it is the operator's, the schema if the admin owns
+    it). Sessions keep working; the Secret's username follows on the same reconcile."""
+    legacy, schema, role = legacy_bridge_name(tenant), bridge_schema(tenant), bridge_role(tenant)
+
+    def plan() -> list[Action]:
+        actions: list[Action] = []
+        if (fetch_rows(conn, """
+                SELECT 1 FROM pg_namespace
+                WHERE nspname = %s AND nspowner = current_user::regrole""", (legacy,))
+                and not _schema_exists(conn, schema)):
+            actions.append(_run(conn, sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(
+                sql.Identifier(legacy), sql.Identifier(schema))))
+        if _is_managed(conn, legacy) and _role_oid(conn, role) is None:
+            actions.append(_run(conn, sql.SQL("ALTER ROLE {} RENAME TO {}").format(
+                sql.Identifier(legacy), sql.Identifier(role))))
+            actions.append(_run(conn, sql.SQL(
+                "UPDATE {} SET role_name = %s WHERE role_name = %s").format(_registry()),
+                (role, legacy)))
+        return actions
+
+    _converge(conn, plan)
+
+
+def _bridge_actions(conn: Conn, tenant: str) -> list[Action]:
+    role, schema = bridge_role(tenant), bridge_schema(tenant)
+    (database,) = fetch_rows(conn, "SELECT current_database()")[0]
+    return [
+        *_ownership_actions(conn, schema),
+        *_acl_actions(conn, "SCHEMA", (schema,), None, (), SCHEMA_PRIVILEGES),
+        # Its copy of the registry is the operator's to write; the tenant may read it.
+        *_grant_actions(conn, schema, role, read_only={"tenants"}),
+        *_pin_actions(conn, schema, tenant),
+        *_database_actions(conn, database),
+        *_acl_actions(conn, "DATABASE", (database,), role, {"CONNECT"}, DATABASE_PRIVILEGES),
+    ]
+
+
 def ensure_bridge_tenant(conn: Conn, tenant: str, password: str) -> None:
-    """Role and schema `tenant_<tenant>`, migrated, granted to that role only; password reset.
+    """Role and schema bridge_role/bridge_schema(tenant), migrated, granted to that role only;
+    password set.
 
     Does not touch the shared registry row; `ensure_pool_tenant(conn, tenant, "bridge")` does.
+    Raises UnmanagedRole when a role of that name exists that the operator did not create.
     """
     role, schema = bridge_role(tenant), bridge_schema(tenant)
     if not password:
         raise ValueError("a bridge tenant needs a non-empty password")
     _require_shared(conn)
-    with conn.transaction():
-        # NOINHERIT: even if someone grants it a group role, it does not silently gain rights.
-        _ensure_role(conn, role, {"rolcanlogin": True, "rolinherit": False, **_LOCKED_DOWN},
-                     password)
+    _rename_legacy(conn, tenant)
+    # NOINHERIT: even if someone grants it a group role, it does not silently gain rights
+    # (and every reconcile revokes such memberships: SET ROLE would still reach them).
+    _ensure_role(conn, role, {"rolcanlogin": True, "rolinherit": False, **_LOCKED_DOWN},
+                 password)
     migrate(conn, schema)
     ensure_partitions(conn, schema)
-    with conn.transaction():
-        _own_schema(conn, schema)
-        conn.execute(sql.SQL("REVOKE ALL ON SCHEMA {} FROM PUBLIC").format(
-            sql.Identifier(schema)))
-        _grant_tables(conn, schema, role)
-        (database,) = fetch_rows(conn, "SELECT current_database()")[0]
-        db = sql.Identifier(database)
-        conn.execute(sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC").format(db))
-        conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}, {}").format(
-            db, sql.Identifier(APP_ROLE), sql.Identifier(role)))
+    _converge(conn, lambda: _bridge_actions(conn, tenant))
     # The shared registry row (where the data lives) is the caller's to set: during an
     # isolation upgrade it flips only after the copy is verified.
     _upsert_tenant_row(conn, schema, tenant, "bridge")
@@ -321,7 +679,10 @@ def ensure_collection(
     location="shared": pool tenants share `tenantry.tenant_embeddings_d<dims>`; `pool_index`
     picks one partial HNSW index per tenant ("partial") or one index for the table ("shared",
     searched with iterative scans); switching to "shared" drops the tenant's partial index.
-    An index whose m/ef_construction differ from the request is rebuilt.
+    An index of the tenant's own (its schema's, or its partial one) whose m/ef_construction
+    differ from the request is rebuilt. The one shared index belongs to no tenant: it is
+    created with the first request's parameters and never rebuilt to follow another tenant's
+    (that would lock every pool tenant out of searches on each resync).
     """
     validate_tenant_id(tenant)
     _check_dimensions(dimensions)
@@ -348,17 +709,19 @@ def ensure_collection(
         if location == "schema":
             _ensure_hnsw_index(conn, target, table, f"{table}_hnsw", m, ef_construction, None)
         elif pool_index == "partial":
-            _ensure_hnsw_index(conn, target, table, pool_index_name(dimensions, tenant),
-                               m, ef_construction, tenant)
+            name = pool_index_name(dimensions, tenant)
+            _ensure_hnsw_index(conn, target, table, name, m, ef_construction, tenant)
+            _drop_partial_indexes(conn, dimensions, tenant, keep=name)
         else:
             _ensure_hnsw_index(conn, target, table, pool_index_name(dimensions, None),
-                               m, ef_construction, None)
-            conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(
-                sql.Identifier(target, pool_index_name(dimensions, tenant))))
-        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
-            sql.Identifier(target), sql.Identifier(grantee)))
-        conn.execute(sql.SQL("GRANT {} ON {} TO {}").format(
-            DML, sql.Identifier(target, table), sql.Identifier(grantee)))
+                               m, ef_construction, None, follow_parameters=False)
+            _drop_partial_indexes(conn, dimensions, tenant)
+        pinned = target == bridge_schema(tenant)
+        _converge(conn, lambda: [
+            *_acl_actions(conn, "SCHEMA", (target,), grantee, {"USAGE"}, SCHEMA_PRIVILEGES),
+            *_acl_actions(conn, "TABLE", (target, table), grantee, DML_PRIVILEGES,
+                          TABLE_PRIVILEGES),
+            *(_pin_actions(conn, target, tenant) if pinned else [])])
     return f"{target}.{table}"
 
 
@@ -374,7 +737,7 @@ def _ensure_embeddings_table(conn: Conn, schema: str, table: str, dimensions: in
             " re-embedding into a new collection is needed")
     conn.execute(sql.SQL("""
         CREATE TABLE IF NOT EXISTS {} (
-            tenant_id   text NOT NULL DEFAULT current_setting('app.current_tenant', true),
+            tenant_id   text NOT NULL DEFAULT {},
             id          uuid NOT NULL DEFAULT gen_random_uuid(),
             document_id uuid,
             content     text NOT NULL DEFAULT '',
@@ -382,13 +745,15 @@ def _ensure_embeddings_table(conn: Conn, schema: str, table: str, dimensions: in
             embedding   public.vector({}) NOT NULL,
             created_at  timestamptz NOT NULL DEFAULT now(),
             PRIMARY KEY (tenant_id, id)
-        )""").format(sql.Identifier(schema, table), sql.Literal(dimensions)))
-    ensure_tenant_rls(conn, schema, table)
+        )""").format(sql.Identifier(schema, table), TENANT_SETTING, sql.Literal(dimensions)))
+    ensure_tenant_rls(conn, schema, table)  # with the tenant_id check
 
 
 def _ensure_hnsw_index(conn: Conn, schema: str, table: str, name: str, m: int,
-                       ef_construction: int, tenant: str | None) -> None:
-    """Create the cosine HNSW index, or rebuild it when its parameters or shape differ."""
+                       ef_construction: int, tenant: str | None,
+                       follow_parameters: bool = True) -> None:
+    """Create the cosine HNSW index, or rebuild it when its shape differs (or its parameters,
+    with `follow_parameters`)."""
     rows = fetch_rows(conn, """
         SELECT coalesce(c.reloptions, '{}'), i.indisvalid, am.amname,
                pg_get_expr(i.indpred, i.indrelid), t.relname
@@ -403,7 +768,7 @@ def _ensure_hnsw_index(conn: Conn, schema: str, table: str, name: str, m: int,
         options, valid, method, current_predicate, on_table = rows[0]
         same_shape = (tenant is None) == (current_predicate is None)
         if (valid and method == "hnsw" and on_table == table and same_shape
-                and set(options) == wanted_options):
+                and (set(options) == wanted_options or not follow_parameters)):
             return
         conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(schema, name)))
     conn.execute(sql.SQL(
@@ -499,20 +864,19 @@ def _describe(schema: str, counts: dict[str, int]) -> str:
 
 
 def _lock_out(conn: Conn, role: str) -> bool:
-    """NOLOGIN, then cut the role's sessions; False when the role does not exist."""
-    with conn.transaction():
-        has_role = _role_attributes(conn, role) is not None
-        if has_role:
-            _ensure_role(conn, role, {"rolcanlogin": False})
+    """NOLOGIN, then cut the role's sessions; False when it is missing or not the operator's."""
+    if not _is_managed(conn, role):
+        return False
+    _ensure_role(conn, role, {"rolcanlogin": False})
     # NOLOGIN is committed before the sessions are cut, so none can reconnect in between.
-    if has_role:
-        _terminate_sessions(conn, role)
-    return has_role
+    _terminate_sessions(conn, role)
+    return True
 
 
 def retain_tenant(conn: Conn, tenant: str) -> str:
     """deletionPolicy Retain: lock the tenant out, keep its data; describe where it remains."""
     role, schema = bridge_role(tenant), bridge_schema(tenant)
+    _rename_legacy(conn, tenant)
     kept: list[str] = []
     if _lock_out(conn, role):
         kept.append(f"role {role} (NOLOGIN)")
@@ -530,20 +894,35 @@ def retain_tenant(conn: Conn, tenant: str) -> str:
 
 
 def delete_tenant_data(conn: Conn, tenant: str) -> None:
-    """deletionPolicy Delete: drop the tenant's schema, role, shared rows and partial indexes."""
+    """deletionPolicy Delete: drop the tenant's schema, shared rows, partial indexes and role.
+
+    The data goes first, each part in its own committed transaction; the role last, so that a
+    role that cannot be dropped (RoleDropError, raised for the caller to retry) keeps no data.
+    """
     validate_tenant_id(tenant)
-    drop_bridge(conn, tenant)
+    managed = _drop_bridge_data(conn, tenant)
     delete_shared_rows(conn, tenant)
+    if managed:
+        _drop_role(conn, bridge_role(tenant))
 
 
 def drop_bridge(conn: Conn, tenant: str) -> None:
-    """Drop the bridge schema `tenant_<tenant>` with its data, and the role (idempotent)."""
-    role, schema = bridge_role(tenant), bridge_schema(tenant)
-    has_role = _lock_out(conn, role)
+    """Drop the tenant's bridge schema with its data, then its role (idempotent).
+
+    A role that is not the operator's (see UnmanagedRole) is left alone.
+    """
+    if _drop_bridge_data(conn, tenant):
+        _drop_role(conn, bridge_role(tenant))
+
+
+def _drop_bridge_data(conn: Conn, tenant: str) -> bool:
+    """Lock the bridge role out and drop its schema; True when the role is the operator's."""
+    _rename_legacy(conn, tenant)
+    managed = _lock_out(conn, bridge_role(tenant))
     with conn.transaction():
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
-        if has_role:
-            _drop_role(conn, role)
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+            sql.Identifier(bridge_schema(tenant))))
+    return managed
 
 
 def delete_shared_rows(conn: Conn, tenant: str, keep_registry: bool = False) -> int:
@@ -565,21 +944,51 @@ def delete_shared_rows(conn: Conn, tenant: str, keep_registry: bool = False) -> 
                 sql.Identifier(SHARED_SCHEMA, table)), (tenant,)).rowcount
             match = _SHARED_EMBEDDINGS.fullmatch(table)
             if match:
-                conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(
-                    SHARED_SCHEMA, pool_index_name(int(match.group(1)), tenant))))
+                _drop_partial_indexes(conn, int(match.group(1)), tenant)
     return deleted
 
 
+def _connect_to(conn: Conn, database: str) -> Conn:
+    """A new autocommit connection like `conn` (same server, user, password) to `database`."""
+    options = {option.keyword.decode(): option.val.decode() for option in conn.pgconn.info
+               if option.val is not None}
+    options["dbname"] = database
+    return psycopg.connect(make_conninfo(**options), autocommit=True, connect_timeout=10)
+
+
 def _drop_role(conn: Conn, role: str) -> None:
-    (database,) = fetch_rows(conn, "SELECT current_database()")[0]
-    conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM {}").format(
-        sql.Identifier(database), sql.Identifier(role)))
+    """DROP OWNED in every database where the role owns or was granted something, then DROP
+    ROLE; raise RoleDropError (with every cause) when it remains.
+
+    A login may have reached other databases (e.g. through PUBLIC's CONNECT before bootstrap
+    revoked it) and left objects there, large objects included: each would block DROP ROLE.
+    """
+    oid = _role_oid(conn, role)
+    if oid is None:
+        with conn.transaction():
+            conn.execute(sql.SQL("DELETE FROM {} WHERE role_name = %s").format(_registry()),
+                         (role,))
+        return
+    elsewhere = fetch_rows(conn, """
+        SELECT DISTINCT d.datname FROM pg_shdepend s JOIN pg_database d ON d.oid = s.dbid
+        WHERE s.refclassid = 'pg_authid'::regclass AND s.refobjid = %s
+          AND d.datname <> current_database() ORDER BY 1""", (oid,))
+    problems: list[str] = []
+    for (database,) in elsewhere:
+        try:
+            with _connect_to(conn, str(database)) as other:
+                other.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        except psycopg.Error as exc:
+            problems.append(f"DROP OWNED in database {database}: {exc}".strip())
     try:
         with conn.transaction():
-            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
-    except psycopg.errors.DependentObjectsStillExist:
-        # Something granted by hand in this database: DROP OWNED revokes it (the role never
-        # owns objects; the admin owns its schema and tables).
-        conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
-        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
-
+            # Here too: privileges granted by hand, large objects, the CONNECT grant.
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DELETE FROM {} WHERE role_name = %s").format(_registry()),
+                         (role,))
+    except psycopg.Error as exc:
+        problems.append(f"DROP ROLE: {exc}".strip())
+        raise RoleDropError(
+            f"role {role} could not be dropped (its data is already deleted; it stays NOLOGIN"
+            f" and is retried): " + "; ".join(problems)) from exc

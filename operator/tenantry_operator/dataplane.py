@@ -8,7 +8,7 @@ import secrets
 from lightkube.resources.apps_v1 import StatefulSet
 from lightkube.resources.core_v1 import Secret
 from redis.asyncio import Redis
-from tenantry_runtime.contracts.database import SHARED_SCHEMA, bridge_schema
+from tenantry_runtime.contracts.database import SHARED_SCHEMA, bridge_role, bridge_schema
 from tenantry_runtime.contracts.redis_keys import TenantKeys
 from tenantry_runtime.contracts.runtime_config import (
     Collection,
@@ -104,9 +104,9 @@ async def ensure_database(ctx: StepContext) -> Condition:
                 else ctx.settings.database_host_for_runtime)
         dbname = builders.SILO_DATABASE if spec.isolation is Isolation.SILO else "tenantry"
         password = await ensure_credentials(ctx, builders.TENANT_DB_SECRET,
-                                            f"tenant_{spec.name}", dbname, host)
+                                            bridge_role(spec.name), dbname, host)
         ctx.provisioned["credentialsSecret"] = builders.TENANT_DB_SECRET
-        ctx.provisioned["role"] = f"tenant_{spec.name}"
+        ctx.provisioned["role"] = bridge_role(spec.name)
     target = shared
     if spec.isolation is Isolation.SILO:
         target = await ensure_silo_server(ctx)

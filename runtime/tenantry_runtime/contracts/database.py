@@ -21,8 +21,10 @@ __all__ = [
     "PARTITIONED_TABLES",
     "PRIVATE_SCHEMA",
     "SHARED_SCHEMA",
+    "TENANT_ID_CHECK",
     "TENANT_ID_PATTERN",
     "TENANT_PREDICATE",
+    "TENANT_SETTING",
     "Conn",
     "InvalidTenantId",
     "Migration",
@@ -30,14 +32,18 @@ __all__ = [
     "MigrationError",
     "bridge_role",
     "bridge_schema",
+    "ensure_check_constraint",
     "ensure_partitions",
     "ensure_private_schema",
     "ensure_tenant_rls",
     "fetch_rows",
+    "legacy_bridge_name",
     "load_migrations",
     "migrate",
     "migrate_lock_key",
+    "opaque_name",
     "operator_lock",
+    "reset_session",
     "rollup_usage",
     "set_tenant",
     "tenant_transaction",
@@ -48,9 +54,9 @@ __all__ = [
 Conn: TypeAlias = psycopg.Connection[Any]
 Query: TypeAlias = LiteralString | bytes | sql.SQL | sql.Composed
 
-# Lowercase letters and digits only: the id is embedded in role, schema, index and Kubernetes
-# names, so it must be a valid identifier everywhere without quoting, and stay short enough
-# (40 + "tenant_" and index suffixes) for Postgres' 63-character limit.
+# Lowercase letters and digits only: the id is embedded in Kubernetes names and in values that
+# must be valid everywhere without quoting. Postgres names of tenant objects are opaque hashes
+# of it (opaque_name), so that catalogs every login can read do not list tenants.
 TENANT_ID_PATTERN = re.compile(r"^[a-z][a-z0-9]{0,39}$")
 # Schema and table names we build ourselves; anything else is refused before it reaches SQL.
 IDENTIFIER_PATTERN = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -61,7 +67,15 @@ SHARED_SCHEMA = "tenantry"
 PRIVATE_SCHEMA = "tenantry_private"
 APP_ROLE = "tenantry_app"
 PARTITIONED_TABLES = ("ai_conversations", "ai_usage_logs")
-TENANT_PREDICATE = sql.SQL("tenant_id = current_setting('app.current_tenant', true)")
+# The tenant of the session; NULL when unset. After a transaction that set it, RESET, DISCARD
+# or set_config(NULL) the setting reads '' rather than NULL: '' means "no tenant" too, so that a
+# code path that forgets to set it matches no row (and its inserts fail) instead of sharing an
+# empty bucket with every other such path.
+TENANT_SETTING = sql.SQL("NULLIF(current_setting('app.current_tenant', true), '')")
+TENANT_PREDICATE = sql.SQL("tenant_id = {}").format(TENANT_SETTING)
+# Every tenant table refuses rows whose tenant_id is not a valid tenant id ('' included).
+TENANT_ID_CHECK = sql.SQL("tenant_id ~ {}").format(sql.Literal(TENANT_ID_PATTERN.pattern))
+TENANT_ID_CONSTRAINT = "tenant_id_valid"
 
 _MIGRATIONS_PACKAGE = "tenantry_runtime.contracts"
 _MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -96,12 +110,29 @@ def validate_identifier(name: str) -> str:
     return name
 
 
-def bridge_schema(tenant: str) -> str:
+def opaque_name(purpose: str, tenant: str) -> str:
+    """`t_` + 32 hex digits of sha256 over a domain-separated tenant id: a per-tenant name
+    that, listed in a catalog every login can read, does not say which tenant it serves.
+
+    Unsalted, so it hides the id only from someone who cannot guess it: hashing a candidate
+    id confirms it. A pure function of the id: every replica derives the same name.
+    """
+    digest = hashlib.sha256(f"tenantry/{purpose}/v1:{validate_tenant_id(tenant)}".encode())
+    return f"t_{digest.hexdigest()[:32]}"
+
+
+def legacy_bridge_name(tenant: str) -> str:
+    """The schema and role name of a bridge tenant before names were opaque (renamed on the
+    next reconcile)."""
     return f"tenant_{validate_tenant_id(tenant)}"
+
+
+def bridge_schema(tenant: str) -> str:
+    return opaque_name("bridge", tenant)
 
 
 def bridge_role(tenant: str) -> str:
-    return f"tenant_{validate_tenant_id(tenant)}"
+    return opaque_name("bridge", tenant)
 
 
 def fetch_rows(
@@ -203,6 +234,25 @@ def tenant_transaction(conn: Conn, tenant_id: str) -> Iterator[Conn]:
     with conn.transaction():
         set_tenant(conn, tenant_id)
         yield conn
+
+
+def reset_session(conn: Conn) -> None:
+    """Return a pooled connection to a clean session: the `reset` hook for a connection pool.
+
+    DISCARD ALL drops session-level settings (a tenant set with is_local=false, SET ROLE),
+    temporary tables, prepared statements (psycopg forgets its own on DISCARD ALL) and
+    advisory locks, so the next borrower starts with no tenant. Use it as
+    `psycopg_pool.ConnectionPool(dsn, reset=reset_session)`.
+    """
+    if conn.info.transaction_status != TransactionStatus.IDLE:
+        # The pool only resets idle connections; anything else is a bug worth stopping on.
+        raise RuntimeError("reset_session() needs an idle connection")
+    autocommit = conn.autocommit
+    conn.autocommit = True  # DISCARD ALL cannot run inside a transaction block
+    try:
+        conn.execute("DISCARD ALL")
+    finally:
+        conn.autocommit = autocommit
 
 
 # --- migrations -------------------------------------------------------------------------------
@@ -321,7 +371,8 @@ def migrate(conn: Conn, schema: str) -> list[int]:
 
 
 def ensure_tenant_rls(conn: Conn, schema: str, table: str) -> None:
-    """Enable and force RLS on `schema.table` with the `tenant_isolation` policy (idempotent)."""
+    """Enable and force RLS on `schema.table` with the `tenant_isolation` policy, and refuse
+    tenant ids that are not valid ones (the TENANT_ID_CONSTRAINT check); idempotent."""
     qualified = sql.Identifier(validate_identifier(schema), validate_identifier(table))
     rows = fetch_rows(conn, """
         SELECT c.relrowsecurity, c.relforcerowsecurity,
@@ -341,6 +392,36 @@ def ensure_tenant_rls(conn: Conn, schema: str, table: str) -> None:
         conn.execute(sql.SQL(
             "CREATE POLICY tenant_isolation ON {} USING ({}) WITH CHECK ({})"
         ).format(qualified, TENANT_PREDICATE, TENANT_PREDICATE))
+    ensure_check_constraint(conn, schema, table, TENANT_ID_CONSTRAINT, TENANT_ID_CHECK)
+
+
+def ensure_check_constraint(conn: Conn, schema: str, table: str, name: str,
+                            check: sql.Composable, must_contain: str | None = None) -> None:
+    """Add the CHECK constraint `name` to `schema.table` unless it is there.
+
+    `must_contain`, when given, is a text the definition (pg_get_constraintdef) must contain:
+    a constraint of that name without it is replaced. Rows that already violate it are kept (the
+    constraint is then added NOT VALID: enforced for every new or updated row), so adding a
+    guard never fails a reconcile nor deletes data.
+    """
+    qualified = sql.Identifier(validate_identifier(schema), validate_identifier(table))
+    rows = fetch_rows(conn, """
+        SELECT pg_get_constraintdef(co.oid) FROM pg_constraint co
+        JOIN pg_class c ON c.oid = co.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = %s AND c.relname = %s AND co.conname = %s""",
+        (schema, table, validate_identifier(name)))
+    if rows:
+        if must_contain is None or must_contain in str(rows[0][0]):
+            return
+        conn.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+            qualified, sql.Identifier(name)))
+    add = sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({})").format(
+        qualified, sql.Identifier(name), check)
+    try:
+        with conn.transaction():
+            conn.execute(add)
+    except psycopg.errors.CheckViolation:
+        conn.execute(add + sql.SQL(" NOT VALID"))
 
 
 def _month_start(day: date, months_later: int) -> datetime:
