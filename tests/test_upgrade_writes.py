@@ -238,7 +238,7 @@ def test_a_source_table_without_a_verified_copy_blocks_cleanup(
 
 
 def test_a_bridge_table_that_cannot_be_copied_per_tenant_refuses_the_move(
-    postgres: Postgres, pool_tenant: tuple[str, str],
+    silo_postgres: Postgres, pool_tenant: tuple[str, str],
 ) -> None:
     dsn, tenant = pool_tenant
     prepare_bridge(dsn, tenant, None)
@@ -247,8 +247,9 @@ def test_a_bridge_table_that_cannot_be_copied_per_tenant_refuses_the_move(
         lookup = f"{bridge_schema(tenant)}.lookup"
         admin.execute(q("CREATE TABLE {t} (k text)", t=lookup))  # no tenant_id
         admin.execute(q("INSERT INTO {t} VALUES ('keep me')", t=lookup))
-    with scratch_database(postgres, "silo") as silo:
-        silo_dsn = postgres.dsn(silo)
+    # A silo is another server: the bridge role of the shared one is not there.
+    with scratch_database(silo_postgres, "silo") as silo:
+        silo_dsn = silo_postgres.dsn(silo)
         with psycopg.connect(silo_dsn, autocommit=True) as conn:
             database.bootstrap_shared(conn)
         prepare_bridge(silo_dsn, tenant, None)
