@@ -67,7 +67,10 @@ async def run(settings: OperatorSettings) -> int:
 
 
 def main() -> None:
-    kopf.configure(verbose=False)  # the log format of `kopf run`
+    kopf.configure(log_prefix=True)  # as `kopf run`: object-related lines start [name]
+    # One INFO line per HTTP request (a Lease renewal every few seconds) drowns the rest.
+    for noisy in ("httpx", "httpx2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     sys.exit(asyncio.run(run(get_settings())))
 
 
