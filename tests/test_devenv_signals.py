@@ -22,7 +22,7 @@ UP_LINE = "running; press Ctrl-C to stop"
 # Servers the demo starts; each must be among its descendants once it is up.
 EXPECTED = {"etcd", "kube-apiserver", "kube-controller", "kube-scheduler", "kwok", "postgres",
             "redis-server"}
-STOP_WITHIN = 60.0  # seconds from the signal until the last descendant is gone
+STOP_WITHIN = 30.0  # seconds from the signal until the last descendant is gone (~7 s)
 
 ProcessKey = tuple[int, str]  # (pid, start time): a pid reused later is another process
 
@@ -133,3 +133,46 @@ def test_demo_stops_everything_it_started(demo_env: dict[str, str], tmp_path: Pa
             demo.kill()
             demo.wait()
         kill_all(started)
+
+
+_SPAWN_AND_WAIT = """
+import sys, time
+from pathlib import Path
+from tenantry_devenv.processes import spawn
+from tenantry_devenv.services import start_redis
+
+redis = start_redis(Path(sys.argv[1]) / "redis")
+detached = spawn("sleeper", ["sleep", "600"], Path(sys.argv[1]) / "sleep.log",
+                 die_with_parent=False)
+print(redis.process.pid, detached.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_servers_die_with_a_parent_killed_without_cleanup(demo_env: dict[str, str],
+                                                          tmp_path: Path) -> None:
+    """The last resort (SIGKILL leaves no `finally`): servers get SIGKILL with their parent,
+    unless spawned detached (`make cluster-up` leaves its control plane running on purpose)."""
+    parent = subprocess.Popen([sys.executable, "-c", _SPAWN_AND_WAIT, str(tmp_path)],
+                              env=demo_env, stdout=subprocess.PIPE, text=True)
+    redis_pid, sleeper_pid = 0, 0
+    try:
+        assert parent.stdout is not None
+        redis_pid, sleeper_pid = map(int, parent.stdout.readline().split())
+        servers = {key: name for key, name in descendants(parent.pid).items()
+                   if key[0] in (redis_pid, sleeper_pid)}
+        assert sorted(servers.values()) == ["redis-server", "sleep"]
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(still_running(servers)) > 1:
+            time.sleep(0.1)
+        assert sorted(still_running(servers).values()) == ["sleep"]
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        for pid in (redis_pid, sleeper_pid):
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)

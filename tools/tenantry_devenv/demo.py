@@ -101,6 +101,8 @@ def run_demo(workdir: Path, keep: bool = False, timeout: float = 180.0) -> int:
                 time.sleep(1)
         return 0
     finally:
+        if started:
+            say("==> stopping everything the demo started")
         for server in reversed(started):
             server.stop()
         os.environ.pop("KUBECONFIG", None)
