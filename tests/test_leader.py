@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
@@ -19,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kube_helpers import apply_tenant, condition, get_json, tenant_status, wait_for
 from pydantic import ValidationError
 from tenantry_devenv.controlplane import ControlPlane, start_control_plane
+from tenantry_devenv.processes import free_port
 from tenantry_operator.leader import (
     EXIT_LEADERSHIP_LOST,
     Action,
@@ -164,12 +167,23 @@ class OperatorProcess:
     identity: str
     popen: subprocess.Popen[bytes]
     log: Path
+    health_port: int
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
 
     def alive(self) -> bool:
         return self.popen.poll() is None
+
+    def role(self) -> str | None:
+        """What GET /healthz says (leader or standby); None while it does not answer."""
+        url = f"http://127.0.0.1:{self.health_port}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                role: str = json.loads(resp.read())["role"]
+                return role
+        except OSError:
+            return None
 
 
 @pytest.fixture
@@ -184,7 +198,7 @@ def operators(plane: ControlPlane, tmp_path: Path) -> Iterator[list[OperatorProc
 
 
 def start_operator(plane: ControlPlane, started: list[OperatorProcess], identity: str,
-                   logdir: Path) -> OperatorProcess:
+                   logdir: Path, **settings: str) -> OperatorProcess:
     # Nothing of this pytest process's operator settings (the in-process operator's database,
     # Redis, kubeconfig) may leak in: these operators have no data plane and their own cluster.
     env = {k: v for k, v in os.environ.items()
@@ -199,12 +213,14 @@ def start_operator(plane: ControlPlane, started: list[OperatorProcess], identity
         "TENANTRY_LEASE_DURATION_SECONDS": str(DURATION),
         "TENANTRY_LEASE_RENEW_DEADLINE_SECONDS": str(DEADLINE),
         "TENANTRY_LEASE_RETRY_PERIOD_SECONDS": str(RETRY),
+        "TENANTRY_HEALTH_PORT": str(health_port := free_port()),
+        **settings,
     })
     log = logdir / f"{identity}.log"
     with log.open("wb") as out:
         popen = subprocess.Popen([sys.executable, "-m", "tenantry_operator"], env=env,
                                  stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    proc = OperatorProcess(identity, popen, log)
+    proc = OperatorProcess(identity, popen, log, health_port)
     started.append(proc)
     return proc
 
@@ -252,6 +268,8 @@ def test_one_leader_reconciles_and_a_standby_takes_over_when_it_dies(
     assert "Activity 'configure'" not in standby.text()
     assert leader.alive() and standby.alive()
     assert holder(plane) == leader.identity
+    # Both answer the probes (a standby must be Ready, or a rollout would never finish).
+    assert (leader.role(), standby.role()) == ("leader", "standby")
     transitions = int(lease_spec(plane).get("leaseTransitions") or 0)
 
     leader.popen.send_signal(signal.SIGKILL)
@@ -266,6 +284,7 @@ def test_one_leader_reconciles_and_a_standby_takes_over_when_it_dies(
     apply_tenant(plane, "leadsecond", plan="free", isolation="pool")
     wait_reconciled(plane, "leadsecond", [standby])
     assert "[leadsecond]" in standby.text()
+    assert standby.role() == "leader"
 
     # A clean stop hands the Lease back at once, and exits 0.
     standby.popen.send_signal(signal.SIGTERM)
@@ -295,3 +314,53 @@ def test_a_leader_that_could_not_renew_exits_instead_of_reconciling_beside_anoth
     assert code == EXIT_LEADERSHIP_LOST, paused.text()[-3000:]
     assert "leadership lost" in paused.text()
     assert holder(plane) == "op-other" and other.alive()
+
+
+def test_the_charts_service_account_may_elect_and_reconcile(
+        plane: ControlPlane, operators: list[OperatorProcess], tmp_path: Path) -> None:
+    """The operator as the chart deploys it: its rendered RBAC, ServiceAccount token, env."""
+    namespace = "tenantry-system"
+    plane.kubectl("create", "namespace", namespace)
+    rendered = subprocess.run(
+        [str(plane.bin_dir / "helm"), "template", "tenantry",
+         str(REPO_ROOT / "charts" / "tenantry"), "--namespace", namespace,
+         "--set", "replicaCount=2"],
+        capture_output=True, text=True, check=True, timeout=120)
+    docs = [d for d in yaml.safe_load_all(rendered.stdout) if d]
+    rbac = [d for d in docs if d["kind"] in {"ServiceAccount", "ClusterRole",
+                                             "ClusterRoleBinding", "Role", "RoleBinding"}]
+    plane.kubectl("apply", "--server-side", "-f", "-", input_text=yaml.safe_dump_all(rbac))
+    account = next(d for d in docs if d["kind"] == "ServiceAccount")["metadata"]["name"]
+    token = plane.kubectl("create", "token", account, "-n", namespace).stdout.strip()
+    kubeconfig = tmp_path / "service-account.kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "sa",
+        "clusters": [{"name": "c", "cluster": {
+            "server": plane.server,
+            "certificate-authority": str(plane.workdir / "pki" / "ca.crt")}}],
+        "users": [{"name": "sa", "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "c", "user": "sa"}}]}))
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["python", "-m", "tenantry_operator"]
+    chart_env = {e["name"]: e["value"] for e in container["env"]
+                 if "value" in e and e["name"].startswith("TENANTRY_")
+                 and e["name"] != "TENANTRY_HEALTH_PORT"}  # a free port here instead
+    pod = start_operator(plane, operators, "tenantry-6b7c9-x2x4q", tmp_path, **chart_env,
+                         KUBECONFIG=str(kubeconfig))
+
+    wait_for("the Pod to lead", lambda: lease_holder_in(plane, chart_env) == pod.identity,
+             timeout=60)
+    apply_tenant(plane, "leadrbac", plan="free", isolation="pool")
+    wait_reconciled(plane, "leadrbac", [pod])
+    assert "Forbidden" not in pod.text() and " 403" not in pod.text(), pod.text()[-3000:]
+    pod.popen.send_signal(signal.SIGTERM)
+    assert pod.popen.wait(timeout=60) == 0, pod.text()[-3000:]
+    assert lease_holder_in(plane, chart_env) == ""
+
+
+def lease_holder_in(plane: ControlPlane, env: dict[str, str]) -> str:
+    """The holder of the Lease named by the chart's settings."""
+    lease = get_json(plane, "lease", env["TENANTRY_LEASE_NAME"], "-n",
+                     env["TENANTRY_LEASE_NAMESPACE"]) or {}
+    return str((lease.get("spec") or {}).get("holderIdentity") or "")

@@ -246,8 +246,8 @@ class LeaderElector:
                             err or type(err).__name__)
                 held = False
             if not held and (self._record is None or self._record.holder != self.identity):
-                holder = self._record.holder if self._record else None
-                self.on_lost(f"the lease is {'held by ' + holder if holder else 'gone'}")
+                self.on_lost("the lease was deleted" if self._record is None
+                             else f"the lease is held by {self._record.holder or 'nobody'}")
                 return
             now = time.monotonic()
             if not held and renew_deadline_passed(self._renewed_at, now, self.deadline):
