@@ -316,6 +316,18 @@ def test_a_leader_that_could_not_renew_exits_instead_of_reconciling_beside_anoth
     assert holder(plane) == "op-other" and other.alive()
 
 
+def test_a_leader_whose_lease_was_taken_exits_at_its_next_renewal(
+        plane: ControlPlane, operators: list[OperatorProcess], tmp_path: Path) -> None:
+    lease = "tenantry-taken-test"
+    leader = start_operator(plane, operators, "op-taken", tmp_path, TENANTRY_LEASE_NAME=lease)
+    wait_for("kopf to run", lambda: "Activity 'configure'" in leader.text(), timeout=60)
+    plane.kubectl("patch", "lease", lease, "-n", LEASE_NAMESPACE, "--type=merge",
+                  "-p", json.dumps({"spec": {"holderIdentity": "intruder"}}))
+    code = leader.popen.wait(timeout=2 * RETRY + 10)
+    assert code == EXIT_LEADERSHIP_LOST, leader.text()[-3000:]
+    assert "leadership lost (the lease is held by intruder)" in leader.text()
+
+
 def test_the_charts_service_account_may_elect_and_reconcile(
         plane: ControlPlane, operators: list[OperatorProcess], tmp_path: Path) -> None:
     """The operator as the chart deploys it: its rendered RBAC, ServiceAccount token, env."""
