@@ -104,7 +104,10 @@ def run_demo(workdir: Path, keep: bool = False, timeout: float = 180.0) -> int:
         if started:
             say("==> stopping everything the demo started")
         for server in reversed(started):
-            server.stop()
+            try:
+                server.stop()
+            except Exception as err:  # one failure must not leave the others running
+                say(f"could not stop {server}: {err}")
         os.environ.pop("KUBECONFIG", None)
 
 
