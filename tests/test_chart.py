@@ -177,8 +177,15 @@ def test_ci_values_render_the_settings(helm: list[str], values_file: Path) -> No
          if name.startswith("TENANTRY_")})
     assert parsed.silo_image == literal["TENANTRY_SILO_IMAGE"]
     assert parsed.worker_limit == values["workerLimit"]
-    assert parsed.peering is values["peering"]
     assert parsed.reconcile_interval_seconds == values["reconcileIntervalSeconds"]
+    # Leader election: this release's Lease in the release namespace, the Pod's name as holder.
+    lease = values["leaderElection"]
+    assert (parsed.lease_name, parsed.lease_namespace) == (fullname(docs), NAMESPACE)
+    assert parsed.lease_duration_seconds == lease["leaseDurationSeconds"]
+    assert parsed.lease_renew_deadline_seconds == lease["renewDeadlineSeconds"]
+    assert parsed.lease_retry_period_seconds == lease["retryPeriodSeconds"]
+    assert parsed.health_port == values["livenessPort"]
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
 
 
 @pytest.mark.parametrize("values_file", CI_VALUES, ids=lambda p: p.stem)
@@ -227,7 +234,9 @@ def test_defaults_render_without_connection_strings(helm: list[str]) -> None:
     assert not [d for d in docs if d["kind"] == "Secret"]
     deployment = one(docs, "Deployment")
     assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    # The Lease, not the rollout strategy, keeps an old and a new Pod from reconciling at once.
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     # The runtime namespace is the release namespace here, so the chart does not create it.
     assert not [d for d in docs if d["kind"] == "Namespace"]
     other = render(helm, namespace="operators")
@@ -253,11 +262,10 @@ def test_pod_is_restricted_and_probed(helm: list[str], values_file: Path) -> Non
     assert "privileged" not in sc and "add" not in sc["capabilities"]
     assert container["resources"] == values["resources"]
     port = values["livenessPort"]
-    assert f"--liveness=http://0.0.0.0:{port}/healthz" in container["args"]
-    assert container["command"] == ["python", "-m", "kopf", "run"]
-    assert container["args"][-2:] == ["-m", "tenantry_operator.handlers"]
-    assert "--all-namespaces" in container["args"]
-    assert ("--standalone" in container["args"]) is not values["peering"]
+    # The leader-electing entry point, which serves /healthz on leader and standbys alike.
+    assert container["command"] == ["python", "-m", "tenantry_operator"]
+    assert "args" not in container
+    assert env_of(container)["TENANTRY_HEALTH_PORT"]["value"] == str(port)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     for probe in ("livenessProbe", "readinessProbe"):
         get = container[probe]["httpGet"]
@@ -287,8 +295,8 @@ def test_cluster_role_is_least_privilege(helm: list[str], values_file: Path) -> 
     assert grants[("", "persistentvolumeclaims")] == {"list", "delete"}
     assert ("", "pods") not in grants
     assert ("rbac.authorization.k8s.io", "clusterroles") not in grants
-    peering = ("kopf.dev", "clusterkopfpeerings") in grants
-    assert peering is effective_values(values_file)["peering"]
+    # kopf runs standalone: no peering objects; the Lease is granted by a namespaced Role.
+    assert not [key for key in grants if key[0] in {"kopf.dev", "coordination.k8s.io"}]
     binding = one(docs, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     account = one(docs, "ServiceAccount")["metadata"]
@@ -318,6 +326,31 @@ def test_long_release_name_is_truncated_to_63(helm: list[str], name: str, length
     assert one(docs, "ClusterRoleBinding")["subjects"][0]["name"] == expected
 
 
+def test_two_replicas_elect_a_leader_through_a_lease(helm: list[str]) -> None:
+    """replicaCount 2 is the documented HA setup: Lease RBAC, and no kopf peering anywhere."""
+    docs = render(helm, "--set", "replicaCount=2", "-f",
+                  str(CHART / "ci" / "default-values.yaml"))
+    name = fullname(docs)
+    assert one(docs, "Deployment")["spec"]["replicas"] == 2
+    role = one(docs, "Role")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+         "resourceNames": [name], "verbs": ["get", "update"]},
+    ]
+    binding = one(docs, "RoleBinding")
+    assert binding["metadata"]["namespace"] == NAMESPACE
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": name}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": name,
+                                    "namespace": NAMESPACE}]
+    env = env_of(operator_container(docs))
+    assert env["TENANTRY_LEASE_NAME"]["value"] == name
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert "peering" not in yaml.safe_dump_all(docs).lower()
+
+
 # --------------------------------------------------------------------------------- rejections
 
 
@@ -330,8 +363,10 @@ def test_long_release_name_is_truncated_to_63(helm: list[str], name: str, length
     (["--set", "poolIndexStrategy=global"], "poolIndexStrategy"),
     (["--set", "namespacePrefix=Tenant_"], "namespacePrefix"),
     (["--set", "database.url=mysql://x"], "url"),
+    (["--set", "peering=true"], "peering"),
+    (["--set", "leaderElection.leaseDurationSeconds=7.5"], "leaseDurationSeconds"),
 ], ids=["typo-top", "typo-nested", "typo-deep", "typo-resources", "range", "enum", "pattern",
-        "scheme"])
+        "scheme", "peering-removed", "lease-whole-seconds"])
 def test_schema_rejects_bad_values(helm: list[str], args: list[str], message: str) -> None:
     result = run_helm(helm, "template", RELEASE, str(CHART), *args)
     assert result.returncode != 0, f"{args} rendered:\n{result.stdout[:2000]}"
@@ -342,8 +377,11 @@ def test_schema_rejects_bad_values(helm: list[str], args: list[str], message: st
 @pytest.mark.parametrize(("args", "message"), [
     (["--set", "database.url=postgresql://a@b/c", "--set", "database.existingSecret=db"],
      "set either database.url or database.existingSecret, not both"),
-    (["--set", "replicaCount=2"], "replicaCount > 1 needs peering: true"),
-], ids=["url-and-secret", "replicas-without-peering"])
+    (["--set", "leaderElection.renewDeadlineSeconds=15"],
+     "retryPeriodSeconds < renewDeadlineSeconds < leaseDurationSeconds must hold"),
+    (["--set", "leaderElection.retryPeriodSeconds=10"],
+     "retryPeriodSeconds < renewDeadlineSeconds < leaseDurationSeconds must hold"),
+], ids=["url-and-secret", "deadline-not-below-duration", "retry-not-below-deadline"])
 def test_template_rejects_contradictions(helm: list[str], args: list[str], message: str) -> None:
     result = run_helm(helm, "template", RELEASE, str(CHART), *args)
     assert result.returncode != 0 and message in result.stderr, result.stderr
@@ -383,7 +421,7 @@ def test_service_account_can_do_what_the_operator_does(helm: list[str],
     docs = render(helm, "-f", str(CHART / "ci" / "default-values.yaml"), release=namespace,
                   namespace=namespace)
     rbac = [d for d in docs if d["kind"] in {"ServiceAccount", "ClusterRole",
-                                             "ClusterRoleBinding"}]
+                                             "ClusterRoleBinding", "Role", "RoleBinding"}]
     control_plane.kubectl("apply", "--server-side", "-f", "-", input_text=kubectl_input(rbac))
     account = f"system:serviceaccount:{namespace}:{one(docs, 'ServiceAccount')['metadata']['name']}"
     try:
@@ -402,6 +440,14 @@ def test_service_account_can_do_what_the_operator_does(helm: list[str],
         assert not can("create", "pods", "-n", "tenant-x")
         assert not can("update", "secrets", "-n", "tenant-x")
         assert not can("create", "clusterroles.rbac.authorization.k8s.io")
+        # Leader election: its own Lease in the release namespace, nothing else.
+        lease = f"leases.coordination.k8s.io/{one(docs, 'Role')['metadata']['name']}"
+        assert can("create", "leases.coordination.k8s.io", "-n", namespace)
+        assert can("get", lease, "-n", namespace)
+        assert can("update", lease, "-n", namespace)
+        assert not can("update", "leases.coordination.k8s.io/other", "-n", namespace)
+        assert not can("delete", lease, "-n", namespace)
+        assert not can("get", lease, "-n", "kube-system")
         # The operator's own calls: server-side apply of a new Namespace and namespaced objects.
         labels = {"tenantry.dev/tenant": "chartprobe"}
         objects: list[Manifest] = [

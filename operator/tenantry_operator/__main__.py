@@ -1,17 +1,77 @@
-"""`python -m tenantry_operator`: run the operator (kopf) with our handlers, cluster-wide."""
+"""`python -m tenantry_operator`: hold the leader Lease, then run kopf with our handlers.
+
+Every replica runs this. One holds the Lease (leader.py) and runs kopf cluster-wide and
+standalone; the others stand by and take over when the Lease expires or is released. A
+leader that cannot renew exits non-zero, so Kubernetes restarts it as a standby.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import signal
+import sys
 
 import kopf
+from aiohttp import web
 
 from . import handlers  # noqa: F401 - registers the handlers
-from .settings import get_settings
+from .kube import Kube
+from .leader import LeaderElector
+from .settings import OperatorSettings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+async def serve_health(port: int, elector: LeaderElector) -> web.AppRunner:
+    """GET /healthz: 200 from leader and standby alike (a standby is healthy, only idle)."""
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"role": "leader" if elector.is_leader else "standby"})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", port).start()  # noqa: S104 - probed by the kubelet
+    return runner
+
+
+async def run(settings: OperatorSettings) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # While standing by; kopf installs its own handlers for these once it runs.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    kube = Kube.from_env()
+    elector = LeaderElector(kube.client, settings)
+    health = await serve_health(settings.health_port, elector) if settings.health_port else None
+    try:
+        if not await elector.acquire(stop):
+            return 0  # stopped while standing by
+        # Created before kopf starts, so kopf's shutdown does not cancel it as its own task.
+        renewing = asyncio.create_task(elector.keep_renewed(), name="lease renewal")
+        try:
+            await kopf.operator(clusterwide=True, standalone=True, stop_flag=stop)
+        finally:
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
+            await elector.release()
+        return 0
+    finally:
+        if health is not None:
+            await health.cleanup()
+        await kube.close()
 
 
 def main() -> None:
-    asyncio.run(kopf.operator(clusterwide=True, standalone=not get_settings().peering))
+    kopf.configure(log_prefix=True)  # as `kopf run`: object-related lines start [name]
+    # One INFO line per HTTP request (a Lease renewal every few seconds) drowns the rest.
+    for noisy in ("httpx", "httpx2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    sys.exit(asyncio.run(run(get_settings())))
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     ours = get_settings()
     # Bounded concurrency: kopf's default worker limit is unbounded.
     settings.queueing.worker_limit = ours.worker_limit
-    settings.peering.standalone = not ours.peering
-    settings.peering.mandatory = ours.peering
+    # kopf peering pauses every peer of equal priority, so it is never used: one replica at a
+    # time runs kopf, chosen by the Lease in leader.py (`python -m tenantry_operator`).
+    settings.peering.standalone = True
     settings.persistence.finalizer = FINALIZER
     # Keep kopf's bookkeeping out of .status: the status schema is ours and strict.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)

@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from functools import lru_cache
-from typing import Literal
+from pathlib import Path
+from typing import Literal, Self
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Mounted into every Pod with a service account token: the namespace the Pod runs in.
+_POD_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def _own_namespace() -> str:
+    """The Pod's namespace in a cluster; `default` when running outside one."""
+    try:
+        return _POD_NAMESPACE_FILE.read_text().strip() or "default"
+    except OSError:
+        return "default"
+
+
+def _own_identity() -> str:
+    """POD_NAME (downward API) in a cluster; host and pid elsewhere, so local processes differ."""
+    return os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
 
 
 class OperatorSettings(BaseSettings):
@@ -14,13 +33,31 @@ class OperatorSettings(BaseSettings):
 
     # Kopf
     worker_limit: int = Field(8, ge=1, le=256, description="Tenants reconciled concurrently.")
-    peering: bool = Field(False, description="Use kopf peering (needs the peering CRDs).")
     reconcile_interval_seconds: float = Field(
         120.0, gt=0, description="Level-based resync: how often a timer re-applies every Tenant."
     )
 
     maintenance_interval_seconds: float = Field(
         3600.0, gt=0, description="How often monthly partitions are created ahead."
+    )
+
+    # Leader election on a coordination.k8s.io/v1 Lease (`python -m tenantry_operator`): one
+    # replica reconciles, the others stand by. kopf itself always runs standalone.
+    lease_name: str = Field("tenantry-operator", pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+    lease_namespace: str = Field(default_factory=_own_namespace, min_length=1)
+    lease_identity: str = Field(default_factory=_own_identity, min_length=1,
+                                description="This replica's name in the Lease's holderIdentity.")
+    lease_duration_seconds: int = Field(
+        15, ge=1, description="A standby takes the Lease over after it went unrenewed this long."
+    )
+    lease_renew_deadline_seconds: float = Field(
+        10.0, gt=0, description="The leader exits when it could not renew for this long."
+    )
+    lease_retry_period_seconds: float = Field(
+        2.0, gt=0, description="How often the leader renews and standbys try to acquire."
+    )
+    health_port: int | None = Field(
+        None, ge=1, le=65535, description="Serve GET /healthz here (liveness and readiness)."
     )
 
     # Kubernetes layout
@@ -51,6 +88,18 @@ class OperatorSettings(BaseSettings):
     pool_index_strategy: Literal["partial", "shared"] = Field(
         "shared", description="Pool collections: one shared HNSW index, or one partial per tenant."
     )
+
+    @model_validator(mode="after")
+    def _lease_timings_leave_no_overlap(self) -> Self:
+        # The leader gives up before a standby may take over (deadline < duration), and tries
+        # to renew several times before its deadline (retry period < deadline).
+        if not (self.lease_retry_period_seconds < self.lease_renew_deadline_seconds
+                < self.lease_duration_seconds):
+            raise ValueError(
+                "lease timings must satisfy retry period < renew deadline < duration, got "
+                f"{self.lease_retry_period_seconds} / {self.lease_renew_deadline_seconds} / "
+                f"{self.lease_duration_seconds}")
+        return self
 
 
 @lru_cache(maxsize=1)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
+from pathlib import Path
 
 from .controlplane import REPO_ROOT, ControlPlane, start_control_plane
+from .processes import stop_on_signals
 
-STATE_DIR = REPO_ROOT / ".tenantry-dev"
+# TENANTRY_DEV_STATE moves it, e.g. to a temporary directory in tests.
+STATE_DIR = Path(os.environ.get("TENANTRY_DEV_STATE") or REPO_ROOT / ".tenantry-dev")
 
 
 def cluster_up() -> int:
@@ -19,9 +23,13 @@ def cluster_up() -> int:
             return 0
         plane.stop()
     shutil.rmtree(STATE_DIR / "cluster", ignore_errors=True)
-    plane = start_control_plane(STATE_DIR / "cluster")
-    plane.install_crds()
-    plane.save_state()
+    plane = start_control_plane(STATE_DIR / "cluster", detached=True)
+    try:
+        plane.install_crds()
+        plane.save_state()
+    except BaseException:  # a failure or a signal: leave nothing running that is not recorded
+        plane.stop()
+        raise
     print(f"control plane up: {plane.server}\nexport KUBECONFIG={plane.kubeconfig}")  # noqa: T201
     return 0
 
@@ -43,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="everything on embedded defaults, two sample tenants")
     demo.add_argument("--keep", action="store_true", help="keep running until Ctrl-C")
     args = parser.parse_args(argv)
+    stop_on_signals()
     if args.command == "cluster-up":
         return cluster_up()
     if args.command == "cluster-down":

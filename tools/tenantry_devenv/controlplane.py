@@ -12,6 +12,7 @@ import ssl
 import subprocess
 import textwrap
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +95,8 @@ class ControlPlane:
     bin_dir: Path
     processes: list[Process] = field(default_factory=list)
     api_port: int = 0
+    # Detached servers outlive this process (`make cluster-up`); others die with it.
+    detached: bool = False
 
     @property
     def kubeconfig(self) -> Path:
@@ -125,12 +128,15 @@ class ControlPlane:
         except urllib.error.HTTPError as err:
             return int(err.code), err.read().decode()
 
+    def _spawn(self, name: str, argv: Sequence[str | Path], log: Path) -> Process:
+        return spawn(name, argv, log, die_with_parent=not self.detached)
+
     def start(self, timeout: float = 180.0) -> None:
         pki, logs = self.workdir / "pki", self.workdir / "logs"
         generate_pki(pki)
         etcd_port, peer_port = free_port(), free_port()
         self.api_port = free_port()
-        etcd = spawn("etcd", [
+        etcd = self._spawn("etcd", [
             self.bin_dir / "etcd", "--data-dir", self.workdir / "etcd",
             "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
             "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
@@ -140,7 +146,7 @@ class ControlPlane:
             "--unsafe-no-fsync", "--log-level", "warn",
         ], logs / "etcd.log")
         self.processes.append(etcd)
-        apiserver = spawn("kube-apiserver", [
+        apiserver = self._spawn("kube-apiserver", [
             self.bin_dir / "kube-apiserver",
             f"--etcd-servers=http://127.0.0.1:{etcd_port}",
             "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
@@ -162,7 +168,7 @@ class ControlPlane:
 
         common = [f"--kubeconfig={self.kubeconfig}", "--leader-elect=false",
                   "--bind-address=127.0.0.1"]
-        self.processes.append(spawn("kube-controller-manager", [
+        self.processes.append(self._spawn("kube-controller-manager", [
             self.bin_dir / "kube-controller-manager", *common,
             f"--secure-port={free_port()}",
             f"--service-account-private-key-file={pki / 'sa.key'}",
@@ -170,10 +176,10 @@ class ControlPlane:
             "--use-service-account-credentials=false",
             "--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle",
         ], logs / "kube-controller-manager.log"))
-        self.processes.append(spawn("kube-scheduler", [
+        self.processes.append(self._spawn("kube-scheduler", [
             self.bin_dir / "kube-scheduler", *common, f"--secure-port={free_port()}",
         ], logs / "kube-scheduler.log"))
-        kwok = spawn("kwok", [
+        kwok = self._spawn("kwok", [
             self.bin_dir / "kwok", f"--kubeconfig={self.kubeconfig}",
             f"--config={self.bin_dir / 'kwok-stages.yaml'}",
             "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
@@ -237,10 +243,12 @@ class ControlPlane:
         return plane
 
 
-def start_control_plane(workdir: Path, timeout: float = 180.0) -> ControlPlane:
-    """Build or reuse the binaries, then start everything; stops what started if a step fails."""
+def start_control_plane(workdir: Path, timeout: float = 180.0, *,
+                        detached: bool = False) -> ControlPlane:
+    """Build or reuse the binaries, then start everything; stops what started if a step fails
+    (or a signal arrives: see processes.stop_on_signals)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    plane = ControlPlane(workdir=workdir, bin_dir=control_plane_binaries())
+    plane = ControlPlane(workdir=workdir, bin_dir=control_plane_binaries(), detached=detached)
     try:
         plane.start(timeout=timeout)
     except BaseException:

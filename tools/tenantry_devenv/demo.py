@@ -8,15 +8,20 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Protocol
 
 import psycopg
 import redis as redis_client
 
 from .controlplane import REPO_ROOT, start_control_plane
-from .processes import Process, StartupError, log_tail, spawn
+from .processes import StartupError, log_tail, spawn
 from .services import start_postgres, start_redis
 
 SAMPLE_TENANTS = ("acme", "globex")
+
+
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
 
 
 def say(text: str) -> None:
@@ -26,19 +31,21 @@ def say(text: str) -> None:
 def run_demo(workdir: Path, keep: bool = False, timeout: float = 180.0) -> int:
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-    stack: list[Process] = []
-    say("==> starting the local control plane (kube-apiserver, etcd, controller-manager, "
-        "scheduler, kwok)")
-    plane = start_control_plane(workdir / "cluster")
-    stack.extend(plane.processes)
+    # Everything started, stopped in reverse order however this function is left (an error,
+    # or a signal turned into SystemExit by processes.stop_on_signals).
+    started: list[Stoppable] = []
     try:
+        say("==> starting the local control plane (kube-apiserver, etcd, controller-manager, "
+            "scheduler, kwok)")
+        plane = start_control_plane(workdir / "cluster")
+        started.append(plane)
         say("==> starting embedded Postgres 18 + pgvector and redis-server")
         pg = start_postgres(workdir / "postgres")
-        stack.append(pg.process)
+        started.append(pg)
         with psycopg.connect(pg.dsn(), autocommit=True) as conn:
             conn.execute("CREATE DATABASE tenantry")
         redis = start_redis(workdir / "redis")
-        stack.append(redis.process)
+        started.append(redis)
 
         say("==> installing the CRDs and the example plans")
         plane.install_crds()
@@ -52,7 +59,7 @@ def run_demo(workdir: Path, keep: bool = False, timeout: float = 180.0) -> int:
                              "TENANTRY_REDIS_URL": redis.url,
                              "TENANTRY_RECONCILE_INTERVAL_SECONDS": "30",
                          })
-        stack.append(operator)
+        started.append(operator)
 
         say("==> applying two sample tenants (examples/tenants.yaml): acme (pool), globex (bridge)")
         plane.kubectl("apply", "-f", str(REPO_ROOT / "examples" / "tenants.yaml"))
@@ -94,8 +101,13 @@ def run_demo(workdir: Path, keep: bool = False, timeout: float = 180.0) -> int:
                 time.sleep(1)
         return 0
     finally:
-        for proc in reversed(stack):
-            proc.stop()
+        if started:
+            say("==> stopping everything the demo started")
+        for server in reversed(started):
+            try:
+                server.stop()
+            except Exception as err:  # one failure must not leave the others running
+                say(f"could not stop {server}: {err}")
         os.environ.pop("KUBECONFIG", None)
 
 
