@@ -26,6 +26,7 @@ from db_helpers import (
 from psycopg import sql
 from tenantry_devenv.services import Postgres
 from tenantry_operator.database import (
+    IsolationLowered,
     bootstrap_shared,
     delete_shared_rows,
     delete_tenant_data,
@@ -566,6 +567,20 @@ def test_moving_data_out_keeps_the_registry_row(world: World) -> None:
     assert set(counts.values()) == {0}
     assert delete_shared_rows(world.admin, tenant) == 1
     assert delete_shared_rows(world.admin, tenant) == 0
+
+
+def test_the_registry_never_records_a_lower_isolation(world: World) -> None:
+    # A reconcile from a stale spec must not point writers back at data already moved away.
+    tenant = unique("reg")
+    ensure_pool_tenant(world.admin, tenant)
+    ensure_pool_tenant(world.admin, tenant, "silo")
+    for lower in ("bridge", "pool"):
+        with pytest.raises(IsolationLowered, match="lives at silo"):
+            ensure_pool_tenant(world.admin, tenant, lower)
+    with tenant_transaction(world.admin, tenant):
+        assert scalar(world.admin, "SELECT isolation FROM tenantry.tenants WHERE tenant_id = %s",
+                      (tenant,)) == "silo"
+    delete_shared_rows(world.admin, tenant)
 
 
 def test_provisioning_converges_after_manual_damage(world: World) -> None:

@@ -57,10 +57,12 @@ from tenantry_runtime.contracts.database import (
 )
 
 __all__ = [
+    "ISOLATION_ORDER",
     "MAX_DIMENSIONS",
     "ROLE_REGISTRY",
     "SCHEMA_EMBEDDINGS",
     "CollectionMismatch",
+    "IsolationLowered",
     "RoleDropError",
     "UnmanagedRole",
     "bootstrap_shared",
@@ -145,6 +147,20 @@ async def in_database(dsn: str, work: Callable[[Conn], T]) -> T:
             return work(conn)
 
     return await asyncio.to_thread(run)
+
+
+ISOLATION_ORDER: tuple[Isolation, ...] = ("pool", "bridge", "silo")
+
+
+class IsolationLowered(RuntimeError):
+    """The registry already records a higher isolation than the one asked for."""
+
+    def __init__(self, tenant: str, recorded: str, requested: str) -> None:
+        super().__init__(
+            f"tenant {tenant}: its data lives at {recorded}; refusing to record {requested}"
+            " (isolation is never lowered: restore spec.isolation to "
+            f"{recorded} or higher)")
+        self.recorded = recorded
 
 
 class CollectionMismatch(ValueError):
@@ -534,18 +550,35 @@ def _require_shared(conn: Conn) -> None:
 
 
 def _upsert_tenant_row(conn: Conn, schema: str, tenant: str, isolation: Isolation) -> None:
+    """Record the tenant as active at `isolation`; the recorded isolation never goes down.
+
+    A reconcile working from a stale spec (or a second operator) must not point the registry
+    back at a location whose data an upgrade already moved away: that raises IsolationLowered.
+    """
+    if isolation not in ISOLATION_ORDER:
+        raise ValueError(f"unknown isolation {isolation!r}")
     with tenant_transaction(conn, tenant):
         table = sql.Identifier(schema, "tenants")
         current = fetch_rows(conn, sql.SQL(
             "SELECT isolation, state FROM {} WHERE tenant_id = %s").format(table), (tenant,))
         if current == [(isolation, "active")]:
             return  # settled: not even a row lock
-        conn.execute(sql.SQL("""
+        if current and ISOLATION_ORDER.index(current[0][0]) > ISOLATION_ORDER.index(isolation):
+            raise IsolationLowered(tenant, current[0][0], isolation)
+        # The rank guard repeats the check atomically for a writer racing the SELECT above.
+        written = conn.execute(sql.SQL("""
             INSERT INTO {} AS t (tenant_id, isolation, state) VALUES (%s, %s, 'active')
             ON CONFLICT (tenant_id) DO UPDATE
                SET isolation = EXCLUDED.isolation, state = 'active', updated_at = now()
              WHERE (t.isolation, t.state) IS DISTINCT FROM (EXCLUDED.isolation, 'active')
-        """).format(table), (tenant, isolation))
+               AND array_position(%s::text[], t.isolation)
+                   <= array_position(%s::text[], EXCLUDED.isolation)
+        """).format(table), (tenant, isolation, list(ISOLATION_ORDER), list(ISOLATION_ORDER)))
+        if written.rowcount == 0:
+            now = fetch_rows(conn, sql.SQL(
+                "SELECT isolation FROM {} WHERE tenant_id = %s").format(table), (tenant,))
+            if now and now[0][0] != isolation:
+                raise IsolationLowered(tenant, now[0][0], isolation)
 
 
 def _terminate_sessions(conn: Conn, role: str) -> None:
