@@ -157,4 +157,4 @@ def runtime_server(workdir: Path, redis_server: Redis,
         max_body_bytes=64 * 1024)
     store = TenantStore()
     with serve(create_app(settings, store)) as url:
-        yield RuntimeServer(url, tenants_dir, redis_server.url, stub, store)  # type: ignore[arg-type]
+        yield RuntimeServer(url, tenants_dir, redis_server.url, stub, store)

@@ -119,6 +119,9 @@ class RuntimeServer:
         temporary.write_bytes(raw)
         os.replace(temporary, path)
 
+    def redis_client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis_url)
+
     def record(self, tenant: str) -> TenantRecord:
         found = self.store.get(tenant)
         assert found is not None
