@@ -355,3 +355,49 @@ def test_health_and_readiness(runtime_server: RuntimeServer) -> None:
     assert httpx.get(f"{runtime_server.url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{runtime_server.url}/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+def test_a_stream_broken_after_the_first_byte_ends_with_an_error_event_and_is_billed(
+        runtime_server: RuntimeServer) -> None:
+    key = runtime_server.add_tenant("apibroken")["main"]
+    runtime_server.stub.break_stream_after = 4  # message_start, block start, ping, one delta
+    try:
+        with pytest.raises(anthropic.APIStatusError) as caught, sdk(
+                runtime_server, key).messages.stream(model=MODEL, max_tokens=64, messages=[
+                    {"role": "user", "content": "this stream will break"}]) as stream:
+            for _ in stream:
+                pass
+    finally:
+        runtime_server.stub.break_stream_after = None
+    assert caught.value.body["error"]["type"] == "api_error"
+    # No retry after the first byte: the model was asked once.
+    asked = [r for r in runtime_server.stub.received
+             if r.body["messages"][0]["content"] == "this stream will break"]
+    assert len(asked) == 1
+    [event] = usage_events(runtime_server.redis_url, "apibroken")
+    assert event["status"] == "502" and int(event["input_tokens"]) == 4
+    held = runtime_server.redis_client().get(limit_keys("apibroken", datetime.now(UTC)).held_total)
+    assert int(held or 0) == 0
+
+
+def test_a_client_that_disconnects_mid_stream_still_settles_its_hold(
+        runtime_server: RuntimeServer) -> None:
+    key = runtime_server.add_tenant("apidisconnect")["main"]
+    runtime_server.stub.event_delay_seconds = 0.05
+    try:
+        with httpx.stream("POST", f"{runtime_server.url}/v1/messages", headers={
+                "x-api-key": key, "anthropic-version": "2023-06-01"}, json={
+                "model": MODEL, "max_tokens": 64, "stream": True,
+                "messages": [{"role": "user", "content": "one two three four five six"}]},
+                ) as response:
+            first = next(response.iter_raw())
+        assert first.startswith(b"event: message_start")
+        wait_for(lambda: usage_events(runtime_server.redis_url, "apidisconnect"), 10,
+                 "the usage event of the abandoned stream")
+    finally:
+        runtime_server.stub.event_delay_seconds = 0.0
+    [event] = usage_events(runtime_server.redis_url, "apidisconnect")
+    assert event["status"] == "499" and int(event["input_tokens"]) == 6
+    held = runtime_server.redis_client().get(
+        limit_keys("apidisconnect", datetime.now(UTC)).held_total)
+    assert int(held or 0) == 0

@@ -44,6 +44,8 @@ class StubState:
     received: list[Received] = field(default_factory=list)
     fail_next: list[int] = field(default_factory=list)  # statuses to answer, in order
     delay_seconds: float = 0.0
+    event_delay_seconds: float = 0.0  # between SSE events
+    break_stream_after: int | None = None  # drop the connection after this many events
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def next_id(self, kind: str) -> str:
@@ -203,9 +205,14 @@ def create_stub_app(state: StubState | None = None) -> Starlette:
         if not body.get("stream"):
             return Response(json.dumps(message), media_type="application/json")
         events = stream_events(message)
+        pause, cut = stub.event_delay_seconds, stub.break_stream_after
 
         async def send() -> AsyncIterator[bytes]:
-            for event in events:
+            for n, event in enumerate(events):
+                if cut is not None and n == cut:
+                    raise ConnectionAbortedError("stub: stream broken on purpose")
+                if pause:
+                    await asyncio.sleep(pause)
                 yield event
 
         return StreamingResponse(send(), media_type="text/event-stream",
