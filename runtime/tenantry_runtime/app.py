@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from redis.asyncio import Redis
@@ -27,7 +26,7 @@ from .messages import StreamUsage, parse_json_object, parse_messages_request, us
 from .policy import api_key_of, check_model, check_request, check_tenant_active, endpoint_for
 from .settings import RuntimeSettings
 from .store import Caller, DirectorySource, TenantStore
-from .upstream import Endpoint, Upstreams
+from .upstream import STREAM_ERRORS, Endpoint, UpstreamResponse, Upstreams
 
 log = logging.getLogger(__name__)
 JSON = "application/json"
@@ -145,14 +144,14 @@ async def admit(runtime: Runtime, caller: Caller, request_id: str, model: str, r
                     now)
 
 
-async def relay_stream(admitted: Admitted, upstream: httpx.Response) -> AsyncIterator[bytes]:
+async def relay_stream(admitted: Admitted, upstream: UpstreamResponse) -> AsyncIterator[bytes]:
     """Pass SSE bytes through unchanged, reading usage on the way; settle before the last
     chunk goes out, so the usage event is durable before the response completes."""
     seen = StreamUsage()
-    status = upstream.status_code
+    status = upstream.status
     held: bytes | None = None
     try:
-        async for chunk in upstream.aiter_raw():
+        async for chunk in upstream.chunks():
             seen.feed(chunk)
             if held is not None:
                 yield held
@@ -160,7 +159,7 @@ async def relay_stream(admitted: Admitted, upstream: httpx.Response) -> AsyncIte
         await admitted.settle(seen.usage, status)
         if held is not None:
             yield held
-    except httpx.HTTPError:
+    except STREAM_ERRORS:
         # Bytes already reached the client: no retry, an SSE error event as Anthropic sends.
         admitted.runtime.failures["upstream_stream_broken"] += 1
         await admitted.settle(seen.usage, 502)
@@ -169,7 +168,7 @@ async def relay_stream(admitted: Admitted, upstream: httpx.Response) -> AsyncIte
         yield b"event: error\ndata: " + error_body(
             "api_error", "The model endpoint broke off the stream.") + b"\n\n"
     finally:
-        await upstream.aclose()
+        upstream.close()
         if not admitted.settled:
             # The client went away: settle what was seen (reading on is a later slice).
             admitted.runtime.spawn(admitted.settle(seen.usage, 499))
@@ -248,15 +247,16 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
             await admitted.settle(Usage(), error.status)
             raise
         except BaseException:
-            await admitted.settle(Usage(), 500)
+            # Cancelled or unexpected: settle off this task, it may not await any more.
+            runtime.spawn(admitted.settle(Usage(), 499))
             raise
         headers = {"request-id": request_id}
         if not parsed.stream:
-            await admitted.settle(usage_of_message(upstream.content), upstream.status_code)
-            return Response(upstream.content, status_code=upstream.status_code,
+            await admitted.settle(usage_of_message(upstream.content), upstream.status)
+            return Response(upstream.content, status_code=upstream.status,
                             media_type=JSON, headers=headers)
         return StreamingResponse(relay_stream(admitted, upstream),
-                                 status_code=upstream.status_code,
+                                 status_code=upstream.status,
                                  media_type="text/event-stream",
                                  headers={**headers, "cache-control": "no-cache"})
 
@@ -272,7 +272,7 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
         upstream = await runtime.upstreams.send(
             endpoint_for(caller.record, runtime.settings), "/v1/messages/count_tokens", body,
             request.headers, read_body=True)
-        return Response(upstream.content, status_code=upstream.status_code, media_type=JSON,
+        return Response(upstream.content, status_code=upstream.status, media_type=JSON,
                         headers={"request-id": request.state.request_id})
 
     def model_info(model: str) -> dict[str, Any]:
