@@ -128,10 +128,14 @@ class RuntimeServer:
         return found
 
 
-def usage_events(redis_url: str, tenant: str) -> list[dict[str, str]]:
+def usage_events(redis_url: str, tenant: str) -> list[dict[str, Any]]:
+    """The tenant's usage events, oldest first (each entry's request id checked)."""
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
-        return [fields for _, fields in client.xrange(TenantKeys(tenant).prefix + "usage")]
+        entries = client.xrange(TenantKeys(tenant).prefix + "usage")
+        events = [json.loads(fields["event"]) for _, fields in entries]
+        assert [f["request_id"] for _, f in entries] == [e["request_id"] for e in events]
+        return events
     finally:
         client.close()
 

@@ -49,9 +49,9 @@ def test_usage_event_carries_the_request_id_the_client_saw(
     assert len(events) == 1
     event = events[0]
     assert event["request_id"] == message._request_id
-    assert (event["model"], event["status"], event["endpoint"]) == (MODEL, "200", "shared")
-    assert int(event["input_tokens"]) == message.usage.input_tokens
-    assert int(event["output_tokens"]) == message.usage.output_tokens == 4
+    assert (event["model"], event["status"], event["endpoint"]) == (MODEL, 200, "shared")
+    assert event["input_tokens"] == message.usage.input_tokens
+    assert event["output_tokens"] == message.usage.output_tokens == 4
     spent = runtime_server.redis_client().get(limit_keys("apievents", datetime.now(UTC)).day)
     assert int(spent or 0) == message.usage.input_tokens + 4
 
@@ -79,7 +79,7 @@ def test_stream_passes_events_through_and_usage_is_billed(
     assert "content_block_delta" in kinds and "message_delta" in kinds
     assert final.content[0].text == "echo: stream me five words"
     events = usage_events(runtime_server.redis_url, "apistream")
-    assert [(e["stream"], e["output_tokens"], e["status"]) for e in events] == [("1", "5", "200")]
+    assert [(e["stream"], e["output_tokens"], e["status"]) for e in events] == [(True, 5, 200)]
     assert events[0]["request_id"] == stream.response.headers["request-id"]
 
 
@@ -317,7 +317,7 @@ def test_upstream_overload_is_retried_before_the_first_byte(
     assert streamed.value.status_code == 529
     # Failed requests are recorded with no tokens and release their holds.
     statuses = [e["status"] for e in usage_events(runtime_server.redis_url, "apiretry")]
-    assert statuses == ["200", "529", "529"]
+    assert statuses == [200, 529, 529]
     held = runtime_server.redis_client().get(limit_keys("apiretry", datetime.now(UTC)).held_total)
     assert int(held or 0) == 0
 
@@ -375,7 +375,7 @@ def test_a_stream_broken_after_the_first_byte_ends_with_an_error_event_and_is_bi
              if r.body["messages"][0]["content"] == "this stream will break"]
     assert len(asked) == 1
     [event] = usage_events(runtime_server.redis_url, "apibroken")
-    assert event["status"] == "502" and int(event["input_tokens"]) == 4
+    assert event["status"] == 502 and event["input_tokens"] == 4
     held = runtime_server.redis_client().get(limit_keys("apibroken", datetime.now(UTC)).held_total)
     assert int(held or 0) == 0
 
@@ -397,7 +397,7 @@ def test_a_client_that_disconnects_mid_stream_still_settles_its_hold(
     finally:
         runtime_server.stub.event_delay_seconds = 0.0
     [event] = usage_events(runtime_server.redis_url, "apidisconnect")
-    assert event["status"] == "499" and int(event["input_tokens"]) == 6
+    assert event["status"] == 499 and event["input_tokens"] == 6
     held = runtime_server.redis_client().get(
         limit_keys("apidisconnect", datetime.now(UTC)).held_total)
     assert int(held or 0) == 0

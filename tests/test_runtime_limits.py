@@ -154,5 +154,6 @@ async def test_settlement_appends_the_usage_event_to_the_tenant_stream(
                                 {"request_id": "req1", "output_tokens": "4"})
     assert held == RESERVE
     entries = await client.xrange(keys.usage_stream)
-    assert [fields for _, fields in entries] == [{b"request_id": b"req1", b"output_tokens": b"4"}]
+    assert [fields for _, fields in entries] == [
+        {b"request_id": b"req1", b"event": b'{"request_id":"req1","output_tokens":"4"}'}]
     assert await spent_today(client, "events") == 7

@@ -75,12 +75,12 @@ class Admitted:
         self.settled = True
         event = {
             "request_id": self.request_id, "tenant": self.caller.config.tenant,
-            "key": self.caller.key_name, "model": self.model, "status": str(status),
-            "endpoint": self.endpoint.kind, "stream": "1" if self.stream else "0",
-            "input_tokens": str(usage.input_tokens), "output_tokens": str(usage.output_tokens),
-            "cache_creation_input_tokens": str(usage.cache_creation_input_tokens),
-            "cache_read_input_tokens": str(usage.cache_read_input_tokens),
-            "latency_ms": f"{(time.perf_counter() - self.started) * 1000:.1f}",
+            "key": self.caller.key_name, "model": self.model, "status": status,
+            "endpoint": self.endpoint.kind, "stream": self.stream,
+            "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
+            "cache_creation_input_tokens": usage.cache_creation_input_tokens,
+            "cache_read_input_tokens": usage.cache_read_input_tokens,
+            "latency_ms": round((time.perf_counter() - self.started) * 1000, 1),
             "at": self.at.isoformat(),
         }
         keys = limit_keys(self.caller.config.tenant, self.at)

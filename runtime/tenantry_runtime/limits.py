@@ -7,7 +7,9 @@ atomic bookkeeping is `admit.lua` and `settle.lua`, over the tenant's hash-tagge
 from __future__ import annotations
 
 import calendar
+import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import IntEnum
@@ -156,10 +158,11 @@ class Limiter:
         return Verdict(int(code)), int(retry_ms)
 
     async def settle(self, keys: LimitKeys, request_id: str, usage: Usage,
-                     event: dict[str, str]) -> int:
-        """Drop the hold, charge `usage`, record `event`; returns the tokens that were held."""
-        flat = [item for pair in event.items() for item in pair]
+                     event: Mapping[str, object]) -> int:
+        """Drop the hold, charge `usage`, append `event` (as one JSON field, next to the
+        request id) to the tenant's usage stream; returns the tokens that were held."""
         held = await self._settle(
             keys=keys.settle(),
-            args=[request_id, usage.charged, DAY_KEY_TTL_SECONDS, MONTH_KEY_TTL_SECONDS, *flat])
+            args=[request_id, usage.charged, DAY_KEY_TTL_SECONDS, MONTH_KEY_TTL_SECONDS,
+                  json.dumps(event, separators=(",", ":"))])
         return int(held)

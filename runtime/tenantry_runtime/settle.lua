@@ -2,7 +2,7 @@
 -- tokens/min, and append the usage event, atomically.
 -- KEYS: as admit.lua, plus 9 usage stream
 -- ARGV: 1 request id, 2 charged tokens, 3 day key ttl s, 4 month key ttl s,
---       5.. usage event field/value pairs
+--       5 the usage event (JSON)
 local reserved = tonumber(redis.call('HGET', KEYS[7], ARGV[1]) or '-1')
 if reserved >= 0 then
   redis.call('HDEL', KEYS[7], ARGV[1])
@@ -33,5 +33,5 @@ if reserved > charged then
     end
   end
 end
-if #ARGV > 4 then redis.call('XADD', KEYS[9], '*', unpack(ARGV, 5)) end
+redis.call('XADD', KEYS[9], '*', 'request_id', ARGV[1], 'event', ARGV[5])
 return reserved
