@@ -96,7 +96,8 @@ class RuntimeServer:
     keys: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def add_tenant(self, tenant: str, *, keys: dict[str, datetime | None] | None = None,
-                   limits: dict[str, int] | None = None, **config: Any) -> dict[str, str]:
+                   limits: dict[str, int] | None = None, endpoint_api_key: str | None = None,
+                   **config: Any) -> dict[str, str]:
         """Write the tenant's limits and file, wait until the runtime serves it; its keys."""
         write_limits(self.redis_url, tenant, **(limits or {}))
         wanted = keys if keys is not None else {"main": None}
@@ -104,13 +105,14 @@ class RuntimeServer:
         self.keys[tenant] = issued
         self.write(TenantRecord(
             config=tenant_config(tenant, **config),
-            api_keys=tuple(record_for(issued[n], n, wanted[n]) for n in wanted)))
+            api_keys=tuple(record_for(issued[n], n, wanted[n]) for n in wanted),
+            endpoint_api_key=endpoint_api_key))
         return issued
 
     def write(self, record: TenantRecord) -> None:
         """Replace the tenant's file atomically and wait until the store holds the record."""
         tenant = record.config.tenant
-        self.write_raw(tenant, record.model_dump_json().encode())
+        self.write_raw(tenant, record_json(record))
         wait_for(lambda: self.store.get(tenant) == record, 10, f"tenant {tenant} loaded")
 
     def write_raw(self, tenant: str, raw: bytes) -> None:
@@ -126,6 +128,14 @@ class RuntimeServer:
         found = self.store.get(tenant)
         assert found is not None
         return found
+
+
+def record_json(record: TenantRecord) -> bytes:
+    """A tenant file's bytes; pydantic masks SecretStr, so the endpoint key is revealed here."""
+    data = record.model_dump(mode="json")
+    if record.endpoint_api_key is not None:
+        data["endpoint_api_key"] = record.endpoint_api_key.get_secret_value()
+    return dumps(data)
 
 
 def usage_events(redis_url: str, tenant: str) -> list[dict[str, Any]]:

@@ -401,3 +401,56 @@ def test_a_client_that_disconnects_mid_stream_still_settles_its_hold(
     held = runtime_server.redis_client().get(
         limit_keys("apidisconnect", datetime.now(UTC)).held_total)
     assert int(held or 0) == 0
+
+
+def test_a_dedicated_tenant_uses_its_endpoint_and_never_falls_back_to_the_shared_one(
+        runtime_server: RuntimeServer, upstream_stub: tuple[str, object]) -> None:
+    from tenantry_devenv.processes import free_port
+    from tenantry_runtime.contracts.runtime_config import Endpoint
+
+    mine = Endpoint(type="dedicated", url=upstream_stub[0], secret_name="s", secret_key="k")
+    key = runtime_server.add_tenant("apidedicated", endpoint=mine,
+                                    endpoint_api_key=UPSTREAM_KEY)["main"]
+    hello(sdk(runtime_server, key), "dedicated call")
+    assert usage_events(runtime_server.redis_url, "apidedicated")[0]["endpoint"] == "dedicated"
+    dead = Endpoint(type="dedicated", url=f"http://127.0.0.1:{free_port()}", secret_name="s",
+                    secret_key="k")
+    key = runtime_server.add_tenant("apideaddedic", endpoint=dead,
+                                    endpoint_api_key=UPSTREAM_KEY)["main"]
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        hello(sdk(runtime_server, key), "must not reach the shared endpoint")
+    assert caught.value.status_code == 502
+    assert not [r for r in runtime_server.stub.received
+                if r.body["messages"][0]["content"] == "must not reach the shared endpoint"]
+    key = runtime_server.add_tenant("apinokey", endpoint=mine)["main"]
+    with pytest.raises(anthropic.APIStatusError) as unconfigured:
+        hello(sdk(runtime_server, key))
+    assert unconfigured.value.status_code == 503
+
+
+def test_redis_down_fails_closed_with_503_and_not_ready(
+        upstream_stub: tuple[str, object]) -> None:
+    from pydantic import SecretStr
+    from runtime_helpers import serve, tenant_config
+    from tenantry_devenv.processes import free_port
+    from tenantry_runtime.api_keys import generate_key, record_for
+    from tenantry_runtime.app import create_app
+    from tenantry_runtime.settings import RuntimeSettings
+    from tenantry_runtime.store import TenantStore
+
+    store = TenantStore()
+    key, _ = generate_key()
+    store.apply(TenantRecord(config=tenant_config("noredis"),
+                             api_keys=(record_for(key, "main"),)))
+    settings = RuntimeSettings(redis_url=SecretStr(f"redis://127.0.0.1:{free_port()}/0"),
+                               upstream_url=upstream_stub[0],
+                               upstream_api_key=SecretStr(UPSTREAM_KEY))
+    before = len(upstream_stub[1].received)
+    with serve(create_app(settings, store)) as url:
+        client = anthropic.Anthropic(base_url=url, api_key=key, max_retries=0)
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            hello(client)
+        assert caught.value.status_code == 503
+        assert caught.value.response.headers["retry-after"] == "1"
+        assert httpx.get(f"{url}/readyz").status_code == 503
+    assert len(upstream_stub[1].received) == before
