@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from runtime_helpers import write_limits
 from tenantry_devenv.services import Redis as RedisServer
 from tenantry_runtime.limits import Limiter, Usage, Verdict, limit_keys
+from tenantry_runtime.resp import PipelinedRedis
 
 pytestmark = pytest.mark.timeout(120)
 RESERVE = 1_000
@@ -19,7 +20,16 @@ RESERVE = 1_000
 
 @pytest.fixture
 async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    redis = Redis.from_url(redis_server.url, max_connections=256)
+    """redis-py, to look at what the scripts wrote."""
+    redis = Redis.from_url(redis_server.url)
+    yield redis
+    await redis.aclose()
+
+
+@pytest.fixture
+async def pipelined(redis_server: RedisServer) -> AsyncIterator[PipelinedRedis]:
+    """The runtime's own client, that the scripts run over."""
+    redis = PipelinedRedis(redis_server.url, timeout=5)
     yield redis
     await redis.aclose()
 
@@ -40,9 +50,9 @@ async def admit_and_settle(limiter: Limiter, tenant: str, charged: int) -> Verdi
 
 
 async def test_200_parallel_requests_never_spend_more_than_a_budget_of_50(
-        redis_server: RedisServer, client: Redis) -> None:
+        redis_server: RedisServer, client: Redis, pipelined: PipelinedRedis) -> None:
     write_limits(redis_server.url, "budget50", daily_tokens=50 * RESERVE)
-    limiter = Limiter(client, hold_seconds=60)
+    limiter = Limiter(pipelined, hold_seconds=60)
     verdicts = await asyncio.gather(
         *(admit_and_settle(limiter, "budget50", RESERVE) for _ in range(200)))
     assert verdicts.count(Verdict.ADMITTED) == 50
@@ -55,19 +65,19 @@ async def test_200_parallel_requests_never_spend_more_than_a_budget_of_50(
 
 
 async def test_with_overage_the_budget_is_exceeded_by_at_most_one_reservation(
-        redis_server: RedisServer, client: Redis) -> None:
+        redis_server: RedisServer, client: Redis, pipelined: PipelinedRedis) -> None:
     write_limits(redis_server.url, "overage", daily_tokens=50 * RESERVE + 500,
                  overage_allowed=1)
-    limiter = Limiter(client, hold_seconds=60)
+    limiter = Limiter(pipelined, hold_seconds=60)
     await asyncio.gather(*(admit_and_settle(limiter, "overage", RESERVE) for _ in range(200)))
     spent = await spent_today(client, "overage")
     assert 50 * RESERVE + 500 < spent <= 51 * RESERVE + 500
 
 
 async def test_settlement_charges_real_usage_and_frees_the_rest_of_the_hold(
-        redis_server: RedisServer, client: Redis) -> None:
+        redis_server: RedisServer, client: Redis, pipelined: PipelinedRedis) -> None:
     write_limits(redis_server.url, "settles", daily_tokens=3 * RESERVE)
-    limiter = Limiter(client, hold_seconds=60)
+    limiter = Limiter(pipelined, hold_seconds=60)
     # Each request reserves 1,000 and uses 100: admitted while spent + 1,000 <= 3,000.
     verdicts = [await admit_and_settle(limiter, "settles", RESERVE // 10) for _ in range(32)]
     assert verdicts.count(Verdict.ADMITTED) == 21
@@ -75,9 +85,9 @@ async def test_settlement_charges_real_usage_and_frees_the_rest_of_the_hold(
 
 
 async def test_a_hold_of_a_runtime_that_died_expires_on_its_own(
-        redis_server: RedisServer, client: Redis) -> None:
+        redis_server: RedisServer, client: Redis, pipelined: PipelinedRedis) -> None:
     write_limits(redis_server.url, "leak", daily_tokens=RESERVE)
-    limiter = Limiter(client, hold_seconds=1)
+    limiter = Limiter(pipelined, hold_seconds=1)
     now = datetime.now(UTC)
     keys = limit_keys("leak", now)
     assert (await limiter.admit(keys, "dies", RESERVE, now))[0] is Verdict.ADMITTED
@@ -90,9 +100,9 @@ async def test_a_hold_of_a_runtime_that_died_expires_on_its_own(
 
 
 async def test_an_exhausted_budget_retries_after_the_day_ends(
-        redis_server: RedisServer, client: Redis) -> None:
+        redis_server: RedisServer, client: Redis, pipelined: PipelinedRedis) -> None:
     write_limits(redis_server.url, "spent", daily_tokens=RESERVE)
-    limiter = Limiter(client, hold_seconds=60)
+    limiter = Limiter(pipelined, hold_seconds=60)
     assert await admit_and_settle(limiter, "spent", RESERVE) is Verdict.ADMITTED
     now = datetime.now(UTC)
     verdict, retry_ms = await limiter.admit(limit_keys("spent", now), "next", RESERVE, now)
@@ -102,17 +112,17 @@ async def test_an_exhausted_budget_retries_after_the_day_ends(
 
 
 async def test_monthly_budget_refuses_when_the_daily_one_would_not(
-        redis_server: RedisServer, client: Redis) -> None:
+        redis_server: RedisServer, client: Redis, pipelined: PipelinedRedis) -> None:
     write_limits(redis_server.url, "monthly", monthly_tokens=RESERVE)
-    limiter = Limiter(client, hold_seconds=60)
+    limiter = Limiter(pipelined, hold_seconds=60)
     assert await admit_and_settle(limiter, "monthly", RESERVE) is Verdict.ADMITTED
     assert await admit_and_settle(limiter, "monthly", RESERVE) is Verdict.MONTHLY_BUDGET
 
 
 async def test_requests_per_minute_allow_a_burst_then_refuse_with_the_wait(
-        redis_server: RedisServer, client: Redis) -> None:
+        redis_server: RedisServer, client: Redis, pipelined: PipelinedRedis) -> None:
     write_limits(redis_server.url, "rpm", requests_per_minute=5)
-    limiter = Limiter(client, hold_seconds=60)
+    limiter = Limiter(pipelined, hold_seconds=60)
     verdicts = [await admit_and_settle(limiter, "rpm", 1) for _ in range(6)]
     assert verdicts == [Verdict.ADMITTED] * 5 + [Verdict.REQUESTS_PER_MINUTE]
     now = datetime.now(UTC)
@@ -121,9 +131,9 @@ async def test_requests_per_minute_allow_a_burst_then_refuse_with_the_wait(
 
 
 async def test_tokens_per_minute_count_real_usage_after_settlement(
-        redis_server: RedisServer, client: Redis) -> None:
+        redis_server: RedisServer, client: Redis, pipelined: PipelinedRedis) -> None:
     write_limits(redis_server.url, "tpm", tokens_per_minute=2 * RESERVE)
-    limiter = Limiter(client, hold_seconds=60)
+    limiter = Limiter(pipelined, hold_seconds=60)
     # Reservations of 1,000 settle to 10 tokens: the unused 990 come back each time.
     verdicts = [await admit_and_settle(limiter, "tpm", 10) for _ in range(20)]
     assert verdicts == [Verdict.ADMITTED] * 20
@@ -136,17 +146,17 @@ async def test_tokens_per_minute_count_real_usage_after_settlement(
 
 
 async def test_suspended_and_unprovisioned_tenants_are_refused(
-        redis_server: RedisServer, client: Redis) -> None:
+        redis_server: RedisServer, client: Redis, pipelined: PipelinedRedis) -> None:
     write_limits(redis_server.url, "paused", suspended=1)
-    limiter = Limiter(client, hold_seconds=60)
+    limiter = Limiter(pipelined, hold_seconds=60)
     assert await admit_and_settle(limiter, "paused", 1) is Verdict.SUSPENDED
     assert await admit_and_settle(limiter, "neverwritten", 1) is Verdict.NOT_PROVISIONED
 
 
 async def test_settlement_appends_the_usage_event_to_the_tenant_stream(
-        redis_server: RedisServer, client: Redis) -> None:
+        redis_server: RedisServer, client: Redis, pipelined: PipelinedRedis) -> None:
     write_limits(redis_server.url, "events")
-    limiter = Limiter(client, hold_seconds=60)
+    limiter = Limiter(pipelined, hold_seconds=60)
     now = datetime.now(UTC)
     keys = limit_keys("events", now)
     await limiter.admit(keys, "req1", RESERVE, now)

@@ -15,8 +15,6 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -24,12 +22,14 @@ from .errors import ApiError, error_body, kind_for_status
 from .limits import Limiter, Usage, estimate_input_tokens, limit_keys, refusal, reservation
 from .messages import StreamUsage, parse_json_object, parse_messages_request, usage_of_message
 from .policy import api_key_of, check_model, check_request, check_tenant_active, endpoint_for
+from .resp import PipelinedRedis, RedisUnavailable, ReplyError
 from .settings import RuntimeSettings
 from .store import Caller, DirectorySource, TenantStore
 from .upstream import STREAM_ERRORS, Endpoint, UpstreamResponse, Upstreams
 
 log = logging.getLogger(__name__)
 JSON = "application/json"
+REDIS_ERRORS = (RedisUnavailable, ReplyError)
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Runtime:
 
     settings: RuntimeSettings
     store: TenantStore
-    redis: Redis
+    redis: PipelinedRedis
     limiter: Limiter
     upstreams: Upstreams
     # Failures with no client to tell, for /metrics later.
@@ -86,7 +86,7 @@ class Admitted:
         keys = limit_keys(self.caller.config.tenant, self.at)
         try:
             await self.runtime.limiter.settle(keys, self.request_id, usage, event)
-        except RedisError:
+        except REDIS_ERRORS:
             # No spool yet: the hold expires on its own; the charge and event are lost.
             self.runtime.failures["settle_redis_error"] += 1
             log.exception("settling %s failed", self.request_id)
@@ -132,7 +132,7 @@ async def admit(runtime: Runtime, caller: Caller, request_id: str, model: str, r
     keys = limit_keys(caller.config.tenant, now)
     try:
         verdict, retry_ms = await runtime.limiter.admit(keys, request_id, reserve, now)
-    except RedisError:
+    except REDIS_ERRORS:
         runtime.failures["admit_redis_error"] += 1
         log.exception("admission of %s failed: Redis unavailable, failing closed", request_id)
         raise ApiError("api_error", "Limits are unavailable; try again shortly.", status=503,
@@ -180,9 +180,8 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = Redis.from_url(settings.redis_url.get_secret_value(),
-                               socket_timeout=settings.redis_timeout_seconds,
-                               socket_connect_timeout=settings.redis_timeout_seconds)
+        redis = PipelinedRedis(settings.redis_url.get_secret_value(),
+                               settings.redis_timeout_seconds)
         runtime = Runtime(settings, tenants, redis, Limiter(redis, settings.hold_seconds),
                           Upstreams(settings))
         app.state.runtime = runtime
@@ -302,8 +301,8 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
         runtime = runtime_of(request)
         problems = [] if runtime.store.loaded else ["tenant configs not loaded"]
         try:
-            await runtime.redis.ping()
-        except RedisError as error:
+            await runtime.redis.execute("PING")
+        except REDIS_ERRORS as error:
             problems.append(f"redis: {error}")
         if problems:
             return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)

@@ -16,14 +16,12 @@ from enum import IntEnum
 from functools import lru_cache
 from importlib.resources import files
 
-from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
-
 from .contracts.redis_keys import TenantKeys
 from .errors import ApiError
+from .resp import PipelinedRedis, Script
 
-ADMIT_LUA = files(__package__).joinpath("admit.lua").read_text()
-SETTLE_LUA = files(__package__).joinpath("settle.lua").read_text()
+ADMIT = Script(files(__package__).joinpath("admit.lua").read_text())
+SETTLE = Script(files(__package__).joinpath("settle.lua").read_text())
 
 # Counters outlive their period long enough for reports (a day key two days, a month 40).
 DAY_KEY_TTL_SECONDS = 2 * 86400
@@ -143,26 +141,25 @@ class Usage:
 
 
 class Limiter:
-    """The two scripts, bound to one Redis client."""
+    """The two scripts, run over one pipelined Redis connection."""
 
-    def __init__(self, redis: Redis, hold_seconds: int) -> None:
-        self._admit: AsyncScript = redis.register_script(ADMIT_LUA)
-        self._settle: AsyncScript = redis.register_script(SETTLE_LUA)
+    def __init__(self, redis: PipelinedRedis, hold_seconds: int) -> None:
+        self._redis = redis
         self._hold_ms = hold_seconds * 1000
 
     async def admit(self, keys: LimitKeys, request_id: str, reserve: int,
                     now: datetime) -> tuple[Verdict, int]:
         day_ms, month_ms = ms_to_period_ends(now)
-        code, retry_ms = await self._admit(
-            keys=keys.admit(), args=[request_id, reserve, self._hold_ms, day_ms, month_ms])
+        code, retry_ms = await self._redis.run_script(
+            ADMIT, keys.admit(), [request_id, reserve, self._hold_ms, day_ms, month_ms])
         return Verdict(int(code)), int(retry_ms)
 
     async def settle(self, keys: LimitKeys, request_id: str, usage: Usage,
                      event: Mapping[str, object]) -> int:
         """Drop the hold, charge `usage`, append `event` (as one JSON field, next to the
         request id) to the tenant's usage stream; returns the tokens that were held."""
-        held = await self._settle(
-            keys=keys.settle(),
-            args=[request_id, usage.charged, DAY_KEY_TTL_SECONDS, MONTH_KEY_TTL_SECONDS,
-                  json.dumps(event, separators=(",", ":"))])
+        held = await self._redis.run_script(
+            SETTLE, keys.settle(),
+            [request_id, usage.charged, DAY_KEY_TTL_SECONDS, MONTH_KEY_TTL_SECONDS,
+             json.dumps(event, separators=(",", ":"))])
         return int(held)
