@@ -46,6 +46,7 @@ class Result:
     requests: int
     seconds: float
     latencies: list[float]
+    cpu_us: dict[str, float]  # server process -> CPU microseconds per request
 
     @property
     def rate(self) -> float:
@@ -99,17 +100,26 @@ def http_request(url: str, key: str, stream: bool) -> bytes:
             f"content-length: {len(body)}\r\n\r\n{body}").encode()
 
 
-async def closed_loop(url: str, key: str, stream: bool, concurrency: int,
-                      seconds: float) -> Result:
+def _cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+async def closed_loop(url: str, key: str, stream: bool, concurrency: int, seconds: float,
+                      servers: dict[str, psutil.Process]) -> Result:
     request = http_request(url, key, stream)
     warm: list[float] = []
     await asyncio.gather(*(_worker(url, request, time.perf_counter() + 0.5, warm)
                            for _ in range(concurrency)))
     latencies: list[float] = []
+    cpu_before = {name: _cpu_seconds(p) for name, p in servers.items()}
     started = time.perf_counter()
     counts = await asyncio.gather(*(_worker(url, request, started + seconds, latencies)
                                     for _ in range(concurrency)))
-    return Result(sum(counts), time.perf_counter() - started, latencies)
+    elapsed = time.perf_counter() - started
+    done = sum(counts)
+    cpu = {name: (_cpu_seconds(p) - cpu_before[name]) / done * 1e6 for name, p in servers.items()}
+    return Result(done, elapsed, latencies, cpu)
 
 
 def write_tenant(directory: Path, redis_url: str) -> str:
@@ -164,15 +174,19 @@ def main() -> None:
         try:
             with server("stub", [python, "-m", "tenantry_runtime.upstream_stub", "--port",
                                  str(stub_port), "--api-key", UPSTREAM_KEY], stub_port,
-                        workdir), \
+                        workdir) as stub, \
                  server("runtime", [python, "-m", "tenantry_runtime", "--host", "127.0.0.1",
                                     "--port", str(runtime_port)], runtime_port, workdir, env={
                      "TENANTRY_RUNTIME_TENANTS_DIR": str(tenants),
                      "TENANTRY_RUNTIME_REDIS_URL": redis_server.url,
                      "TENANTRY_RUNTIME_UPSTREAM_URL": stub_url,
                      "TENANTRY_RUNTIME_UPSTREAM_API_KEY": UPSTREAM_KEY}) as runtime:
-                report(asyncio.run(run_all(stub_url, runtime_url, key, levels, args.seconds)),
-                       psutil.Process(runtime.pid).memory_info().rss)
+                servers = {"stub": psutil.Process(stub.pid),
+                           "runtime": psutil.Process(runtime.pid),
+                           "redis": psutil.Process(redis_server.process.pid)}
+                report(asyncio.run(run_all(stub_url, runtime_url, key, levels, args.seconds,
+                                           servers)),
+                       servers["runtime"].memory_info().rss)
         finally:
             redis_server.stop()
             if args.keep_logs:
@@ -181,7 +195,8 @@ def main() -> None:
 
 
 async def run_all(stub_url: str, runtime_url: str, key: str, levels: list[int],
-                  seconds: float) -> dict[tuple[str, int, str], Result]:
+                  seconds: float, servers: dict[str, psutil.Process],
+                  ) -> dict[tuple[str, int, str], Result]:
     results: dict[tuple[str, int, str], Result] = {}
     for stream in (False, True):
         mode = "stream" if stream else "non-stream"
@@ -189,7 +204,7 @@ async def run_all(stub_url: str, runtime_url: str, key: str, levels: list[int],
             for target, url, credential in (("direct", stub_url, UPSTREAM_KEY),
                                             ("runtime", runtime_url, key)):
                 results[mode, concurrency, target] = await closed_loop(
-                    url, credential, stream, concurrency, seconds)
+                    url, credential, stream, concurrency, seconds, servers)
                 print(f"  {mode:10} c={concurrency:<3} {target:8} "
                       f"{results[mode, concurrency, target].rate:8.0f} req/s", file=sys.stderr)
     return results
@@ -209,6 +224,15 @@ def report(results: dict[tuple[str, int, str], Result], rss: int) -> None:
               f"{through.percentile(0.5) - direct.percentile(0.5):>6.2f}/"
               f"{through.percentile(0.99) - direct.percentile(0.99):<7.2f}")
     print(f"runtime RSS after the run: {rss / 2**20:.0f} MB (one uvicorn worker)")
+    print("\nCPU per request, microseconds (independent of other load on the machine):")
+    print(f"{'mode':10} {'conc':>4} {'stub direct':>11} {'runtime':>8} {'stub via rt':>11} "
+          f"{'redis':>6}")
+    for (mode, concurrency, target), direct in results.items():
+        if target != "direct":
+            continue
+        through = results[mode, concurrency, "runtime"].cpu_us
+        print(f"{mode:10} {concurrency:>4} {direct.cpu_us['stub']:>11.0f} "
+              f"{through['runtime']:>8.0f} {through['stub']:>11.0f} {through['redis']:>6.0f}")
 
 
 if __name__ == "__main__":

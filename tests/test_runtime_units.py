@@ -185,7 +185,8 @@ def test_only_model_headers_travel_upstream() -> None:
 
     sent = forwarded_headers({"x-api-key": "tenant", "authorization": "Bearer tenant",
                               "anthropic-beta": "b", "cookie": "c"}, Upstream("shared", "u", "up"))
-    assert sent == {"anthropic-beta": "b", "anthropic-version": "2023-06-01", "x-api-key": "up"}
+    assert sent == {"anthropic-beta": "b", "anthropic-version": "2023-06-01", "x-api-key": "up",
+                    "content-type": "application/json"}
 
 
 # --- store --------------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ def upstream_error(status: int, body: bytes) -> ApiError:
 def forwarded_headers(incoming: Mapping[str, str], endpoint: Endpoint) -> dict[str, str]:
     headers = {name: incoming[name] for name in FORWARDED_HEADERS if name in incoming}
     headers.setdefault("anthropic-version", "2023-06-01")
+    headers.setdefault("content-type", "application/json")
     headers["x-api-key"] = endpoint.api_key
     return headers
 
