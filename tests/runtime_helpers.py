@@ -18,6 +18,7 @@ import redis
 import uvicorn
 from tenantry_devenv.processes import free_port
 from tenantry_runtime.api_keys import generate_key, record_for
+from tenantry_runtime.contracts.database import SHARED_SCHEMA
 from tenantry_runtime.contracts.redis_keys import TenantKeys
 from tenantry_runtime.contracts.runtime_config import (
     Collection,
@@ -62,7 +63,7 @@ def tenant_config(tenant: str, **changes: Any) -> TenantRuntimeConfig:
     base = TenantRuntimeConfig(
         revision=1, tenant=tenant, isolation="pool", suspended=False, model=MODEL,
         max_tokens_per_request=1024, endpoint=Endpoint(type="shared"),
-        database=DatabaseLocation(kind="shared", schema_name="public"),
+        database=DatabaseLocation(kind="shared", schema_name=SHARED_SCHEMA),
         collection=Collection(enabled=False, table=None, dimensions=384, top_k=4, shared=True),
         redis_key_prefix=TenantKeys(tenant).prefix)
     return base.model_copy(update=changes)

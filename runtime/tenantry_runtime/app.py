@@ -15,12 +15,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from redis.asyncio import Redis as StreamRedis
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from .errors import ApiError, error_body, kind_for_status
 from .limits import Limiter, Usage, estimate_input_tokens, limit_keys, refusal, reservation
 from .messages import StreamUsage, parse_json_object, parse_messages_request, usage_of_message
+from .metering import UsageWriter
 from .policy import api_key_of, check_model, check_request, check_tenant_active, endpoint_for
 from .resp import PipelinedRedis, RedisUnavailable, ReplyError
 from .settings import RuntimeSettings
@@ -185,18 +187,26 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
         runtime = Runtime(settings, tenants, redis, Limiter(redis, settings.hold_seconds),
                           Upstreams(settings))
         app.state.runtime = runtime
-        watcher: asyncio.Task[None] | None = None
+        tasks: list[asyncio.Task[None]] = []
         if settings.tenants_dir is not None:
             source = DirectorySource(settings.tenants_dir, tenants)
             source.sync()
-            watcher = asyncio.create_task(source.watch(settings.config_poll_seconds))
+            tasks.append(asyncio.create_task(source.watch(settings.config_poll_seconds)))
         elif store is not None:
             tenants.loaded = True
+        stream_redis: StreamRedis | None = None
+        if settings.database_url is not None:
+            stream_redis = StreamRedis.from_url(settings.redis_url.get_secret_value())
+            writer = UsageWriter(stream_redis, settings.database_url.get_secret_value(), tenants,
+                                 settings.replica_name, settings.usage_batch)
+            tasks.append(asyncio.create_task(writer.run(settings.usage_flush_seconds)))
         try:
             yield
         finally:
-            if watcher is not None:
-                watcher.cancel()
+            for task in tasks:
+                task.cancel()
+            if stream_redis is not None:
+                await stream_redis.aclose()
             if runtime.background:
                 await asyncio.wait(runtime.background, timeout=5)
             await runtime.upstreams.aclose()

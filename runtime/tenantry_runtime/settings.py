@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from functools import lru_cache
 from pathlib import Path
 
@@ -45,6 +46,16 @@ class RuntimeSettings(BaseSettings):
     )
     hold_seconds: int = Field(
         900, ge=1, description="A budget hold expires on its own after this (runtime died)."
+    )
+
+    # Metering into Postgres (off when unset: events stay in the tenants' Redis streams).
+    database_url: SecretStr | None = Field(
+        None, description="DSN of the shared Postgres that ai_usage_logs of pool tenants live in."
+    )
+    usage_flush_seconds: float = Field(1.0, gt=0, description="How often usage is written.")
+    usage_batch: int = Field(500, ge=1, le=10_000, description="Events per insert batch.")
+    replica_name: str = Field(
+        default_factory=socket.gethostname, description="Consumer name in the usage group."
     )
 
 
