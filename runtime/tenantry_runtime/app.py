@@ -152,6 +152,7 @@ async def relay_stream(admitted: Admitted, upstream: UpstreamResponse) -> AsyncI
     seen = StreamUsage()
     status = upstream.status
     held: bytes | None = None
+    handed_off = False
     try:
         async for chunk in upstream.chunks():
             seen.feed(chunk)
@@ -169,11 +170,29 @@ async def relay_stream(admitted: Admitted, upstream: UpstreamResponse) -> AsyncI
             yield held
         yield b"event: error\ndata: " + error_body(
             "api_error", "The model endpoint broke off the stream.") + b"\n\n"
+    except BaseException:
+        # The client went away (GeneratorExit or cancellation): the model keeps generating
+        # and the tokens are billed, so read the rest off this task, bounded, then settle.
+        if not admitted.settled:
+            admitted.runtime.spawn(bill_abandoned_stream(admitted, upstream, seen))
+            handed_off = True
+        raise
+    finally:
+        if not handed_off:
+            upstream.close()
+
+
+async def bill_abandoned_stream(admitted: Admitted, upstream: UpstreamResponse,
+                                seen: StreamUsage) -> None:
+    try:
+        async with asyncio.timeout(admitted.runtime.settings.abandoned_stream_seconds):
+            async for chunk in upstream.chunks():
+                seen.feed(chunk)
+    except (*STREAM_ERRORS, TimeoutError):
+        admitted.runtime.failures["abandoned_stream_unfinished"] += 1
     finally:
         upstream.close()
-        if not admitted.settled:
-            # The client went away: settle what was seen (reading on is a later slice).
-            admitted.runtime.spawn(admitted.settle(seen.usage, 499))
+        await admitted.settle(seen.usage, 499)
 
 
 def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> FastAPI:

@@ -44,6 +44,9 @@ class RuntimeSettings(BaseSettings):
     max_body_bytes: int = Field(
         32 * 1024 * 1024, ge=1024, description="Largest request body (Anthropic's is 32 MB)."
     )
+    abandoned_stream_seconds: float = Field(
+        300.0, gt=0, description="How long a stream whose client left is read on, for billing."
+    )
     hold_seconds: int = Field(
         900, ge=1, description="A budget hold expires on its own after this (runtime died)."
     )
