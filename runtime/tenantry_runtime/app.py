@@ -88,10 +88,10 @@ class Admitted:
         keys = limit_keys(self.caller.config.tenant, self.at)
         try:
             await self.runtime.limiter.settle(keys, self.request_id, usage, event)
-        except REDIS_ERRORS:
+        except REDIS_ERRORS as error:
             # No spool yet: the hold expires on its own; the charge and event are lost.
             self.runtime.failures["settle_redis_error"] += 1
-            log.exception("settling %s failed", self.request_id)
+            log.error("settling %s failed, its usage is lost: %s", self.request_id, error)
 
 
 def error_response(error: ApiError, request_id: str | None = None) -> Response:
@@ -134,9 +134,10 @@ async def admit(runtime: Runtime, caller: Caller, request_id: str, model: str, r
     keys = limit_keys(caller.config.tenant, now)
     try:
         verdict, retry_ms = await runtime.limiter.admit(keys, request_id, reserve, now)
-    except REDIS_ERRORS:
+    except REDIS_ERRORS as error:
         runtime.failures["admit_redis_error"] += 1
-        log.exception("admission of %s failed: Redis unavailable, failing closed", request_id)
+        log.warning("admission of %s refused, Redis unavailable (failing closed): %s",
+                    request_id, error)
         raise ApiError("api_error", "Limits are unavailable; try again shortly.", status=503,
                        retry_after=1) from None
     refused = refusal(verdict, retry_ms)
@@ -159,7 +160,8 @@ async def relay_stream(admitted: Admitted, upstream: UpstreamResponse) -> AsyncI
             if held is not None:
                 yield held
             held = chunk
-        await admitted.settle(seen.usage, status)
+        # Shielded: a client leaving now must not cut the settlement in half.
+        await asyncio.shield(admitted.settle(seen.usage, status))
         if held is not None:
             yield held
     except STREAM_ERRORS:
