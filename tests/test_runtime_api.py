@@ -455,3 +455,33 @@ def test_redis_down_fails_closed_with_503_and_not_ready(
         assert caught.value.response.headers["retry-after"] == "1"
         assert httpx.get(f"{url}/readyz").status_code == 503
     assert len(upstream_stub[1].received) == before
+
+
+async def test_200_parallel_sdk_requests_against_a_budget_that_fits_50(
+        runtime_server: RuntimeServer) -> None:
+    from tenantry_runtime.limits import estimate_input_tokens, reservation
+
+    body = httpx.Request("POST", "http://x", json={
+        "max_tokens": 1024, "messages": [{"role": "user", "content": "in parallel"}],
+        "model": MODEL}).content
+    # The SDK serialises the same fields, give or take some bytes: with max_tokens dominating
+    # the reservation, 50 fit and 51 do not even if the estimate is off by 10 tokens.
+    reserve = reservation(estimate_input_tokens(len(body)), 1024)
+    budget = 50 * reserve + reserve // 2
+    key = runtime_server.add_tenant("apiparallel", limits={"daily_tokens": budget})["main"]
+    runtime_server.stub.delay_seconds = 3.0  # every admitted request holds its reservation
+    try:
+        client = anthropic.AsyncAnthropic(base_url=runtime_server.url, api_key=key,
+                                          max_retries=0, timeout=60)
+        outcomes = await asyncio.gather(*(client.messages.create(
+            model=MODEL, max_tokens=1024, messages=[{"role": "user", "content": "in parallel"}])
+            for _ in range(200)), return_exceptions=True)
+        await client.close()
+    finally:
+        runtime_server.stub.delay_seconds = 0.0
+    answered = [o for o in outcomes if isinstance(o, anthropic.types.Message)]
+    limited = [o for o in outcomes if isinstance(o, anthropic.RateLimitError)]
+    assert (len(answered), len(limited)) == (50, 150)
+    spent = runtime_server.redis_client().get(limit_keys("apiparallel", datetime.now(UTC)).day)
+    assert int(spent or 0) == sum(m.usage.input_tokens + m.usage.output_tokens for m in answered)
+    assert int(spent or 0) <= budget
