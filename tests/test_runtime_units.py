@@ -205,6 +205,9 @@ def test_store_keeps_newer_ignores_stale_and_refuses_bad_tenant_ids() -> None:
     assert caller is not None and caller.config.revision == 2
     bad = TenantRecord(config=tenant_config("acme").model_copy(update={"tenant": "Acme;drop"}))
     assert store.apply(bad) is Outcome.REFUSED and store.refused["invalid_tenant_id"] == 1
+    twice = TenantRecord(config=tenant_config("acme", revision=3),
+                         api_keys=(record_for(key, "a"), record_for(key, "b")))
+    assert store.apply(twice) is Outcome.REFUSED and store.refused["key_prefix_conflict"] == 1
     newer = TenantRecord(config=tenant_config("acme", revision=3))
     assert store.apply(newer) is Outcome.APPLIED
     assert store.authenticate(key) is None  # the newer record no longer lists the key

@@ -76,7 +76,7 @@ class TenantStore:
         try:
             validate_tenant_id(tenant)
         except InvalidTenantId as error:
-            return self._refuse(repr(tenant), "invalid_tenant_id", str(error))
+            return self.refuse(repr(tenant), "invalid_tenant_id", str(error))
         current = self._tenants.get(tenant)
         if current is not None and record.config.revision < current.config.revision:
             log.info("tenant %s: ignoring stale revision %d (holding %d)", tenant,
@@ -84,17 +84,15 @@ class TenantStore:
             return Outcome.STALE
         if current == record:
             return Outcome.UNCHANGED
-        taken = [k.prefix for k in record.api_keys if k.prefix in self._by_prefix
-                 and self._by_prefix[k.prefix][0].config.tenant != tenant]
-        if taken:
-            # A prefix held by another tenant would make lookups ambiguous: refuse all of it.
-            return self._refuse(tenant, "key_prefix_conflict", f"key prefixes in use: {taken}")
+        prefixes = [k.prefix for k in record.api_keys]
+        taken = [p for p in prefixes if p in self._by_prefix
+                 and self._by_prefix[p][0].config.tenant != tenant]
+        if taken or len(set(prefixes)) != len(prefixes):
+            # A prefix held twice would make lookups ambiguous: refuse the whole record.
+            return self.refuse(tenant, "key_prefix_conflict", f"key prefixes in use: {taken}")
         self._tenants[tenant] = record
         self._index()
         return Outcome.APPLIED
-
-    def refuse(self, source: str, reason: str, detail: str) -> Outcome:
-        return self._refuse(source, reason, detail)
 
     def remove(self, tenant: str) -> bool:
         removed = self._tenants.pop(tenant, None) is not None
@@ -115,7 +113,8 @@ class TenantStore:
             return None
         return Caller(tenant_record, key_record.name)
 
-    def _refuse(self, source: str, reason: str, detail: str) -> Outcome:
+    def refuse(self, source: str, reason: str, detail: str) -> Outcome:
+        """Count and log a record that cannot be used; the last good one stays."""
         self.refused[reason] += 1
         log.error("tenant config %s refused (%s): %s; keeping the last good one",
                   source, reason, detail)
