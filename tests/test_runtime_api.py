@@ -210,6 +210,8 @@ def test_budget_exhausted_is_429_with_retry_after(runtime_server: RuntimeServer)
     assert caught.value.body["error"]["type"] == "rate_limit_error"
     assert "Daily token budget" in caught.value.message
     assert int(caught.value.response.headers["retry-after"]) > 0
+    # Retrying before midnight is pointless: the SDK is told not to.
+    assert caught.value.response.headers["x-should-retry"] == "false"
     assert len(usage_events(runtime_server.redis_url, "apibudget")) == 1
 
 

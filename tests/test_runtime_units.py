@@ -159,6 +159,8 @@ def test_refusals_map_to_anthropic_statuses() -> None:
     limited = refusal(Verdict.DAILY_BUDGET, 1500)
     assert limited is not None
     assert limited.headers() == {"retry-after": "2", "retry-after-ms": "1500"}
+    tomorrow = refusal(Verdict.DAILY_BUDGET, 3_600_000)
+    assert tomorrow is not None and tomorrow.headers()["x-should-retry"] == "false"
 
 
 # --- upstream decisions -------------------------------------------------------------------------

@@ -16,6 +16,9 @@ STATUS_OF = {
     "overloaded_error": 529,
 }
 TYPE_OF_STATUS = {status: kind for kind, status in STATUS_OF.items()}
+# Beyond this wait a retry is not worth it: older anthropic SDKs ignore longer retry-afters and
+# retry at once, newer ones (2.x) sleep the whole wait, hours for a spent daily budget.
+SDK_LONGEST_WAIT_SECONDS = 60
 
 
 class ApiError(Exception):
@@ -36,8 +39,12 @@ class ApiError(Exception):
         if self.retry_after is None:
             return {}
         # The SDK prefers retry-after-ms; plain clients read whole seconds, rounded up.
-        return {"retry-after": str(max(1, int(-(-self.retry_after // 1)))),
-                "retry-after-ms": str(int(self.retry_after * 1000))}
+        headers = {"retry-after": str(max(1, int(-(-self.retry_after // 1)))),
+                   "retry-after-ms": str(int(self.retry_after * 1000))}
+        if self.retry_after > SDK_LONGEST_WAIT_SECONDS:
+            # Let the client see the error now instead.
+            headers["x-should-retry"] = "false"
+        return headers
 
 
 def error_body(kind: str, message: str) -> bytes:
