@@ -263,7 +263,11 @@ def test_a_stale_revision_is_ignored_and_an_invalid_file_keeps_the_last_good(
     record = runtime_server.record("apirevs")
     stale = record.model_copy(update={"config": record.config.model_copy(
         update={"revision": 4, "suspended": True})})
+    stale_before = runtime_server.store.stale_ignored
     runtime_server.write_raw("apirevs", stale.model_dump_json().encode())
+    wait_for(lambda: runtime_server.store.stale_ignored > stale_before, 5,
+             "the stale revision to be seen")
+    assert runtime_server.record("apirevs") == record
     refused_before = sum(runtime_server.store.refused.values())
     runtime_server.write_raw("apirevs", b'{"config": {"tenant": "apirevs"}}')
     wait_for(lambda: sum(runtime_server.store.refused.values()) > refused_before, 5,

@@ -62,6 +62,7 @@ class TenantStore:
     _by_prefix: dict[str, tuple[TenantRecord, ApiKeyRecord]] = field(default_factory=dict)
     # Refusals by reason, for /metrics later (`tenantry_runtime_config_refused_total`).
     refused: Counter[str] = field(default_factory=Counter)
+    stale_ignored: int = 0
     loaded: bool = False
 
     def get(self, tenant: str) -> TenantRecord | None:
@@ -81,6 +82,7 @@ class TenantStore:
         if current is not None and record.config.revision < current.config.revision:
             log.info("tenant %s: ignoring stale revision %d (holding %d)", tenant,
                      record.config.revision, current.config.revision)
+            self.stale_ignored += 1
             return Outcome.STALE
         if current == record:
             return Outcome.UNCHANGED
