@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import anthropic
 import httpx
@@ -52,6 +53,10 @@ def test_usage_event_carries_the_request_id_the_client_saw(
     assert (event["model"], event["status"], event["endpoint"]) == (MODEL, 200, "shared")
     assert event["input_tokens"] == message.usage.input_tokens
     assert event["output_tokens"] == message.usage.output_tokens == 4
+    # claude-stub-1 is priced at 1 USD in / 2 USD out per million tokens in prices.json.
+    expected = Decimal(message.usage.input_tokens * 1 + 4 * 2) / 1_000_000
+    assert (Decimal(event["cost"]), event["currency"]) == (expected, "USD")
+    assert event["price_version"]
     spent = runtime_server.redis_client().get(limit_keys("apievents", datetime.now(UTC)).day)
     assert int(spent or 0) == message.usage.input_tokens + 4
 

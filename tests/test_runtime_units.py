@@ -249,3 +249,19 @@ def test_stub_honours_max_tokens_stop_sequences_and_tool_choice() -> None:
     none = answer({**base, "max_tokens": 9, "tools": tools, "tool_choice": {"type": "none"}},
                   StubState())
     assert none["stop_reason"] == "end_turn"
+
+
+# --- prices -------------------------------------------------------------------------------------
+
+
+def test_cost_from_the_shipped_price_table() -> None:
+    from decimal import Decimal
+
+    from tenantry_runtime.pricing import load_price_table
+
+    table = load_price_table()
+    usage = Usage(input_tokens=1_000_000, output_tokens=2_000_000,
+                  cache_creation_input_tokens=1_000_000, cache_read_input_tokens=10_000_000)
+    assert table.cost("claude-sonnet-4-5", usage) == Decimal("3") + 30 + Decimal("3.75") + 3
+    assert table.cost("claude-unknown", usage) is None
+    assert table.version and table.currency == "USD"

@@ -24,6 +24,7 @@ from .limits import Limiter, Usage, estimate_input_tokens, limit_keys, refusal, 
 from .messages import StreamUsage, parse_json_object, parse_messages_request, usage_of_message
 from .metering import UsageWriter
 from .policy import api_key_of, check_model, check_request, check_tenant_active, endpoint_for
+from .pricing import PriceTable, load_price_table
 from .resp import PipelinedRedis, RedisUnavailable, ReplyError
 from .settings import RuntimeSettings
 from .store import Caller, DirectorySource, TenantStore
@@ -43,6 +44,7 @@ class Runtime:
     redis: PipelinedRedis
     limiter: Limiter
     upstreams: Upstreams
+    prices: PriceTable
     # Failures with no client to tell, for /metrics later.
     failures: Counter[str] = field(default_factory=Counter)
     background: set[asyncio.Task[None]] = field(default_factory=set)
@@ -75,7 +77,7 @@ class Admitted:
         if self.settled:
             return
         self.settled = True
-        event = {
+        event: dict[str, object] = {
             "request_id": self.request_id, "tenant": self.caller.config.tenant,
             "key": self.caller.key_name, "model": self.model, "status": status,
             "endpoint": self.endpoint.kind, "stream": self.stream,
@@ -85,6 +87,12 @@ class Admitted:
             "latency_ms": round((time.perf_counter() - self.started) * 1000, 1),
             "at": self.at.isoformat(),
         }
+        prices = self.runtime.prices
+        cost = prices.cost(self.model, usage)
+        if cost is None:
+            self.runtime.failures["unpriced_model"] += 1
+        event.update(cost=None if cost is None else str(cost), currency=prices.currency,
+                     price_version=prices.version)
         keys = limit_keys(self.caller.config.tenant, self.at)
         try:
             await self.runtime.limiter.settle(keys, self.request_id, usage, event)
@@ -206,7 +214,7 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
         redis = PipelinedRedis(settings.redis_url.get_secret_value(),
                                settings.redis_timeout_seconds)
         runtime = Runtime(settings, tenants, redis, Limiter(redis, settings.hold_seconds),
-                          Upstreams(settings))
+                          Upstreams(settings), load_price_table(settings.price_table))
         app.state.runtime = runtime
         tasks: list[asyncio.Task[None]] = []
         if settings.tenants_dir is not None:

@@ -51,6 +51,10 @@ class RuntimeSettings(BaseSettings):
         900, ge=1, description="A budget hold expires on its own after this (runtime died)."
     )
 
+    price_table: Path | None = Field(
+        None, description="A prices.json to use instead of the one shipped with the runtime."
+    )
+
     # Metering into Postgres (off when unset: events stay in the tenants' Redis streams).
     database_url: SecretStr | None = Field(
         None, description="DSN of the shared Postgres that ai_usage_logs of pool tenants live in."
