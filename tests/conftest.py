@@ -154,7 +154,8 @@ def runtime_server(workdir: Path, redis_server: Redis,
         tenants_dir=tenants_dir, config_poll_seconds=0.1, redis_url=SecretStr(redis_server.url),
         upstream_url=stub_url, upstream_api_key=SecretStr(UPSTREAM_KEY),
         upstream_backoff_seconds=0.01, upstream_backoff_max_seconds=0.05,
-        max_body_bytes=64 * 1024)
+        max_body_bytes=64 * 1024, max_concurrent_per_tenant=1000)
     store = TenantStore()
-    with serve(create_app(settings, store)) as url:
-        yield RuntimeServer(url, tenants_dir, redis_server.url, stub, store)
+    app = create_app(settings, store)
+    with serve(app) as url:
+        yield RuntimeServer(url, tenants_dir, redis_server.url, stub, store, app)

@@ -94,6 +94,7 @@ class RuntimeServer:
     redis_url: str
     stub: StubState
     store: TenantStore
+    app: Any
     keys: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def add_tenant(self, tenant: str, *, keys: dict[str, datetime | None] | None = None,

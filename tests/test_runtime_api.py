@@ -496,3 +496,48 @@ async def test_200_parallel_sdk_requests_against_a_budget_that_fits_50(
     spent = runtime_server.redis_client().get(limit_keys("apiparallel", datetime.now(UTC)).day)
     assert int(spent or 0) == sum(m.usage.input_tokens + m.usage.output_tokens for m in answered)
     assert int(spent or 0) <= budget
+
+
+async def test_one_tenants_burst_is_capped_and_another_tenant_is_still_served(
+        runtime_server: RuntimeServer, upstream_stub: tuple[str, object]) -> None:
+    from pydantic import SecretStr
+    from runtime_helpers import serve
+    from tenantry_runtime.app import Runtime, create_app
+    from tenantry_runtime.settings import RuntimeSettings
+
+    greedy = runtime_server.add_tenant("capgreedy")["main"]
+    modest = runtime_server.add_tenant("capmodest")["main"]
+    settings = RuntimeSettings(
+        redis_url=SecretStr(runtime_server.redis_url), upstream_url=upstream_stub[0],
+        upstream_api_key=SecretStr(UPSTREAM_KEY), max_concurrent_per_tenant=3)
+    runtime_server.stub.delay_seconds = 1.0
+    try:
+        app = create_app(settings, runtime_server.store)
+        with serve(app) as url:
+            def client(key: str) -> anthropic.AsyncAnthropic:
+                return anthropic.AsyncAnthropic(base_url=url, api_key=key, max_retries=0)
+
+            burst = [client(greedy).messages.create(
+                model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "mine"}])
+                for _ in range(8)]
+            started = asyncio.gather(*burst, return_exceptions=True)
+            await asyncio.sleep(0.3)  # the burst is in flight
+            other = await client(modest).messages.create(
+                model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "me too"}])
+            outcomes = await started
+            runtime: Runtime = app.state.runtime
+            assert runtime.in_flight == {}
+    finally:
+        runtime_server.stub.delay_seconds = 0.0
+    assert other.content[0].text == "echo: me too"
+    limited = [o for o in outcomes if isinstance(o, anthropic.RateLimitError)]
+    assert len(limited) == 5 and "concurrent" in limited[0].message
+    assert len([o for o in outcomes if isinstance(o, anthropic.types.Message)]) == 3
+
+
+def test_every_request_of_this_module_left_the_in_flight_count(
+        runtime_server: RuntimeServer) -> None:
+    """Runs last here: refusals, upstream errors, broken and abandoned streams all released."""
+    runtime = runtime_server.app.state.runtime
+    wait_for(lambda: not runtime.background, 10, "background settlements")
+    assert runtime.in_flight == {}

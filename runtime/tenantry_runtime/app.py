@@ -47,6 +47,13 @@ class Runtime:
     prices: PriceTable
     # Failures with no client to tell, for /metrics later.
     failures: Counter[str] = field(default_factory=Counter)
+    # Admitted requests per tenant not yet settled (this replica).
+    in_flight: Counter[str] = field(default_factory=Counter)
+
+    def release(self, tenant: str) -> None:
+        self.in_flight[tenant] -= 1
+        if self.in_flight[tenant] <= 0:
+            del self.in_flight[tenant]
     background: set[asyncio.Task[None]] = field(default_factory=set)
 
     def spawn(self, work: Awaitable[None]) -> None:
@@ -77,6 +84,7 @@ class Admitted:
         if self.settled:
             return
         self.settled = True
+        self.runtime.release(self.caller.config.tenant)
         event: dict[str, object] = {
             "request_id": self.request_id, "tenant": self.caller.config.tenant,
             "key": self.caller.key_name, "model": self.model, "status": status,
@@ -138,11 +146,20 @@ async def admit(runtime: Runtime, caller: Caller, request_id: str, model: str, r
                 stream: bool) -> Admitted:
     """One Redis round trip; raises the client's error when refused."""
     endpoint = endpoint_for(caller.record, runtime.settings)
+    tenant = caller.config.tenant
+    # A tenant's share of this replica: one tenant's burst cannot take every connection.
+    if runtime.in_flight[tenant] >= runtime.settings.max_concurrent_per_tenant:
+        raise ApiError("rate_limit_error", "Too many concurrent requests for this tenant.",
+                       retry_after=1)
+    runtime.in_flight[tenant] += 1
     now = datetime.now(UTC)
-    keys = limit_keys(caller.config.tenant, now)
+    keys = limit_keys(tenant, now)
     try:
         verdict, retry_ms = await runtime.limiter.admit(keys, request_id, reserve, now)
-    except REDIS_ERRORS as error:
+    except BaseException as error:
+        runtime.release(tenant)
+        if not isinstance(error, REDIS_ERRORS):
+            raise
         runtime.failures["admit_redis_error"] += 1
         log.warning("admission of %s refused, Redis unavailable (failing closed): %s",
                     request_id, error)
@@ -150,6 +167,7 @@ async def admit(runtime: Runtime, caller: Caller, request_id: str, model: str, r
                        retry_after=1) from None
     refused = refusal(verdict, retry_ms)
     if refused is not None:
+        runtime.release(tenant)
         raise refused
     return Admitted(runtime, caller, request_id, model, endpoint, stream, time.perf_counter(),
                     now)

@@ -44,6 +44,9 @@ class RuntimeSettings(BaseSettings):
     max_body_bytes: int = Field(
         32 * 1024 * 1024, ge=1024, description="Largest request body (Anthropic's is 32 MB)."
     )
+    max_concurrent_per_tenant: int = Field(
+        64, ge=1, description="Requests of one tenant in flight per replica; more get 429."
+    )
     abandoned_stream_seconds: float = Field(
         300.0, gt=0, description="How long a stream whose client left is read on, for billing."
     )
