@@ -180,7 +180,9 @@ def main() -> None:
                      "TENANTRY_RUNTIME_TENANTS_DIR": str(tenants),
                      "TENANTRY_RUNTIME_REDIS_URL": redis_server.url,
                      "TENANTRY_RUNTIME_UPSTREAM_URL": stub_url,
-                     "TENANTRY_RUNTIME_UPSTREAM_API_KEY": UPSTREAM_KEY}) as runtime:
+                     "TENANTRY_RUNTIME_UPSTREAM_API_KEY": UPSTREAM_KEY,
+                     # One tenant drives all the load: lift its share of the replica.
+                     "TENANTRY_RUNTIME_MAX_CONCURRENT_PER_TENANT": "100000"}) as runtime:
                 servers = {"stub": psutil.Process(stub.pid),
                            "runtime": psutil.Process(runtime.pid),
                            "redis": psutil.Process(redis_server.process.pid)}
