@@ -51,45 +51,45 @@ async def admit_and_settle(limiter: Limiter, tenant: str, charged: int) -> Verdi
 
 async def test_200_parallel_requests_never_spend_more_than_a_budget_of_50(
         redis_server: RedisServer, client: Redis, pipelined: PipelinedRedis) -> None:
-    write_limits(redis_server.url, "budget50", daily_tokens=50 * RESERVE)
+    write_limits(redis_server.url, "limbudget50", daily_tokens=50 * RESERVE)
     limiter = Limiter(pipelined, hold_seconds=60)
     verdicts = await asyncio.gather(
-        *(admit_and_settle(limiter, "budget50", RESERVE) for _ in range(200)))
+        *(admit_and_settle(limiter, "limbudget50", RESERVE) for _ in range(200)))
     assert verdicts.count(Verdict.ADMITTED) == 50
     assert set(verdicts) == {Verdict.ADMITTED, Verdict.DAILY_BUDGET}
-    assert await spent_today(client, "budget50") == 50 * RESERVE
+    assert await spent_today(client, "limbudget50") == 50 * RESERVE
     # Nothing stays held after settlement.
-    keys = limit_keys("budget50", datetime.now(UTC))
+    keys = limit_keys("limbudget50", datetime.now(UTC))
     assert int(await client.get(keys.held_total) or 0) == 0
     assert await client.zcard(keys.holds) == 0
 
 
 async def test_with_overage_the_budget_is_exceeded_by_at_most_one_reservation(
         redis_server: RedisServer, client: Redis, pipelined: PipelinedRedis) -> None:
-    write_limits(redis_server.url, "overage", daily_tokens=50 * RESERVE + 500,
+    write_limits(redis_server.url, "limoverage", daily_tokens=50 * RESERVE + 500,
                  overage_allowed=1)
     limiter = Limiter(pipelined, hold_seconds=60)
-    await asyncio.gather(*(admit_and_settle(limiter, "overage", RESERVE) for _ in range(200)))
-    spent = await spent_today(client, "overage")
+    await asyncio.gather(*(admit_and_settle(limiter, "limoverage", RESERVE) for _ in range(200)))
+    spent = await spent_today(client, "limoverage")
     assert 50 * RESERVE + 500 < spent <= 51 * RESERVE + 500
 
 
 async def test_settlement_charges_real_usage_and_frees_the_rest_of_the_hold(
         redis_server: RedisServer, client: Redis, pipelined: PipelinedRedis) -> None:
-    write_limits(redis_server.url, "settles", daily_tokens=3 * RESERVE)
+    write_limits(redis_server.url, "limsettles", daily_tokens=3 * RESERVE)
     limiter = Limiter(pipelined, hold_seconds=60)
     # Each request reserves 1,000 and uses 100: admitted while spent + 1,000 <= 3,000.
-    verdicts = [await admit_and_settle(limiter, "settles", RESERVE // 10) for _ in range(32)]
+    verdicts = [await admit_and_settle(limiter, "limsettles", RESERVE // 10) for _ in range(32)]
     assert verdicts.count(Verdict.ADMITTED) == 21
-    assert await spent_today(client, "settles") == 2_100
+    assert await spent_today(client, "limsettles") == 2_100
 
 
 async def test_a_hold_of_a_runtime_that_died_expires_on_its_own(
         redis_server: RedisServer, client: Redis, pipelined: PipelinedRedis) -> None:
-    write_limits(redis_server.url, "leak", daily_tokens=RESERVE)
+    write_limits(redis_server.url, "limleak", daily_tokens=RESERVE)
     limiter = Limiter(pipelined, hold_seconds=1)
     now = datetime.now(UTC)
-    keys = limit_keys("leak", now)
+    keys = limit_keys("limleak", now)
     assert (await limiter.admit(keys, "dies", RESERVE, now))[0] is Verdict.ADMITTED
     # Never settled. Meanwhile the budget is held, and the refusal says "soon", not "tomorrow".
     verdict, retry_ms = await limiter.admit(keys, "waits", RESERVE, now)
@@ -101,11 +101,11 @@ async def test_a_hold_of_a_runtime_that_died_expires_on_its_own(
 
 async def test_an_exhausted_budget_retries_after_the_day_ends(
         redis_server: RedisServer, client: Redis, pipelined: PipelinedRedis) -> None:
-    write_limits(redis_server.url, "spent", daily_tokens=RESERVE)
+    write_limits(redis_server.url, "limspent", daily_tokens=RESERVE)
     limiter = Limiter(pipelined, hold_seconds=60)
-    assert await admit_and_settle(limiter, "spent", RESERVE) is Verdict.ADMITTED
+    assert await admit_and_settle(limiter, "limspent", RESERVE) is Verdict.ADMITTED
     now = datetime.now(UTC)
-    verdict, retry_ms = await limiter.admit(limit_keys("spent", now), "next", RESERVE, now)
+    verdict, retry_ms = await limiter.admit(limit_keys("limspent", now), "next", RESERVE, now)
     assert verdict is Verdict.DAILY_BUDGET
     midnight = (86400 - (now.hour * 3600 + now.minute * 60 + now.second)) * 1000
     assert midnight - 2000 <= retry_ms <= midnight + 1000
@@ -113,32 +113,32 @@ async def test_an_exhausted_budget_retries_after_the_day_ends(
 
 async def test_monthly_budget_refuses_when_the_daily_one_would_not(
         redis_server: RedisServer, client: Redis, pipelined: PipelinedRedis) -> None:
-    write_limits(redis_server.url, "monthly", monthly_tokens=RESERVE)
+    write_limits(redis_server.url, "limmonthly", monthly_tokens=RESERVE)
     limiter = Limiter(pipelined, hold_seconds=60)
-    assert await admit_and_settle(limiter, "monthly", RESERVE) is Verdict.ADMITTED
-    assert await admit_and_settle(limiter, "monthly", RESERVE) is Verdict.MONTHLY_BUDGET
+    assert await admit_and_settle(limiter, "limmonthly", RESERVE) is Verdict.ADMITTED
+    assert await admit_and_settle(limiter, "limmonthly", RESERVE) is Verdict.MONTHLY_BUDGET
 
 
 async def test_requests_per_minute_allow_a_burst_then_refuse_with_the_wait(
         redis_server: RedisServer, client: Redis, pipelined: PipelinedRedis) -> None:
-    write_limits(redis_server.url, "rpm", requests_per_minute=5)
+    write_limits(redis_server.url, "limrpm", requests_per_minute=5)
     limiter = Limiter(pipelined, hold_seconds=60)
-    verdicts = [await admit_and_settle(limiter, "rpm", 1) for _ in range(6)]
+    verdicts = [await admit_and_settle(limiter, "limrpm", 1) for _ in range(6)]
     assert verdicts == [Verdict.ADMITTED] * 5 + [Verdict.REQUESTS_PER_MINUTE]
     now = datetime.now(UTC)
-    _, retry_ms = await limiter.admit(limit_keys("rpm", now), "x", 1, now)
+    _, retry_ms = await limiter.admit(limit_keys("limrpm", now), "x", 1, now)
     assert 10_000 < retry_ms <= 12_000  # one request's interval at 5/min
 
 
 async def test_tokens_per_minute_count_real_usage_after_settlement(
         redis_server: RedisServer, client: Redis, pipelined: PipelinedRedis) -> None:
-    write_limits(redis_server.url, "tpm", tokens_per_minute=2 * RESERVE)
+    write_limits(redis_server.url, "limtpm", tokens_per_minute=2 * RESERVE)
     limiter = Limiter(pipelined, hold_seconds=60)
     # Reservations of 1,000 settle to 10 tokens: the unused 990 come back each time.
-    verdicts = [await admit_and_settle(limiter, "tpm", 10) for _ in range(20)]
+    verdicts = [await admit_and_settle(limiter, "limtpm", 10) for _ in range(20)]
     assert verdicts == [Verdict.ADMITTED] * 20
     now = datetime.now(UTC)
-    keys = limit_keys("tpm", now)
+    keys = limit_keys("limtpm", now)
     assert (await limiter.admit(keys, "a", RESERVE, now))[0] is Verdict.ADMITTED
     assert (await limiter.admit(keys, "b", RESERVE, now))[0] is Verdict.TOKENS_PER_MINUTE
     too_big = await limiter.admit(keys, "c", 3 * RESERVE, now)
@@ -147,18 +147,18 @@ async def test_tokens_per_minute_count_real_usage_after_settlement(
 
 async def test_suspended_and_unprovisioned_tenants_are_refused(
         redis_server: RedisServer, client: Redis, pipelined: PipelinedRedis) -> None:
-    write_limits(redis_server.url, "paused", suspended=1)
+    write_limits(redis_server.url, "limpaused", suspended=1)
     limiter = Limiter(pipelined, hold_seconds=60)
-    assert await admit_and_settle(limiter, "paused", 1) is Verdict.SUSPENDED
-    assert await admit_and_settle(limiter, "neverwritten", 1) is Verdict.NOT_PROVISIONED
+    assert await admit_and_settle(limiter, "limpaused", 1) is Verdict.SUSPENDED
+    assert await admit_and_settle(limiter, "limneverwritten", 1) is Verdict.NOT_PROVISIONED
 
 
 async def test_settlement_appends_the_usage_event_to_the_tenant_stream(
         redis_server: RedisServer, client: Redis, pipelined: PipelinedRedis) -> None:
-    write_limits(redis_server.url, "events")
+    write_limits(redis_server.url, "limevents")
     limiter = Limiter(pipelined, hold_seconds=60)
     now = datetime.now(UTC)
-    keys = limit_keys("events", now)
+    keys = limit_keys("limevents", now)
     await limiter.admit(keys, "req1", RESERVE, now)
     held = await limiter.settle(keys, "req1", Usage(input_tokens=3, output_tokens=4),
                                 {"request_id": "req1", "output_tokens": "4"})
@@ -166,4 +166,4 @@ async def test_settlement_appends_the_usage_event_to_the_tenant_stream(
     entries = await client.xrange(keys.usage_stream)
     assert [fields for _, fields in entries] == [
         {b"request_id": b"req1", b"event": b'{"request_id":"req1","output_tokens":"4"}'}]
-    assert await spent_today(client, "events") == 7
+    assert await spent_today(client, "limevents") == 7
