@@ -535,6 +535,20 @@ async def test_one_tenants_burst_is_capped_and_another_tenant_is_still_served(
     assert len([o for o in outcomes if isinstance(o, anthropic.types.Message)]) == 3
 
 
+def test_images_reach_the_model_byte_for_byte(runtime_server: RuntimeServer) -> None:
+    import base64
+
+    key = runtime_server.add_tenant("apiimage")["main"]
+    png = base64.b64encode(bytes(range(256)) * 8).decode()
+    content = [{"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                            "data": png}},
+               {"type": "text", "text": "what is this"}]
+    message = sdk(runtime_server, key).messages.create(
+        model=MODEL, max_tokens=16, messages=[{"role": "user", "content": content}])
+    assert message.content[0].text == "echo: what is this"
+    assert runtime_server.stub.received[-1].body["messages"][0]["content"] == content
+
+
 def test_every_request_of_this_module_left_the_in_flight_count(
         runtime_server: RuntimeServer) -> None:
     """Runs last here: refusals, upstream errors, broken and abandoned streams all released."""
