@@ -16,7 +16,8 @@ from typing import Any
 
 import redis
 import uvicorn
-from tenantry_devenv.processes import free_port
+from tenantry_devenv.processes import Process, free_port, spawn, wait_until
+from tenantry_devenv.services import redis_server_binary
 from tenantry_runtime.api_keys import generate_key, record_for
 from tenantry_runtime.contracts.database import SHARED_SCHEMA
 from tenantry_runtime.contracts.redis_keys import TenantKeys
@@ -154,3 +155,14 @@ def usage_events(redis_url: str, tenant: str) -> list[dict[str, Any]]:
 
 def dumps(value: Any) -> bytes:
     return json.dumps(value).encode()
+
+
+def start_redis_on(port: int, workdir: Path) -> Process:
+    """A redis-server on a given port, so a test can stop it and start another in its place."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    process = spawn("redis-server", [
+        redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+        "--appendonly", "no", "--dir", workdir], workdir / f"redis-{port}.log")
+    wait_until("redis-server to answer PING", lambda: bool(redis.Redis(
+        port=port, socket_timeout=1).ping()), process, 30)
+    return process

@@ -7,6 +7,7 @@ import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import anthropic
 import httpx
@@ -548,6 +549,57 @@ def test_images_reach_the_model_byte_for_byte(runtime_server: RuntimeServer) -> 
     assert message.content[0].text == "echo: what is this"
     assert runtime_server.stub.received[-1].body["messages"][0]["content"] == content
 
+
+def test_settlements_spool_to_disk_while_redis_is_away_and_replay_when_it_returns(
+        upstream_stub: tuple[str, object], tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pydantic import SecretStr
+    from runtime_helpers import serve, start_redis_on, tenant_config, write_limits
+    from tenantry_devenv.processes import free_port
+    from tenantry_runtime.api_keys import generate_key, record_for
+    from tenantry_runtime.app import Runtime, create_app
+    from tenantry_runtime.settings import RuntimeSettings
+    from tenantry_runtime.store import TenantStore
+
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    first = start_redis_on(port, tmp_path / "redis1")
+    write_limits(url, "spooled")
+    store = TenantStore()
+    key, _ = generate_key()
+    store.apply(TenantRecord(config=tenant_config("spooled"), api_keys=(record_for(key, "k"),)))
+    settings = RuntimeSettings(
+        redis_url=SecretStr(url), upstream_url=upstream_stub[0],
+        upstream_api_key=SecretStr(UPSTREAM_KEY), spool_dir=tmp_path / "spool",
+        spool_replay_seconds=0.2)
+    stub = upstream_stub[1]
+    app = create_app(settings, store)
+    second = None
+    try:
+        with serve(app) as base, ThreadPoolExecutor(1) as pool:
+            runtime: Runtime = app.state.runtime
+            stub.delay_seconds = 1.0
+            client = anthropic.Anthropic(base_url=base, api_key=key, max_retries=0)
+            answer = pool.submit(hello, client, "served while redis goes away")
+            time.sleep(0.5)  # admitted, waiting on the model
+            first.stop()
+            message = answer.result(timeout=30)
+            stub.delay_seconds = 0.0
+            assert message.content[0].text == "echo: served while redis goes away"
+            assert runtime.spool is not None and runtime.spool.pending() == 1
+            assert runtime.failures["settlement_lost"] == 0
+            second = start_redis_on(port, tmp_path / "redis2")
+            wait_for(lambda: runtime.spool is not None and runtime.spool.pending() == 0, 15,
+                     "the spool to be replayed")
+        [event] = usage_events(url, "spooled")
+        assert event["request_id"] == message._request_id
+        assert event["output_tokens"] == message.usage.output_tokens
+    finally:
+        stub.delay_seconds = 0.0
+        first.stop()
+        if second is not None:
+            second.stop()
 
 def test_every_request_of_this_module_left_the_in_flight_count(
         runtime_server: RuntimeServer) -> None:

@@ -11,7 +11,7 @@ import pytest
 from redis.asyncio import Redis
 from runtime_helpers import write_limits
 from tenantry_devenv.services import Redis as RedisServer
-from tenantry_runtime.limits import Limiter, Usage, Verdict, limit_keys
+from tenantry_runtime.limits import Limiter, Settlement, Usage, Verdict, limit_keys
 from tenantry_runtime.resp import PipelinedRedis
 
 pytestmark = pytest.mark.timeout(120)
@@ -45,7 +45,8 @@ async def admit_and_settle(limiter: Limiter, tenant: str, charged: int) -> Verdi
     verdict, _ = await limiter.admit(keys, request_id, RESERVE, now)
     if verdict is Verdict.ADMITTED:
         await asyncio.sleep(0.01)  # the upstream call: holds overlap
-        await limiter.settle(keys, request_id, Usage(input_tokens=charged), {"r": request_id})
+        await limiter.settle(
+            Settlement.of(keys, request_id, Usage(input_tokens=charged), {"r": request_id}))
     return verdict
 
 
@@ -160,8 +161,8 @@ async def test_settlement_appends_the_usage_event_to_the_tenant_stream(
     now = datetime.now(UTC)
     keys = limit_keys("limevents", now)
     await limiter.admit(keys, "req1", RESERVE, now)
-    held = await limiter.settle(keys, "req1", Usage(input_tokens=3, output_tokens=4),
-                                {"request_id": "req1", "output_tokens": "4"})
+    held = await limiter.settle(Settlement.of(keys, "req1", Usage(input_tokens=3, output_tokens=4),
+                                              {"request_id": "req1", "output_tokens": "4"}))
     assert held == RESERVE
     entries = await client.xrange(keys.usage_stream)
     assert [fields for _, fields in entries] == [

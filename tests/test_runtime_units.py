@@ -265,3 +265,19 @@ def test_cost_from_the_shipped_price_table() -> None:
     assert table.cost("claude-sonnet-4-5", usage) == Decimal("3") + 30 + Decimal("3.75") + 3
     assert table.cost("claude-unknown", usage) is None
     assert table.version and table.currency == "USD"
+
+
+# --- spool --------------------------------------------------------------------------------------
+
+
+def test_a_worker_adopts_the_spool_files_of_workers_that_are_gone(tmp_path: Path) -> None:
+    from tenantry_runtime.spool import SettlementSpool
+
+    (tmp_path / "settlements-999999999.jsonl").write_text('{"keys": [], "args": []}\n')
+    (tmp_path / "settlements-1.jsonl").write_text("")  # pid 1 runs: not an orphan
+    spool = SettlementSpool(tmp_path)
+    assert spool.adopt_orphans() == 1
+    assert spool.adopt_orphans() == 0
+    assert spool.pending() == 1
+    assert (tmp_path / "settlements-1.jsonl").exists()
+    assert not (tmp_path / "settlements-999999999.jsonl").exists()

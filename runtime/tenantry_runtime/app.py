@@ -20,13 +20,22 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from .errors import ApiError, error_body, kind_for_status
-from .limits import Limiter, Usage, estimate_input_tokens, limit_keys, refusal, reservation
+from .limits import (
+    Limiter,
+    Settlement,
+    Usage,
+    estimate_input_tokens,
+    limit_keys,
+    refusal,
+    reservation,
+)
 from .messages import StreamUsage, parse_json_object, parse_messages_request, usage_of_message
 from .metering import UsageWriter
 from .policy import api_key_of, check_model, check_request, check_tenant_active, endpoint_for
 from .pricing import PriceTable, load_price_table
 from .resp import PipelinedRedis, RedisUnavailable, ReplyError
 from .settings import RuntimeSettings
+from .spool import SettlementSpool
 from .store import Caller, DirectorySource, TenantStore
 from .upstream import STREAM_ERRORS, Endpoint, UpstreamResponse, Upstreams
 
@@ -45,6 +54,7 @@ class Runtime:
     limiter: Limiter
     upstreams: Upstreams
     prices: PriceTable
+    spool: SettlementSpool | None = None
     # Failures with no client to tell, for /metrics later.
     failures: Counter[str] = field(default_factory=Counter)
     # Admitted requests per tenant not yet settled (this replica).
@@ -101,13 +111,28 @@ class Admitted:
             self.runtime.failures["unpriced_model"] += 1
         event.update(cost=None if cost is None else str(cost), currency=prices.currency,
                      price_version=prices.version)
-        keys = limit_keys(self.caller.config.tenant, self.at)
+        settlement = Settlement.of(limit_keys(self.caller.config.tenant, self.at),
+                                   self.request_id, usage, event)
         try:
-            await self.runtime.limiter.settle(keys, self.request_id, usage, event)
+            await self.runtime.limiter.settle(settlement)
         except REDIS_ERRORS as error:
-            # No spool yet: the hold expires on its own; the charge and event are lost.
             self.runtime.failures["settle_redis_error"] += 1
-            log.error("settling %s failed, its usage is lost: %s", self.request_id, error)
+            await self._spool(settlement, error)
+
+    async def _spool(self, settlement: Settlement, error: Exception) -> None:
+        spool = self.runtime.spool
+        if spool is not None:
+            try:
+                await spool.append(settlement)
+            except OSError:
+                log.exception("spooling the settlement of %s failed", self.request_id)
+            else:
+                log.warning("Redis unavailable (%s): settlement of %s spooled", error,
+                            self.request_id)
+                return
+        # The hold expires on its own; the charge and the usage event are lost.
+        self.runtime.failures["settlement_lost"] += 1
+        log.error("settlement of %s lost, Redis unavailable: %s", self.request_id, error)
 
 
 def error_response(error: ApiError, request_id: str | None = None) -> Response:
@@ -235,6 +260,11 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
                           Upstreams(settings), load_price_table(settings.price_table))
         app.state.runtime = runtime
         tasks: list[asyncio.Task[None]] = []
+        if settings.spool_dir is not None:
+            runtime.spool = SettlementSpool(settings.spool_dir)
+            runtime.spool.adopt_orphans()
+            tasks.append(asyncio.create_task(runtime.spool.keep_replaying(
+                runtime.limiter, settings.spool_replay_seconds)))
         if settings.tenants_dir is not None:
             source = DirectorySource(settings.tenants_dir, tenants)
             source.sync()

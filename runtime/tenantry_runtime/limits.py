@@ -154,12 +154,22 @@ class Limiter:
             ADMIT, keys.admit(), [request_id, reserve, self._hold_ms, day_ms, month_ms])
         return Verdict(int(code)), int(retry_ms)
 
-    async def settle(self, keys: LimitKeys, request_id: str, usage: Usage,
-                     event: Mapping[str, object]) -> int:
-        """Drop the hold, charge `usage`, append `event` (as one JSON field, next to the
-        request id) to the tenant's usage stream; returns the tokens that were held."""
-        held = await self._redis.run_script(
-            SETTLE, keys.settle(),
-            [request_id, usage.charged, DAY_KEY_TTL_SECONDS, MONTH_KEY_TTL_SECONDS,
-             json.dumps(event, separators=(",", ":"))])
-        return int(held)
+    async def settle(self, settlement: Settlement) -> int:
+        """Drop the hold, charge the usage, append the event to the tenant's usage stream;
+        returns the tokens that were held (-1 when the hold had expired)."""
+        return int(await self._redis.run_script(SETTLE, settlement.keys, settlement.args))
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """One call of settle.lua, as data: it can wait in the spool while Redis is away."""
+
+    keys: list[str]
+    args: list[str | int]
+
+    @classmethod
+    def of(cls, keys: LimitKeys, request_id: str, usage: Usage,
+           event: Mapping[str, object]) -> Settlement:
+        return cls(keys.settle(), [request_id, usage.charged, DAY_KEY_TTL_SECONDS,
+                                   MONTH_KEY_TTL_SECONDS,
+                                   json.dumps(event, separators=(",", ":"))])

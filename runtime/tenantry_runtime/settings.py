@@ -54,6 +54,10 @@ class RuntimeSettings(BaseSettings):
         900, ge=1, description="A budget hold expires on its own after this (runtime died)."
     )
 
+    spool_dir: Path | None = Field(
+        None, description="Where settlements wait (fsync'd) while Redis is unreachable."
+    )
+    spool_replay_seconds: float = Field(1.0, gt=0, description="How often the spool is retried.")
     price_table: Path | None = Field(
         None, description="A prices.json to use instead of the one shipped with the runtime."
     )
