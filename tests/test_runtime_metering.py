@@ -42,7 +42,7 @@ async def stream_redis(runtime_server: RuntimeServer) -> AsyncIterator[Redis]:
 
 def logged(dsn: str, tenant: str) -> list[tuple[str, str, int, int]]:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        return [tuple(row) for row in conn.execute(  # type: ignore[misc]
+        return [tuple(row) for row in conn.execute(
             "SELECT request_id, model, input_tokens, output_tokens FROM tenantry.ai_usage_logs"
             " WHERE tenant_id = %s ORDER BY request_id", (tenant,)).fetchall()]
 
@@ -148,3 +148,78 @@ def test_the_app_writes_usage_rows_when_a_database_is_configured(
     assert logged(usage_dsn, "meterapp") == [(message._request_id, MODEL, 1, 2)]
     assert time.monotonic() - started < 15
     assert usage_events(runtime_server.redis_url, "meterapp") == []
+
+
+async def test_sigkill_under_load_then_restart_every_complete_response_has_exactly_one_row(
+        runtime_server: RuntimeServer, upstream_stub: tuple[str, object], usage_dsn: str,
+        tmp_path: Path) -> None:
+    import asyncio
+    import os
+    import signal
+    import sys
+
+    import httpx
+    from tenantry_devenv.processes import free_port, spawn, wait_until
+
+    runtime_server.add_tenant("meterkill")
+    key = runtime_server.keys["meterkill"]["main"]
+    tenants = tmp_path / "tenants"
+    tenants.mkdir()
+    shutil.copy(runtime_server.tenants_dir / "meterkill.json", tenants / "meterkill.json")
+    port = free_port()
+    env = {"TENANTRY_RUNTIME_TENANTS_DIR": str(tenants),
+           "TENANTRY_RUNTIME_REDIS_URL": runtime_server.redis_url,
+           "TENANTRY_RUNTIME_UPSTREAM_URL": upstream_stub[0],
+           "TENANTRY_RUNTIME_UPSTREAM_API_KEY": UPSTREAM_KEY,
+           "TENANTRY_RUNTIME_DATABASE_URL": usage_dsn,
+           "TENANTRY_RUNTIME_USAGE_FLUSH_SECONDS": "0.2"}
+
+    def start(name: str) -> object:
+        process = spawn(name, [sys.executable, "-m", "tenantry_runtime", "--host", "127.0.0.1",
+                               "--port", str(port)], tmp_path / f"{name}.log", env=env)
+        wait_until("the runtime", lambda: httpx.get(
+            f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200, process, 60)
+        return process
+
+    first = start("runtime-1")
+    complete: list[str] = []
+    client = anthropic.AsyncAnthropic(base_url=f"http://127.0.0.1:{port}", api_key=key,
+                                      max_retries=0, timeout=10)
+
+    async def worker(n: int) -> None:
+        for i in range(10_000):
+            try:
+                if (n + i) % 2:
+                    async with client.messages.stream(model=MODEL, max_tokens=16, messages=[
+                            {"role": "user", "content": f"w{n} r{i}"}]) as stream:
+                        await stream.get_final_message()
+                        complete.append(stream.response.headers["request-id"])
+                else:
+                    message = await client.messages.create(model=MODEL, max_tokens=16, messages=[
+                        {"role": "user", "content": f"w{n} r{i}"}])
+                    complete.append(str(message._request_id))
+            except anthropic.APIError:
+                return  # the runtime was killed under us
+
+    load = asyncio.gather(*(worker(n) for n in range(16)))
+    await asyncio.sleep(2.0)
+    os.kill(first.pid, signal.SIGKILL)
+    await load
+    await client.close()
+    assert len(complete) > 20
+    second = start("runtime-2")
+    try:
+        def rows() -> list[tuple[str, int]]:
+            with psycopg.connect(usage_dsn, autocommit=True) as conn:
+                return [tuple(r) for r in conn.execute(
+                    "SELECT request_id, count(*) FROM tenantry.ai_usage_logs"
+                    " WHERE tenant_id = 'meterkill' GROUP BY request_id").fetchall()]
+
+        wait_for(lambda: set(complete) <= {r[0] for r in rows()}, 30,
+                 "every complete response's usage row")
+    finally:
+        second.stop()
+    counted = dict(rows())
+    assert all(n == 1 for n in counted.values())
+    # Rows beyond the complete responses: settled requests whose last bytes were cut by the kill.
+    assert len(counted) - len(complete) <= 16
