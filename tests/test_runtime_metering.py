@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anthropic
+import httpx
 import psycopg
 import pytest
 from db_helpers import connect, scratch_database
@@ -21,6 +22,7 @@ from tenantry_runtime.contracts.database import migrate
 from tenantry_runtime.contracts.tenant_locks import TenantMoved
 from tenantry_runtime.metering import GROUP, UsageWriter, usage_rows, usage_stream
 from tenantry_runtime.settings import RuntimeSettings
+from tenantry_runtime.store import TenantStore
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -145,9 +147,23 @@ def test_the_app_writes_usage_rows_when_a_database_is_configured(
             {"role": "user", "content": "metered"}])
         started = time.monotonic()
         wait_for(lambda: logged(usage_dsn, "meterapp"), 15, "the usage row")
+        assert httpx.get(f"{url}/readyz").status_code == 200
     assert logged(usage_dsn, "meterapp") == [(message._request_id, MODEL, 1, 2)]
     assert time.monotonic() - started < 15
     assert usage_events(runtime_server.redis_url, "meterapp") == []
+
+
+def test_not_ready_while_postgres_is_unreachable(
+        runtime_server: RuntimeServer, upstream_stub: tuple[str, object]) -> None:
+    from tenantry_devenv.processes import free_port
+
+    settings = RuntimeSettings(
+        redis_url=SecretStr(runtime_server.redis_url), upstream_url=upstream_stub[0],
+        database_url=SecretStr(f"postgresql://x:y@127.0.0.1:{free_port()}/none"))
+    with serve(create_app(settings, TenantStore())) as url:  # no tenants: nothing to write
+        ready = httpx.get(f"{url}/readyz", timeout=10)
+    assert ready.status_code == 503
+    assert ready.json()["problems"] == ["postgres: OperationalError"]
 
 
 async def test_sigkill_under_load_then_restart_every_complete_response_has_exactly_one_row(
@@ -158,7 +174,6 @@ async def test_sigkill_under_load_then_restart_every_complete_response_has_exact
     import signal
     import sys
 
-    import httpx
     from tenantry_devenv.processes import free_port, spawn, wait_until
 
     runtime_server.add_tenant("meterkill")

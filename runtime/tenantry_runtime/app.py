@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from redis.asyncio import Redis as StreamRedis
@@ -133,6 +134,12 @@ class Admitted:
         # The hold expires on its own; the charge and the usage event are lost.
         self.runtime.failures["settlement_lost"] += 1
         log.error("settlement of %s lost, Redis unavailable: %s", self.request_id, error)
+
+
+def database_answers(dsn: str) -> None:
+    """Raises psycopg.Error unless the database accepts a connection and a query."""
+    with psycopg.connect(dsn, connect_timeout=2, autocommit=True) as conn:
+        conn.execute("SELECT 1")
 
 
 def error_response(error: ApiError, request_id: str | None = None) -> Response:
@@ -391,6 +398,12 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
             await runtime.redis.execute("PING")
         except REDIS_ERRORS as error:
             problems.append(f"redis: {error}")
+        if runtime.settings.database_url is not None:
+            try:
+                await asyncio.to_thread(database_answers,
+                                        runtime.settings.database_url.get_secret_value())
+            except psycopg.Error as error:
+                problems.append(f"postgres: {type(error).__name__}")
         if problems:
             return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
         return JSONResponse({"status": "ready", "tenants": len(runtime.store.tenants())})
