@@ -122,3 +122,40 @@ def operator(
         yield runner
     if runner.exception is not None:
         raise runner.exception
+
+
+# --- Runtime (issue 7): the local model endpoint and the runtime, each under a real uvicorn ---
+
+@pytest.fixture(scope="session")
+def upstream_stub() -> Iterator[tuple[str, object]]:
+    """The local Messages-API endpoint: (base URL, its StubState recording what it received)."""
+    from runtime_helpers import UPSTREAM_KEY, serve
+    from tenantry_runtime.upstream_stub import StubState, create_stub_app
+
+    state = StubState(api_key=UPSTREAM_KEY)
+    with serve(create_stub_app(state)) as url:
+        yield url, state
+
+
+@pytest.fixture(scope="session")
+def runtime_server(workdir: Path, redis_server: Redis,
+                   upstream_stub: tuple[str, object]) -> Iterator[object]:
+    """The runtime app reading tenants from a directory, limits from the test Redis."""
+    from pydantic import SecretStr
+    from runtime_helpers import UPSTREAM_KEY, RuntimeServer, serve
+    from tenantry_runtime.app import create_app
+    from tenantry_runtime.settings import RuntimeSettings
+    from tenantry_runtime.store import TenantStore
+
+    tenants_dir = workdir / "runtime-tenants"
+    tenants_dir.mkdir()
+    stub_url, stub = upstream_stub
+    settings = RuntimeSettings(
+        tenants_dir=tenants_dir, config_poll_seconds=0.1, redis_url=SecretStr(redis_server.url),
+        upstream_url=stub_url, upstream_api_key=SecretStr(UPSTREAM_KEY),
+        upstream_backoff_seconds=0.01, upstream_backoff_max_seconds=0.05,
+        max_body_bytes=64 * 1024, max_concurrent_per_tenant=1000)
+    store = TenantStore()
+    app = create_app(settings, store)
+    with serve(app) as url:
+        yield RuntimeServer(url, tenants_dir, redis_server.url, stub, store, app)

@@ -1,0 +1,1 @@
+"""Tenantry runtime: the Anthropic Messages API for tenant apps (see docs/runtime.md)."""

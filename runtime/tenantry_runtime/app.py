@@ -1,0 +1,421 @@
+"""The tenant-facing HTTP API: thin routes over auth, policy, limits and the upstream call."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from redis.asyncio import Redis as StreamRedis
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from .errors import ApiError, error_body, kind_for_status
+from .limits import (
+    Limiter,
+    Settlement,
+    Usage,
+    estimate_input_tokens,
+    limit_keys,
+    refusal,
+    reservation,
+)
+from .messages import StreamUsage, parse_json_object, parse_messages_request, usage_of_message
+from .metering import UsageWriter
+from .policy import api_key_of, check_model, check_request, check_tenant_active, endpoint_for
+from .pricing import PriceTable, load_price_table
+from .resp import PipelinedRedis, RedisUnavailable, ReplyError
+from .settings import RuntimeSettings
+from .spool import SettlementSpool
+from .store import Caller, DirectorySource, TenantStore
+from .upstream import STREAM_ERRORS, Endpoint, UpstreamResponse, Upstreams
+
+log = logging.getLogger(__name__)
+JSON = "application/json"
+REDIS_ERRORS = (RedisUnavailable, ReplyError)
+
+
+@dataclass
+class Runtime:
+    """Everything the routes share, built once per app."""
+
+    settings: RuntimeSettings
+    store: TenantStore
+    redis: PipelinedRedis
+    limiter: Limiter
+    upstreams: Upstreams
+    prices: PriceTable
+    spool: SettlementSpool | None = None
+    # Failures with no client to tell, for /metrics later.
+    failures: Counter[str] = field(default_factory=Counter)
+    # Admitted requests per tenant not yet settled (this replica).
+    in_flight: Counter[str] = field(default_factory=Counter)
+
+    def release(self, tenant: str) -> None:
+        self.in_flight[tenant] -= 1
+        if self.in_flight[tenant] <= 0:
+            del self.in_flight[tenant]
+    background: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def spawn(self, work: Awaitable[None]) -> None:
+        async def run() -> None:
+            await work
+
+        task = asyncio.create_task(run())
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+
+@dataclass
+class Admitted:
+    """An admitted request: enough to settle it exactly once."""
+
+    runtime: Runtime
+    caller: Caller
+    request_id: str
+    model: str
+    endpoint: Endpoint
+    stream: bool
+    started: float
+    at: datetime
+    settled: bool = False
+
+    async def settle(self, usage: Usage, status: int) -> None:
+        """Charge `usage`, drop the hold, record the event; failures are logged, never raised."""
+        if self.settled:
+            return
+        self.settled = True
+        self.runtime.release(self.caller.config.tenant)
+        event: dict[str, object] = {
+            "request_id": self.request_id, "tenant": self.caller.config.tenant,
+            "key": self.caller.key_name, "model": self.model, "status": status,
+            "endpoint": self.endpoint.kind, "stream": self.stream,
+            "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
+            "cache_creation_input_tokens": usage.cache_creation_input_tokens,
+            "cache_read_input_tokens": usage.cache_read_input_tokens,
+            "latency_ms": round((time.perf_counter() - self.started) * 1000, 1),
+            "at": self.at.isoformat(),
+        }
+        prices = self.runtime.prices
+        cost = prices.cost(self.model, usage)
+        if cost is None:
+            self.runtime.failures["unpriced_model"] += 1
+        event.update(cost=None if cost is None else str(cost), currency=prices.currency,
+                     price_version=prices.version)
+        settlement = Settlement.of(limit_keys(self.caller.config.tenant, self.at),
+                                   self.request_id, usage, event)
+        try:
+            await self.runtime.limiter.settle(settlement)
+        except REDIS_ERRORS as error:
+            self.runtime.failures["settle_redis_error"] += 1
+            await self._spool(settlement, error)
+
+    async def _spool(self, settlement: Settlement, error: Exception) -> None:
+        spool = self.runtime.spool
+        if spool is not None:
+            try:
+                await spool.append(settlement)
+            except OSError:
+                log.exception("spooling the settlement of %s failed", self.request_id)
+            else:
+                log.warning("Redis unavailable (%s): settlement of %s spooled", error,
+                            self.request_id)
+                return
+        # The hold expires on its own; the charge and the usage event are lost.
+        self.runtime.failures["settlement_lost"] += 1
+        log.error("settlement of %s lost, Redis unavailable: %s", self.request_id, error)
+
+
+def database_answers(dsn: str) -> None:
+    """Raises psycopg.Error unless the database accepts a connection and a query."""
+    with psycopg.connect(dsn, connect_timeout=2, autocommit=True) as conn:
+        conn.execute("SELECT 1")
+
+
+def error_response(error: ApiError, request_id: str | None = None) -> Response:
+    headers = error.headers()
+    if request_id:
+        headers["request-id"] = request_id
+    return Response(error.body(), status_code=error.status, media_type=JSON, headers=headers)
+
+
+def authenticate(runtime: Runtime, request: Request) -> Caller:
+    key = api_key_of(request.headers)
+    if key is None:
+        raise ApiError("authentication_error", "x-api-key header is required.")
+    caller = runtime.store.authenticate(key)
+    if caller is None:
+        raise ApiError("authentication_error", "invalid x-api-key")
+    return caller
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    too_large = ApiError("request_too_large", f"Request exceeds the maximum size of {limit} bytes.")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def admit(runtime: Runtime, caller: Caller, request_id: str, model: str, reserve: int,
+                stream: bool) -> Admitted:
+    """One Redis round trip; raises the client's error when refused."""
+    endpoint = endpoint_for(caller.record, runtime.settings)
+    tenant = caller.config.tenant
+    # A tenant's share of this replica: one tenant's burst cannot take every connection.
+    if runtime.in_flight[tenant] >= runtime.settings.max_concurrent_per_tenant:
+        raise ApiError("rate_limit_error", "Too many concurrent requests for this tenant.",
+                       retry_after=1)
+    runtime.in_flight[tenant] += 1
+    now = datetime.now(UTC)
+    keys = limit_keys(tenant, now)
+    try:
+        verdict, retry_ms = await runtime.limiter.admit(keys, request_id, reserve, now)
+    except BaseException as error:
+        runtime.release(tenant)
+        if not isinstance(error, REDIS_ERRORS):
+            raise
+        runtime.failures["admit_redis_error"] += 1
+        log.warning("admission of %s refused, Redis unavailable (failing closed): %s",
+                    request_id, error)
+        raise ApiError("api_error", "Limits are unavailable; try again shortly.", status=503,
+                       retry_after=1) from None
+    refused = refusal(verdict, retry_ms)
+    if refused is not None:
+        runtime.release(tenant)
+        raise refused
+    return Admitted(runtime, caller, request_id, model, endpoint, stream, time.perf_counter(),
+                    now)
+
+
+async def relay_stream(admitted: Admitted, upstream: UpstreamResponse) -> AsyncIterator[bytes]:
+    """Pass SSE bytes through unchanged, reading usage on the way; settle before the last
+    chunk goes out, so the usage event is durable before the response completes."""
+    seen = StreamUsage()
+    status = upstream.status
+    held: bytes | None = None
+    handed_off = False
+    try:
+        async for chunk in upstream.chunks():
+            seen.feed(chunk)
+            if held is not None:
+                yield held
+            held = chunk
+        # Shielded: a client leaving now must not cut the settlement in half.
+        await asyncio.shield(admitted.settle(seen.usage, status))
+        if held is not None:
+            yield held
+    except STREAM_ERRORS:
+        # Bytes already reached the client: no retry, an SSE error event as Anthropic sends.
+        admitted.runtime.failures["upstream_stream_broken"] += 1
+        await admitted.settle(seen.usage, 502)
+        if held is not None:
+            yield held
+        yield b"event: error\ndata: " + error_body(
+            "api_error", "The model endpoint broke off the stream.") + b"\n\n"
+    except BaseException:
+        # The client went away (GeneratorExit or cancellation): the model keeps generating
+        # and the tokens are billed, so read the rest off this task, bounded, then settle.
+        if not admitted.settled:
+            admitted.runtime.spawn(bill_abandoned_stream(admitted, upstream, seen))
+            handed_off = True
+        raise
+    finally:
+        if not handed_off:
+            upstream.close()
+
+
+async def bill_abandoned_stream(admitted: Admitted, upstream: UpstreamResponse,
+                                seen: StreamUsage) -> None:
+    try:
+        async with asyncio.timeout(admitted.runtime.settings.abandoned_stream_seconds):
+            async for chunk in upstream.chunks():
+                seen.feed(chunk)
+    except (*STREAM_ERRORS, TimeoutError):
+        admitted.runtime.failures["abandoned_stream_unfinished"] += 1
+    finally:
+        upstream.close()
+        await admitted.settle(seen.usage, 499)
+
+
+def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> FastAPI:
+    """The runtime app; `store` may be filled by the caller, else from `tenants_dir`."""
+    tenants = store if store is not None else TenantStore()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = PipelinedRedis(settings.redis_url.get_secret_value(),
+                               settings.redis_timeout_seconds)
+        runtime = Runtime(settings, tenants, redis, Limiter(redis, settings.hold_seconds),
+                          Upstreams(settings), load_price_table(settings.price_table))
+        app.state.runtime = runtime
+        tasks: list[asyncio.Task[None]] = []
+        if settings.spool_dir is not None:
+            runtime.spool = SettlementSpool(settings.spool_dir)
+            runtime.spool.adopt_orphans()
+            tasks.append(asyncio.create_task(runtime.spool.keep_replaying(
+                runtime.limiter, settings.spool_replay_seconds)))
+        if settings.tenants_dir is not None:
+            source = DirectorySource(settings.tenants_dir, tenants)
+            source.sync()
+            tasks.append(asyncio.create_task(source.watch(settings.config_poll_seconds)))
+        elif store is not None:
+            tenants.loaded = True
+        stream_redis: StreamRedis | None = None
+        if settings.database_url is not None:
+            stream_redis = StreamRedis.from_url(settings.redis_url.get_secret_value())
+            writer = UsageWriter(stream_redis, settings.database_url.get_secret_value(), tenants,
+                                 settings.replica_name, settings.usage_batch)
+            tasks.append(asyncio.create_task(writer.run(settings.usage_flush_seconds)))
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            if stream_redis is not None:
+                await stream_redis.aclose()
+            if runtime.background:
+                await asyncio.wait(runtime.background, timeout=5)
+            await runtime.upstreams.aclose()
+            await redis.aclose()
+
+    app = FastAPI(title="Tenantry runtime", lifespan=lifespan, openapi_url="/openapi.json",
+                  docs_url=None, redoc_url=None)
+
+    def runtime_of(request: Request) -> Runtime:
+        runtime: Runtime = request.app.state.runtime
+        return runtime
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, error: ApiError) -> Response:
+        return error_response(error, getattr(request.state, "request_id", None))
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(_: Request, error: HTTPException) -> Response:
+        message = "Not found." if error.status_code == 404 else str(error.detail)
+        return error_response(ApiError(kind_for_status(error.status_code), message,
+                                       status=error.status_code))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(_: Request, error: RequestValidationError) -> Response:
+        return error_response(ApiError("invalid_request_error", str(error.errors()[:3])))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, error: Exception) -> Response:
+        log.exception("unexpected error on %s", request.url.path, exc_info=error)
+        return error_response(ApiError("api_error", "Internal error."))
+
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> Response:
+        runtime = runtime_of(request)
+        request_id = request.state.request_id = f"req_{uuid.uuid4().hex[:24]}"
+        caller = authenticate(runtime, request)
+        body = await read_body(request, runtime.settings.max_body_bytes)
+        parsed = parse_messages_request(body)
+        check_request(caller.record, parsed)
+        reserve = reservation(estimate_input_tokens(len(body)), parsed.max_tokens)
+        admitted = await admit(runtime, caller, request_id, parsed.model, reserve, parsed.stream)
+        try:
+            upstream = await runtime.upstreams.send(
+                admitted.endpoint, "/v1/messages", body, request.headers,
+                read_body=not parsed.stream)
+        except ApiError as error:
+            await admitted.settle(Usage(), error.status)
+            raise
+        except BaseException:
+            # Cancelled or unexpected: settle off this task, it may not await any more.
+            runtime.spawn(admitted.settle(Usage(), 499))
+            raise
+        headers = {"request-id": request_id}
+        if not parsed.stream:
+            await admitted.settle(usage_of_message(upstream.content), upstream.status)
+            return Response(upstream.content, status_code=upstream.status,
+                            media_type=JSON, headers=headers)
+        return StreamingResponse(relay_stream(admitted, upstream),
+                                 status_code=upstream.status,
+                                 media_type="text/event-stream",
+                                 headers={**headers, "cache-control": "no-cache"})
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(request: Request) -> Response:
+        runtime = runtime_of(request)
+        request.state.request_id = f"req_{uuid.uuid4().hex[:24]}"
+        caller = authenticate(runtime, request)
+        body = await read_body(request, runtime.settings.max_body_bytes)
+        model = parse_json_object(body).get("model")
+        check_tenant_active(caller.record)
+        check_model(caller.record, model if isinstance(model, str) else "")
+        upstream = await runtime.upstreams.send(
+            endpoint_for(caller.record, runtime.settings), "/v1/messages/count_tokens", body,
+            request.headers, read_body=True)
+        return Response(upstream.content, status_code=upstream.status, media_type=JSON,
+                        headers={"request-id": request.state.request_id})
+
+    def model_info(model: str) -> dict[str, Any]:
+        return {"type": "model", "id": model, "display_name": model,
+                "created_at": "2025-01-01T00:00:00Z"}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        caller = authenticate(runtime_of(request), request)
+        model = caller.config.model
+        return JSONResponse({"data": [model_info(model)], "has_more": False,
+                             "first_id": model, "last_id": model})
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str, request: Request) -> Response:
+        caller = authenticate(runtime_of(request), request)
+        if model_id != caller.config.model:
+            raise ApiError("not_found_error", f"model: {model_id}")
+        return JSONResponse(model_info(model_id))
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> Response:
+        runtime = runtime_of(request)
+        problems = [] if runtime.store.loaded else ["tenant configs not loaded"]
+        try:
+            await runtime.redis.execute("PING")
+        except REDIS_ERRORS as error:
+            problems.append(f"redis: {error}")
+        if runtime.settings.database_url is not None:
+            try:
+                await asyncio.to_thread(database_answers,
+                                        runtime.settings.database_url.get_secret_value())
+            except psycopg.Error as error:
+                problems.append(f"postgres: {type(error).__name__}")
+        if problems:
+            return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
+        return JSONResponse({"status": "ready", "tenants": len(runtime.store.tenants())})
+
+    return app
+
+
+def run_with_uvicorn(settings: RuntimeSettings, host: str, port: int,
+                     on_app: Callable[[FastAPI], None] | None = None) -> None:
+    import uvicorn
+
+    app = create_app(settings)
+    if on_app is not None:
+        on_app(app)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

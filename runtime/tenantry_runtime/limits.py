@@ -1,0 +1,175 @@
+"""Rate limits and budgets: one Redis round trip to admit a request, one to settle it.
+
+The decisions (what to reserve, what a refusal means for the client) are pure functions; the
+atomic bookkeeping is `admit.lua` and `settle.lua`, over the tenant's hash-tagged keys.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import IntEnum
+from functools import lru_cache
+from importlib.resources import files
+
+from .contracts.redis_keys import TenantKeys
+from .errors import ApiError
+from .resp import PipelinedRedis, Script
+
+ADMIT = Script(files(__package__).joinpath("admit.lua").read_text())
+SETTLE = Script(files(__package__).joinpath("settle.lua").read_text())
+
+# Counters outlive their period long enough for reports (a day key two days, a month 40).
+DAY_KEY_TTL_SECONDS = 2 * 86400
+MONTH_KEY_TTL_SECONDS = 40 * 86400
+# Crude but conservative input estimate: JSON bytes per token (tokenizers average ~3.5-4).
+BYTES_PER_TOKEN = 3
+
+
+class Verdict(IntEnum):
+    ADMITTED = 0
+    SUSPENDED = 1
+    NOT_PROVISIONED = 2
+    REQUESTS_PER_MINUTE = 3
+    TOKENS_PER_MINUTE = 4
+    DAILY_BUDGET = 5
+    MONTHLY_BUDGET = 6
+    RESERVATION_OVER_TOKENS_PER_MINUTE = 7
+
+
+@dataclass(frozen=True)
+class LimitKeys:
+    """The keys both scripts touch, in the scripts' KEYS order (all in the tenant's slot)."""
+
+    limits: str
+    gcra_requests: str
+    gcra_tokens: str
+    day: str
+    month: str
+    holds: str
+    hold_amounts: str
+    held_total: str
+    usage_stream: str
+
+    def admit(self) -> list[str]:
+        return [self.limits, self.gcra_requests, self.gcra_tokens, self.day, self.month,
+                self.holds, self.hold_amounts, self.held_total]
+
+    def settle(self) -> list[str]:
+        return [*self.admit(), self.usage_stream]
+
+
+def limit_keys(tenant: str, at: datetime) -> LimitKeys:
+    return _limit_keys(tenant, at.strftime("%Y%m%d"))
+
+
+@lru_cache(maxsize=4096)
+def _limit_keys(tenant: str, day: str) -> LimitKeys:
+    keys = TenantKeys(tenant)
+    at = datetime.strptime(day, "%Y%m%d").replace(tzinfo=UTC)
+    # Not (yet) in contracts.redis_keys: GCRA state, holds and the usage stream.
+    return LimitKeys(
+        limits=keys.limits, gcra_requests=keys.prefix + "gcra:req",
+        gcra_tokens=keys.prefix + "gcra:tok", day=keys.tokens_day(at),
+        month=keys.tokens_month(at), holds=keys.prefix + "holds",
+        hold_amounts=keys.prefix + "holds:amount", held_total=keys.prefix + "holds:total",
+        usage_stream=keys.prefix + "usage")
+
+
+def estimate_input_tokens(body_bytes: int) -> int:
+    """Pure: an upper-leaning estimate of a request's input tokens from its size."""
+    return max(1, math.ceil(body_bytes / BYTES_PER_TOKEN))
+
+
+def reservation(input_estimate: int, max_tokens: int) -> int:
+    return input_estimate + max_tokens
+
+
+def ms_to_period_ends(now: datetime) -> tuple[int, int]:
+    """Pure: milliseconds until the UTC day ends and until the UTC month ends."""
+    day_end = datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(days=1)
+    last = calendar.monthrange(now.year, now.month)[1]
+    month_end = datetime(now.year, now.month, last, tzinfo=UTC) + timedelta(days=1)
+    return (math.ceil((day_end - now).total_seconds() * 1000),
+            math.ceil((month_end - now).total_seconds() * 1000))
+
+
+def refusal(verdict: Verdict, retry_after_ms: int) -> ApiError | None:
+    """Pure: the client's error for a verdict (None when admitted)."""
+    retry = retry_after_ms / 1000
+    match verdict:
+        case Verdict.ADMITTED:
+            return None
+        case Verdict.SUSPENDED:
+            return ApiError("permission_error", "This tenant is suspended.")
+        case Verdict.NOT_PROVISIONED:
+            return ApiError("api_error", "This tenant's limits are not provisioned yet.",
+                            status=503, retry_after=5)
+        case Verdict.REQUESTS_PER_MINUTE:
+            return ApiError("rate_limit_error", "Requests per minute limit reached.",
+                            retry_after=retry)
+        case Verdict.TOKENS_PER_MINUTE:
+            return ApiError("rate_limit_error", "Tokens per minute limit reached.",
+                            retry_after=retry)
+        case Verdict.DAILY_BUDGET:
+            return ApiError("rate_limit_error", "Daily token budget exhausted.",
+                            retry_after=retry)
+        case Verdict.MONTHLY_BUDGET:
+            return ApiError("rate_limit_error", "Monthly token budget exhausted.",
+                            retry_after=retry)
+        case Verdict.RESERVATION_OVER_TOKENS_PER_MINUTE:
+            return ApiError("invalid_request_error",
+                            "max_tokens plus the input exceeds this tenant's tokens per minute.")
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+    @property
+    def charged(self) -> int:
+        """Tokens counted against budgets: everything the model read or wrote."""
+        return (self.input_tokens + self.output_tokens + self.cache_creation_input_tokens
+                + self.cache_read_input_tokens)
+
+
+class Limiter:
+    """The two scripts, run over one pipelined Redis connection."""
+
+    def __init__(self, redis: PipelinedRedis, hold_seconds: int) -> None:
+        self._redis = redis
+        self._hold_ms = hold_seconds * 1000
+
+    async def admit(self, keys: LimitKeys, request_id: str, reserve: int,
+                    now: datetime) -> tuple[Verdict, int]:
+        day_ms, month_ms = ms_to_period_ends(now)
+        code, retry_ms = await self._redis.run_script(
+            ADMIT, keys.admit(), [request_id, reserve, self._hold_ms, day_ms, month_ms])
+        return Verdict(int(code)), int(retry_ms)
+
+    async def settle(self, settlement: Settlement) -> int:
+        """Drop the hold, charge the usage, append the event to the tenant's usage stream;
+        returns the tokens that were held (-1 when the hold had expired)."""
+        return int(await self._redis.run_script(SETTLE, settlement.keys, settlement.args))
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """One call of settle.lua, as data: it can wait in the spool while Redis is away."""
+
+    keys: list[str]
+    args: list[str | int]
+
+    @classmethod
+    def of(cls, keys: LimitKeys, request_id: str, usage: Usage,
+           event: Mapping[str, object]) -> Settlement:
+        return cls(keys.settle(), [request_id, usage.charged, DAY_KEY_TTL_SECONDS,
+                                   MONTH_KEY_TTL_SECONDS,
+                                   json.dumps(event, separators=(",", ":"))])

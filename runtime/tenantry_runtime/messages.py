@@ -1,0 +1,116 @@
+"""Pure parsing of Messages API traffic: the request fields admission needs, usage out of
+responses and SSE streams."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ApiError
+from .limits import Usage
+
+_USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens",
+                 "cache_read_input_tokens")
+
+
+@dataclass(frozen=True)
+class MessagesRequest:
+    model: str
+    max_tokens: int
+    stream: bool
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    try:
+        parsed = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ApiError("invalid_request_error",
+                       f"Request body is not valid JSON: {error}") from None
+    if not isinstance(parsed, dict):
+        raise ApiError("invalid_request_error", "Request body must be a JSON object.")
+    return parsed
+
+
+def parse_messages_request(body: bytes) -> MessagesRequest:
+    """The fields the runtime decides on; the upstream validates the rest."""
+    parsed = parse_json_object(body)
+    model, max_tokens = parsed.get("model"), parsed.get("max_tokens")
+    stream = parsed.get("stream", False)
+    if not isinstance(model, str) or not model:
+        raise ApiError("invalid_request_error", "model: field required (a string).")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ApiError("invalid_request_error", "max_tokens: field required (an integer >= 1).")
+    messages = parsed.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError("invalid_request_error", "messages: field required (a non-empty list).")
+    if not isinstance(stream, bool):
+        raise ApiError("invalid_request_error", "stream: must be a boolean.")
+    return MessagesRequest(model=model, max_tokens=max_tokens, stream=stream)
+
+
+def usage_of(raw: object, base: Usage | None = None) -> Usage:
+    """A `usage` object as Usage; fields it lacks keep their value from `base`."""
+    start = base or Usage()
+    if not isinstance(raw, dict):
+        return start
+    values = {name: getattr(start, name) for name in _USAGE_FIELDS}
+    for name in _USAGE_FIELDS:
+        value = raw.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            values[name] = value
+    return Usage(**values)
+
+
+def usage_of_message(body: bytes) -> Usage:
+    """Usage of a non-streaming response body (zero when it has none)."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return Usage()
+    return usage_of(parsed.get("usage")) if isinstance(parsed, dict) else Usage()
+
+
+@dataclass
+class StreamUsage:
+    """Reads usage out of SSE bytes as they pass through, without touching them.
+
+    Only `message_start` and `message_delta` events are parsed (usage lives there; the
+    deltas' cumulative counts win); every other event is skipped by a substring test.
+    """
+
+    usage: Usage = field(default_factory=Usage)
+    completed: bool = False
+    errored: bool = False
+    _pending: bytes = b""
+
+    def feed(self, chunk: bytes) -> None:
+        data = self._pending + chunk
+        *events, self._pending = data.replace(b"\r\n", b"\n").split(b"\n\n")
+        for event in events:
+            self._read_event(event)
+
+    def _read_event(self, event: bytes) -> None:
+        if b"event: message_stop" in event:
+            self.completed = True
+            return
+        if b"event: error" in event:
+            self.errored = True
+            return
+        if b"event: message_start" not in event and b"event: message_delta" not in event:
+            return
+        for line in event.split(b"\n"):
+            if not line.startswith(b"data:"):
+                continue
+            try:
+                parsed = json.loads(line[5:])
+            except ValueError:
+                return
+            if not isinstance(parsed, dict):
+                return
+            if parsed.get("type") == "message_start":
+                message = parsed.get("message")
+                if isinstance(message, dict):
+                    self.usage = usage_of(message.get("usage"), self.usage)
+            elif parsed.get("type") == "message_delta":
+                self.usage = usage_of(parsed.get("usage"), self.usage)

@@ -1,0 +1,78 @@
+"""The runtime's one settings object, read from TENANTRY_RUNTIME_* environment variables."""
+
+from __future__ import annotations
+
+import socket
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class RuntimeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TENANTRY_RUNTIME_", env_nested_delimiter="__")
+
+    # Tenant configs and key hashes (the directory source; the ConfigMap watch comes later).
+    tenants_dir: Path | None = Field(
+        None, description="Directory of <tenant>.json files: runtime config + API key hashes."
+    )
+    config_poll_seconds: float = Field(
+        1.0, gt=0, description="How often the tenants directory is re-read (revocation delay)."
+    )
+
+    redis_url: SecretStr = Field(
+        SecretStr("redis://127.0.0.1:6379/0"), description="Redis holding limits and counters."
+    )
+    redis_timeout_seconds: float = Field(0.5, gt=0, description="Socket timeout for Redis.")
+
+    # Shared upstream (Anthropic or the local stub).
+    upstream_url: str = Field("https://api.anthropic.com", description="Shared endpoint URL.")
+    upstream_api_key: SecretStr = Field(SecretStr(""), description="Key of the shared endpoint.")
+    upstream_connect_timeout_seconds: float = Field(5.0, gt=0)
+    upstream_read_timeout_seconds: float = Field(
+        600.0, gt=0, description="Longest silence between two bytes from the upstream."
+    )
+    upstream_max_connections: int = Field(256, ge=1, description="Pool size per endpoint.")
+    upstream_retries: int = Field(
+        2, ge=0, le=10, description="Retries on 429/5xx/connection errors before the first byte."
+    )
+    upstream_backoff_seconds: float = Field(0.25, ge=0, description="First retry delay.")
+    upstream_backoff_max_seconds: float = Field(4.0, ge=0, description="Longest retry delay.")
+
+    # Admission.
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="Largest request body (Anthropic's is 32 MB)."
+    )
+    max_concurrent_per_tenant: int = Field(
+        64, ge=1, description="Requests of one tenant in flight per replica; more get 429."
+    )
+    abandoned_stream_seconds: float = Field(
+        300.0, gt=0, description="How long a stream whose client left is read on, for billing."
+    )
+    hold_seconds: int = Field(
+        900, ge=1, description="A budget hold expires on its own after this (runtime died)."
+    )
+
+    spool_dir: Path | None = Field(
+        None, description="Where settlements wait (fsync'd) while Redis is unreachable."
+    )
+    spool_replay_seconds: float = Field(1.0, gt=0, description="How often the spool is retried.")
+    price_table: Path | None = Field(
+        None, description="A prices.json to use instead of the one shipped with the runtime."
+    )
+
+    # Metering into Postgres (off when unset: events stay in the tenants' Redis streams).
+    database_url: SecretStr | None = Field(
+        None, description="DSN of the shared Postgres that ai_usage_logs of pool tenants live in."
+    )
+    usage_flush_seconds: float = Field(1.0, gt=0, description="How often usage is written.")
+    usage_batch: int = Field(500, ge=1, le=10_000, description="Events per insert batch.")
+    replica_name: str = Field(
+        default_factory=socket.gethostname, description="Consumer name in the usage group."
+    )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> RuntimeSettings:
+    return RuntimeSettings()

@@ -1,0 +1,92 @@
+"""The runtime's pipelined Redis client against the real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+from tenantry_devenv.processes import free_port
+from tenantry_devenv.services import Redis as RedisServer
+from tenantry_runtime.resp import (
+    Address,
+    PipelinedRedis,
+    RedisUnavailable,
+    ReplyError,
+    Script,
+    encode_command,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_encode_command() -> None:
+    assert encode_command(["SET", "k", 10, b"\x00v"]) == (
+        b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n10\r\n$2\r\n\x00v\r\n")
+
+
+def test_address_from_url() -> None:
+    assert Address.from_url("redis://127.0.0.1:6380/2") == Address(
+        "127.0.0.1", 6380, 2, None, None, False)
+    assert Address.from_url("rediss://user:p%40ss@cache:6390") == Address(
+        "cache", 6390, 0, "user", "p@ss", True)
+    with pytest.raises(ValueError, match="scheme"):
+        Address.from_url("unix:///tmp/redis.sock")
+
+
+async def test_many_concurrent_commands_each_get_their_own_reply(
+        redis_server: RedisServer) -> None:
+    client = PipelinedRedis(redis_server.url, timeout=5)
+    try:
+        replies = await asyncio.gather(*(client.execute("ECHO", f"n{i}") for i in range(2000)))
+        assert replies == [f"n{i}".encode() for i in range(2000)]
+        assert await client.execute("DEL", "resp:missing") == 0
+        assert await client.execute("GET", "resp:missing") is None
+        assert await client.execute("PING") == b"PONG"
+    finally:
+        await client.aclose()
+
+
+async def test_scripts_load_themselves_and_errors_leave_the_connection_usable(
+        redis_server: RedisServer) -> None:
+    client = PipelinedRedis(redis_server.url, timeout=5)
+    script = Script("return {tonumber(ARGV[1]) + 1, KEYS[1]}")
+    try:
+        redis.Redis.from_url(redis_server.url).script_flush()
+        assert await client.run_script(script, ["{t}:k"], [41]) == [42, b"{t}:k"]
+        assert await client.run_script(script, ["{t}:k"], [1]) == [2, b"{t}:k"]
+        with pytest.raises(ReplyError, match="ERR"):
+            await client.run_script(Script("return redis.call('NOPE')"), [], [])
+        assert await client.execute("PING") == b"PONG"
+    finally:
+        await client.aclose()
+
+
+async def test_a_lost_connection_fails_fast_and_the_next_call_reconnects(
+        redis_server: RedisServer) -> None:
+    client = PipelinedRedis(redis_server.url, timeout=5)
+    try:
+        client_id = await client.execute("CLIENT", "ID")
+        redis.Redis.from_url(redis_server.url).client_kill_filter(_id=client_id)
+        await asyncio.sleep(0.1)
+        assert await client.execute("PING") == b"PONG"
+        assert await client.execute("CLIENT", "ID") != client_id
+    finally:
+        await client.aclose()
+
+
+async def test_no_reply_in_time_is_unavailable_and_later_calls_work(
+        redis_server: RedisServer) -> None:
+    client = PipelinedRedis(redis_server.url, timeout=0.2)
+    try:
+        with pytest.raises(RedisUnavailable, match="in time"):
+            await client.execute("BLPOP", "resp:never", 2)
+        assert await client.execute("PING") == b"PONG"
+    finally:
+        await client.aclose()
+
+
+async def test_nothing_listening_is_unavailable() -> None:
+    client = PipelinedRedis(f"redis://127.0.0.1:{free_port()}/0", timeout=1)
+    with pytest.raises(RedisUnavailable, match="connecting"):
+        await client.execute("PING")
