@@ -7,6 +7,7 @@ runtime config's revision when a TenantPlan changes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -210,27 +211,38 @@ def test_recreating_a_retained_bridge_tenant_as_pool_fails_without_provisioning(
 # --- item 8: cascading deletion ---------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def redis_unreachable(redis_server: Redis) -> Iterator[None]:
+    """Point the running operator at a closed port, then back at the real Redis."""
+    from tenantry_operator.settings import get_settings
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ["TENANTRY_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+    get_settings.cache_clear()
+    try:
+        yield
+    finally:
+        os.environ["TENANTRY_REDIS_URL"] = redis_server.url
+        get_settings.cache_clear()
+
+
 @pytest.mark.parametrize(("cascade", "policy"), [
     ("background", "Retain"), ("foreground", "Retain"),
     ("background", "Delete"), ("foreground", "Delete"),
 ])
 def test_cascading_deletion_follows_the_deletion_policy(
-    control_plane: ControlPlane, cascade: str, policy: str,
+    control_plane: ControlPlane, redis_server: Redis, cascade: str, policy: str,
 ) -> None:
     name = f"casc{cascade[:2]}{policy[:3].lower()}"
     ns = f"tenant-{name}"
     apply_tenant(control_plane, name, plan="pro", isolation="bridge", deletionPolicy=policy)
     wait_ready(control_plane, name, timeout=90)
-    tenant = get_json(control_plane, "tnt", name) or {}
-    # An owner reference left by an older operator version is removed on the next apply.
-    owner = {"apiVersion": "tenantry.dev/v1alpha1", "kind": "Tenant", "name": name,
-             "uid": tenant["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
-    control_plane.kubectl("patch", "namespace", ns, "--type=merge", "-p",
-                          json.dumps({"metadata": {"ownerReferences": [owner]}}))
-    wait_for("the owner reference to go", lambda: not (
-        get_json(control_plane, "namespace", ns) or {})["metadata"].get("ownerReferences"),
-        timeout=30)
-    control_plane.kubectl("delete", "tnt", name, f"--cascade={cascade}", "--wait=false")
+    # Hold the finalizer up for a while, so the garbage collector has time to act first.
+    with redis_unreachable(redis_server):
+        control_plane.kubectl("delete", "tnt", name, f"--cascade={cascade}", "--wait=false")
+        time.sleep(8)
     wait_for(f"tenant {name} to disappear", lambda: get_json(control_plane, "tnt", name) is None,
              timeout=90)
     namespace = get_json(control_plane, "namespace", ns)
@@ -240,6 +252,25 @@ def test_cascading_deletion_follows_the_deletion_policy(
                                        "-n", ns) or {})
     else:
         assert namespace is None or namespace["status"]["phase"] == "Terminating"
+
+
+def test_an_owner_reference_left_by_an_older_version_is_removed(
+    control_plane: ControlPlane,
+) -> None:
+    apply_tenant(control_plane, "opowner", deletionPolicy="Delete")
+    wait_ready(control_plane, "opowner")
+    ns = "tenant-opowner"
+    assert not (get_json(control_plane, "namespace", ns) or {})["metadata"].get(
+        "ownerReferences")
+    uid = (get_json(control_plane, "tnt", "opowner") or {})["metadata"]["uid"]
+    owner = {"apiVersion": "tenantry.dev/v1alpha1", "kind": "Tenant", "name": "opowner",
+             "uid": uid, "controller": True, "blockOwnerDeletion": True}
+    control_plane.kubectl("patch", "namespace", ns, "--type=merge", "-p",
+                          json.dumps({"metadata": {"ownerReferences": [owner]}}))
+    wait_for("the owner reference to go", lambda: not (
+        get_json(control_plane, "namespace", ns) or {})["metadata"].get("ownerReferences"),
+        timeout=30)
+    delete_tenant(control_plane, "opowner")
 
 
 # --- item 9: objects the operator did not create ----------------------------------------------
@@ -288,29 +319,16 @@ def test_a_secret_created_by_someone_else_is_not_taken_over(
 # --- item 19: finalization that cannot reach its servers --------------------------------------
 
 
-@pytest.fixture
-def unreachable_redis(redis_server: Redis) -> Iterator[None]:
-    """Point the running operator at a closed port, then back at the real Redis."""
-    from tenantry_operator.settings import get_settings
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ["TENANTRY_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
-    get_settings.cache_clear()
-    try:
-        yield
-    finally:
-        os.environ["TENANTRY_REDIS_URL"] = redis_server.url
-        get_settings.cache_clear()
-
-
 def test_finalization_waits_for_redis_until_forced_with_a_reason(
-    control_plane: ControlPlane, redis_server: Redis, request: pytest.FixtureRequest,
+    control_plane: ControlPlane, redis_server: Redis,
 ) -> None:
     apply_tenant(control_plane, "opblocked", deletionPolicy="Delete")
     wait_ready(control_plane, "opblocked")
-    request.getfixturevalue("unreachable_redis")
+    with redis_unreachable(redis_server):
+        blocked_then_forced(control_plane)
+
+
+def blocked_then_forced(control_plane: ControlPlane) -> None:
     control_plane.kubectl("delete", "tnt", "opblocked", "--wait=false")
     status = wait_reason(control_plane, "opblocked", "Finalized", "CleanupBlocked", timeout=60)
     assert "tenantry.dev/force-finalize" in condition(status, "Finalized")["message"]
