@@ -76,7 +76,7 @@ def shared_database(postgres: Postgres) -> str:
 # runs outside the cluster.
 SILO_TENANTS = ("silo1", "upsilo", "silodel", "poolsilo", "silogrow", "silofixed", "silocreds")
 # The operator's own namespace, where it keeps copies of the credentials it generates.
-CREDENTIALS_NAMESPACE = "tenantry-system"
+CREDENTIALS_NAMESPACE = "tenantry-operator-test"  # not the chart's runtime namespace
 
 
 @pytest.fixture(scope="session")
