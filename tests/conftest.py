@@ -75,7 +75,8 @@ def shared_database(postgres: Postgres) -> str:
 # database per silo in a second embedded Postgres, the setting a user needs when the operator
 # runs outside the cluster.
 SILO_TENANTS = ("silo1", "upsilo", "silodel", "poolsilo", "silogrow", "silofixed", "silocreds")
-# The operator's own namespace, where it keeps copies of the credentials it generates.
+# The operator's own namespace, where it keeps copies of the credentials it generates (it
+# creates the namespace when missing).
 CREDENTIALS_NAMESPACE = "tenantry-operator-test"  # not the chart's runtime namespace
 
 
@@ -105,8 +106,6 @@ def operator(
     from kopf.testing import KopfRunner
 
     control_plane.add_persistent_volumes(10, size="100Gi")
-    control_plane.kubectl("apply", "-f", "-", input_text=json.dumps(
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": CREDENTIALS_NAMESPACE}}))
     os.environ.update({
         "KUBECONFIG": str(control_plane.kubeconfig),
         "TENANTRY_DATABASE_URL": shared_database,

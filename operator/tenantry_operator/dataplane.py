@@ -11,7 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 from lightkube.resources.apps_v1 import StatefulSet
-from lightkube.resources.core_v1 import ConfigMap, PersistentVolumeClaim, Secret
+from lightkube.resources.core_v1 import ConfigMap, Namespace, PersistentVolumeClaim, Secret
 from lightkube.resources.storage_v1 import StorageClass
 from lightkube.types import PatchType
 from lightkube.utils.quantity import parse_quantity
@@ -71,7 +71,11 @@ async def ensure_credentials(ctx: StepContext, name: str, username: str, databas
         password = secrets.token_urlsafe(24)
     secret = builders.credentials_secret(ctx.spec, ctx.namespace, name, username, password,
                                          database_name, host)
-    # The copy first: a crash in between never leaves a Secret that has no copy.
+    # The copy first: a crash in between never leaves a Secret that has no copy. The chart
+    # installs the operator's namespace; an operator run by hand may not have one yet.
+    if await ctx.kube.get(Namespace, backup_ns) is None:
+        await ctx.kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {
+            "name": backup_ns, "labels": {LABEL_MANAGED_BY: MANAGER}}})
     await ctx.kube.apply(builders.credentials_backup(ctx.spec, backup_ns, name,
                                                      secret["stringData"]))
     await ctx.kube.apply(secret)
