@@ -181,6 +181,42 @@ def test_deleted_credentials_come_back_with_the_same_password_or_are_reported_lo
     assert get_json(control_plane, "secret", backup, "-n", CREDENTIALS_NAMESPACE) is None
 
 
+def test_a_lost_tenant_login_secret_gets_a_new_password_that_the_role_learns(
+    control_plane: ControlPlane, postgres: Postgres,
+) -> None:
+    """Unlike the silo admin, the tenant's login is re-set through the admin connection."""
+    apply_tenant(control_plane, "opregen", plan="pro", isolation="bridge",
+                 deletionPolicy="Delete")
+    wait_ready(control_plane, "opregen", timeout=90)
+    ns, backup = "tenant-opregen", "tenantry-opregen-tenant-db-credentials"
+    old = secret_data(control_plane, ns, "tenant-db-credentials")["password"]
+
+    def regenerated() -> str | None:
+        secret = get_json(control_plane, "secret", "tenant-db-credentials", "-n", ns)
+        if secret is not None:
+            new = secret_data(control_plane, ns, "tenant-db-credentials")["password"]
+            if new != old:
+                return new
+        control_plane.kubectl("delete", "secret", backup, "-n", CREDENTIALS_NAMESPACE,
+                              "--ignore-not-found")
+        control_plane.kubectl("delete", "secret", "tenant-db-credentials", "-n", ns,
+                              "--ignore-not-found")
+        return None
+
+    new = wait_for("a new login password", regenerated, timeout=60)
+    dsn = postgres.dsn("tenantry", user="tenant_opregen", password=new)
+    wait_for("the role to take the new password", lambda: _can_login(dsn), timeout=30)
+    delete_tenant(control_plane, "opregen")
+
+
+def _can_login(dsn: str) -> bool:
+    try:
+        psycopg.connect(dsn).close()
+    except psycopg.OperationalError:
+        return False
+    return True
+
+
 # --- item 7: isolation lowered under Retain ---------------------------------------------------
 
 
