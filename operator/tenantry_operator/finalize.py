@@ -146,8 +146,8 @@ async def finalize(body: Mapping[str, Any], kube: Kube, settings: OperatorSettin
                                               lambda c: database.retain_tenant(c, name))
 
         await part("cleaning up the shared database", shared_database)
-    has_namespace = await kube.get(Namespace, namespace)
-    ours = has_namespace is not None and owned_by(labels_of(has_namespace), name)
+    live_namespace = await kube.get(Namespace, namespace)
+    ours = live_namespace is not None and owned_by(labels_of(live_namespace), name)
     silo = ours and (bool(provisioned.get("statefulSet"))
                      or await _owned_silo(kube, name, namespace))
     if silo:
@@ -163,7 +163,7 @@ async def finalize(body: Mapping[str, Any], kube: Kube, settings: OperatorSettin
                        lambda: _silo_data(kube, settings, name, namespace, delete))
     if problems:
         raise FinalizationBlocked(blocked_message(name, problems))
-    if has_namespace is not None and not ours:
+    if live_namespace is not None and not ours:
         notes.append(f"left namespace {namespace} alone: it was not created for tenant {name}")
     elif ours and delete:
         if silo:
