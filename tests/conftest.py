@@ -74,7 +74,10 @@ def shared_database(postgres: Postgres) -> str:
 # so the operator reaches each silo's database through TENANTRY_SILO_DSN_OVERRIDES: one
 # database per silo in a second embedded Postgres, the setting a user needs when the operator
 # runs outside the cluster.
-SILO_TENANTS = ("silo1", "upsilo", "silodel", "poolsilo")
+SILO_TENANTS = ("silo1", "upsilo", "silodel", "poolsilo", "silogrow", "silofixed", "silocreds")
+# The operator's own namespace, where it keeps copies of the credentials it generates (it
+# creates the namespace when missing).
+CREDENTIALS_NAMESPACE = "tenantry-operator-test"  # not the chart's runtime namespace
 
 
 @pytest.fixture(scope="session")
@@ -102,12 +105,13 @@ def operator(
 
     from kopf.testing import KopfRunner
 
-    control_plane.add_persistent_volumes(6, size="100Gi")
+    control_plane.add_persistent_volumes(10, size="100Gi")
     os.environ.update({
         "KUBECONFIG": str(control_plane.kubeconfig),
         "TENANTRY_DATABASE_URL": shared_database,
         "TENANTRY_REDIS_URL": redis_server.url,
         "TENANTRY_RECONCILE_INTERVAL_SECONDS": "3",
+        "TENANTRY_CREDENTIALS_NAMESPACE": CREDENTIALS_NAMESPACE,
         "TENANTRY_SILO_DSN_OVERRIDES": json.dumps(
             {t: silo_postgres.dsn(f"silo_{t}") for t in SILO_TENANTS}),
     })

@@ -292,7 +292,8 @@ def test_cluster_role_is_least_privilege(helm: list[str], values_file: Path) -> 
     assert grants[("", "events")] == {"create"}
     assert grants[("apiextensions.k8s.io", "customresourcedefinitions")] == {"list", "watch"}
     assert "delete" in grants[("", "namespaces")]
-    assert grants[("", "persistentvolumeclaims")] == {"list", "delete"}
+    assert grants[("", "persistentvolumeclaims")] == {"list", "patch", "delete"}
+    assert "delete" not in grants[("", "secrets")]  # only in the release namespace (Role)
     assert ("", "pods") not in grants
     assert ("rbac.authorization.k8s.io", "clusterroles") not in grants
     # kopf runs standalone: no peering objects; the Lease is granted by a namespaced Role.
@@ -435,6 +436,10 @@ def test_service_account_can_do_what_the_operator_does(helm: list[str],
         assert can("watch", "tenants.tenantry.dev")
         assert can("create", "events", "-n", "default")
         assert can("delete", "persistentvolumeclaims", "-n", "tenant-x")
+        assert can("patch", "persistentvolumeclaims", "-n", "tenant-x")
+        assert can("get", "storageclasses.storage.k8s.io")
+        assert can("delete", "secrets", "-n", namespace)  # credential copies
+        assert not can("delete", "secrets", "-n", "tenant-x")
         assert not can("delete", "tenants.tenantry.dev")
         assert not can("patch", "tenantplans.tenantry.dev")
         assert not can("create", "pods", "-n", "tenant-x")

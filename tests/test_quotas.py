@@ -31,7 +31,7 @@ async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
 
 
 async def test_limits_are_written_under_the_tenant_prefix(client: Redis) -> None:
-    assert await write_limits(client, spec("acme", 1, budgets={"dailyTokens": 500}))
+    assert await write_limits(client, spec("acme", 1, budgets={"dailyTokens": 500}), 1)
     limits = await read_limits(client, "acme")
     assert limits["daily_tokens"] == "500" and limits["monthly_tokens"] == "9000"
     assert limits["revision"] == "1" and limits["suspended"] == "0"
@@ -39,10 +39,10 @@ async def test_limits_are_written_under_the_tenant_prefix(client: Redis) -> None
 
 
 async def test_a_stale_revision_never_overwrites_a_newer_one(client: Redis) -> None:
-    await write_limits(client, spec("acme", 5, budgets={"dailyTokens": 700}))
-    assert not await write_limits(client, spec("acme", 4, budgets={"dailyTokens": 1}))
+    await write_limits(client, spec("acme", 5, budgets={"dailyTokens": 700}), 5)
+    assert not await write_limits(client, spec("acme", 4, budgets={"dailyTokens": 1}), 4)
     assert (await read_limits(client, "acme"))["daily_tokens"] == "700"
-    assert await write_limits(client, spec("acme", 6, budgets={"dailyTokens": 800}))
+    assert await write_limits(client, spec("acme", 6, budgets={"dailyTokens": 800}), 6)
     assert (await read_limits(client, "acme"))["daily_tokens"] == "800"
 
 
@@ -51,7 +51,7 @@ async def test_deleting_one_tenant_leaves_a_prefix_sharing_neighbour_alone(
 ) -> None:
     now = datetime.now(UTC)
     for name in ("acme", "acme2"):
-        await write_limits(client, spec(name, 1))
+        await write_limits(client, spec(name, 1), 1)
         keys = TenantKeys(name)
         await client.set(keys.tokens_day(now), 42)
         await client.set(keys.requests_minute(now), 3)

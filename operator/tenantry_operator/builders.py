@@ -4,25 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from .model import GROUP, VERSION, EffectiveSpec
+from .model import GROUP, EffectiveSpec
 from .names import LABEL_TENANT, namespace_name, standard_labels
 
 Manifest = dict[str, Any]
 
 
-def owner_reference(spec: EffectiveSpec) -> dict[str, Any]:
-    """Links a cluster-scoped child (the Namespace) back to its Tenant."""
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "Tenant",
-        "name": spec.name,
-        "uid": spec.uid,
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-
-
 def tenant_namespace(spec: EffectiveSpec, prefix: str) -> Manifest:
+    """No owner reference: the garbage collector would delete the namespace (Secrets, silo
+    volumes) on a foreground or background cascade before the finalizer could apply Retain.
+    The finalizer deletes it itself under deletionPolicy Delete."""
     labels = standard_labels(spec.name, "namespace")
     labels.update({
         f"{GROUP}/isolation": spec.isolation.value,
@@ -36,7 +27,6 @@ def tenant_namespace(spec: EffectiveSpec, prefix: str) -> Manifest:
         "metadata": {
             "name": namespace_name(spec.name, prefix),
             "labels": labels,
-            "ownerReferences": [owner_reference(spec)],
         },
     }
 
@@ -52,13 +42,14 @@ SILO_ADMIN_SECRET = "postgres-admin"  # noqa: S105 - a Secret's name, not a pass
 TENANT_DB_SECRET = "tenant-db-credentials"  # noqa: S105
 SILO_DATABASE = "tenantry"
 SILO_PORT = 5432
+CREDENTIAL_LABEL = f"{GROUP}/credential"
 
 
 def _silo_labels(tenant: str) -> dict[str, str]:
     return {**standard_labels(tenant, "silo-database"), "app.kubernetes.io/name": SILO_NAME}
 
 
-def _silo_selector(tenant: str) -> dict[str, str]:
+def silo_selector(tenant: str) -> dict[str, str]:
     # Selector labels never change after creation (StatefulSet selectors are immutable).
     return {"app.kubernetes.io/name": SILO_NAME, LABEL_TENANT: tenant}
 
@@ -76,6 +67,27 @@ def credentials_secret(spec: EffectiveSpec, namespace: str, name: str, username:
     }
 
 
+def credentials_backup_name(tenant: str, secret: str) -> str:
+    """The operator's own copy of a generated credential, in its own namespace."""
+    return f"tenantry-{tenant}-{secret}"
+
+
+def credentials_backup(spec: EffectiveSpec, namespace: str, secret: str,
+                       data: dict[str, str]) -> Manifest:
+    """A copy of a tenant's credential Secret: a Secret deleted by hand is restored from it,
+    because a silo's data directory learns its admin password only once, at initdb."""
+    labels = standard_labels(spec.name, "credentials-backup")
+    labels[CREDENTIAL_LABEL] = secret
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": credentials_backup_name(spec.name, secret), "namespace": namespace,
+                     "labels": labels},
+        "type": "Opaque",
+        "stringData": data,
+    }
+
+
 def silo_services(spec: EffectiveSpec, namespace: str) -> list[Manifest]:
     """A headless Service for the StatefulSet's stable identity, and a client Service."""
     port = [{"name": "postgres", "port": SILO_PORT, "targetPort": "postgres"}]
@@ -83,22 +95,28 @@ def silo_services(spec: EffectiveSpec, namespace: str) -> list[Manifest]:
     return [
         {**base, "metadata": {"name": f"{SILO_NAME}-hl", "namespace": namespace,
                               "labels": _silo_labels(spec.name)},
-         "spec": {"clusterIP": "None", "selector": _silo_selector(spec.name), "ports": port,
+         "spec": {"clusterIP": "None", "selector": silo_selector(spec.name), "ports": port,
                   "publishNotReadyAddresses": True}},
         {**base, "metadata": {"name": SILO_NAME, "namespace": namespace,
                               "labels": _silo_labels(spec.name)},
-         "spec": {"type": "ClusterIP", "selector": _silo_selector(spec.name), "ports": port}},
+         "spec": {"type": "ClusterIP", "selector": silo_selector(spec.name), "ports": port}},
     ]
 
 
-def silo_statefulset(spec: EffectiveSpec, namespace: str, image: str) -> Manifest:
+def silo_statefulset(spec: EffectiveSpec, namespace: str, image: str,
+                     live_claim: dict[str, Any] | None = None) -> Manifest:
+    """`live_claim`: the claim template spec of the live StatefulSet. Claim templates are
+    immutable, so its size and class are kept; a larger spec size resizes the claims instead."""
     storage = spec.database.storage
     if storage is None:  # the CRD requires it for silo; guard against an old object
         raise ValueError("silo isolation needs spec.database.storage")
+    live = live_claim or {}
+    size = ((live.get("resources") or {}).get("requests") or {}).get("storage") or storage.size
+    storage_class = live.get("storageClassName") if live_claim else storage.storage_class_name
     claim_spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"],
-                                  "resources": {"requests": {"storage": storage.size}}}
-    if storage.storage_class_name:
-        claim_spec["storageClassName"] = storage.storage_class_name
+                                  "resources": {"requests": {"storage": size}}}
+    if storage_class:
+        claim_spec["storageClassName"] = storage_class
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "securityContext": {"runAsNonRoot": True, "runAsUser": 999, "runAsGroup": 999,
@@ -137,7 +155,7 @@ def silo_statefulset(spec: EffectiveSpec, namespace: str, image: str) -> Manifes
         "spec": {
             "serviceName": f"{SILO_NAME}-hl",
             "replicas": 1,
-            "selector": {"matchLabels": _silo_selector(spec.name)},
+            "selector": {"matchLabels": silo_selector(spec.name)},
             "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Retain",
                                                      "whenScaled": "Retain"},
             "template": {"metadata": {"labels": _silo_labels(spec.name)}, "spec": pod_spec},
@@ -154,7 +172,7 @@ def silo_disruption_budget(spec: EffectiveSpec, namespace: str) -> Manifest:
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
         "metadata": {"name": SILO_NAME, "namespace": namespace, "labels": _silo_labels(spec.name)},
-        "spec": {"minAvailable": 1, "selector": {"matchLabels": _silo_selector(spec.name)}},
+        "spec": {"minAvailable": 1, "selector": {"matchLabels": silo_selector(spec.name)}},
     }
 
 
@@ -162,11 +180,19 @@ def silo_host(namespace: str) -> str:
     return f"{SILO_NAME}.{namespace}.svc:{SILO_PORT}"
 
 
-def runtime_configmap(namespace: str, tenant: str, config_json: str) -> Manifest:
+RUNTIME_CONFIGMAP = "tenantry-runtime-config"
+CONFIG_HASH_ANNOTATION = f"{GROUP}/config-hash"
+
+
+def runtime_configmap(namespace: str, tenant: str, config_json: str,
+                      content_hash: str) -> Manifest:
+    """`content_hash` covers everything but the revision: the next render compares it to decide
+    whether the revision must grow."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {"name": "tenantry-runtime-config", "namespace": namespace,
-                     "labels": standard_labels(tenant, "runtime-config")},
+        "metadata": {"name": RUNTIME_CONFIGMAP, "namespace": namespace,
+                     "labels": standard_labels(tenant, "runtime-config"),
+                     "annotations": {CONFIG_HASH_ANNOTATION: content_hash}},
         "data": {"config.json": config_json},
     }

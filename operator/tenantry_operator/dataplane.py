@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
+import logging
 import secrets
+from decimal import Decimal
+from typing import Any
 
 from lightkube.resources.apps_v1 import StatefulSet
-from lightkube.resources.core_v1 import Secret
+from lightkube.resources.core_v1 import ConfigMap, Namespace, PersistentVolumeClaim, Secret
+from lightkube.resources.storage_v1 import StorageClass
+from lightkube.types import PatchType
+from lightkube.utils.quantity import parse_quantity
 from redis.asyncio import Redis
 from tenantry_runtime.contracts.database import SHARED_SCHEMA, bridge_role, bridge_schema
 from tenantry_runtime.contracts.redis_keys import TenantKeys
@@ -21,9 +29,12 @@ from . import builders, database, upgrade
 from .conditions import Condition
 from .kube import Kube, as_dict
 from .model import EffectiveSpec, Isolation
-from .quotas import write_limits
+from .names import LABEL_MANAGED_BY, LABEL_TENANT, MANAGER, owned_by
+from .quotas import limits_of, write_limits
 from .settings import OperatorSettings
 from .steps import StepContext, StepFailed
+
+log = logging.getLogger(__name__)
 
 
 def shared_dsn(settings: OperatorSettings) -> str:
@@ -40,30 +51,85 @@ async def secret_value(kube: Kube, namespace: str, name: str, key: str) -> str |
 
 
 async def ensure_credentials(ctx: StepContext, name: str, username: str, database_name: str,
-                             host: str) -> str:
-    """The Secret is the source of truth for a password: generated once, never rotated here."""
+                             host: str, lost_if_missing: bool = False) -> str:
+    """The Secret is the source of truth for a password: generated once, never rotated here.
+
+    A copy lives in the operator's own namespace; a Secret deleted by hand is restored from it
+    with the same password. With both gone a new password is generated, unless
+    `lost_if_missing` (a database that already knows the old one): then CredentialsLost.
+    """
+    backup_ns = ctx.settings.credentials_namespace
+    backup_name = builders.credentials_backup_name(ctx.spec.name, name)
     password = await secret_value(ctx.kube, ctx.namespace, name, "password")
     if password is None:
+        password = await secret_value(ctx.kube, backup_ns, backup_name, "password")
+    if password is None:
+        if lost_if_missing:
+            raise StepFailed(Condition("DatabaseReady", False, "CredentialsLost",
+                                       credentials_lost_message(ctx, name, backup_name, host)),
+                             retry_after=60)
         password = secrets.token_urlsafe(24)
-    await ctx.kube.apply(builders.credentials_secret(
-        ctx.spec, ctx.namespace, name, username, password, database_name, host))
+    secret = builders.credentials_secret(ctx.spec, ctx.namespace, name, username, password,
+                                         database_name, host)
+    # The copy first: a crash in between never leaves a Secret that has no copy. The chart
+    # installs the operator's namespace; an operator run by hand may not have one yet.
+    if await ctx.kube.get(Namespace, backup_ns) is None:
+        await ctx.kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {
+            "name": backup_ns, "labels": {LABEL_MANAGED_BY: MANAGER}}})
+    await ctx.kube.apply(builders.credentials_backup(ctx.spec, backup_ns, name,
+                                                     secret["stringData"]))
+    await ctx.kube.apply(secret)
     return password
 
 
+def credentials_lost_message(ctx: StepContext, name: str, backup_name: str, host: str) -> str:
+    ns, tenant = ctx.namespace, ctx.spec.name
+    pod = f"{builders.SILO_NAME}-0"
+    return (
+        f"Secret {ns}/{name} and its copy {ctx.settings.credentials_namespace}/{backup_name} are"
+        " both gone, but the silo's data directory exists and keeps the admin password it was"
+        " initialised with; a new password would never reach it, so none is generated. To"
+        " recover, set a new password inside the silo over its local socket, then recreate the"
+        f" Secret with it: kubectl exec -n {ns} {pod} -- psql -U postgres -d"
+        f" {builders.SILO_DATABASE} -c \"ALTER ROLE postgres PASSWORD '<new-password>'\" ;"
+        f" kubectl create secret generic {name} -n {ns} --type=kubernetes.io/basic-auth"
+        " --from-literal=username=postgres --from-literal=password='<new-password>'"
+        f" --from-literal=database={builders.SILO_DATABASE} --from-literal=host={host} ;"
+        f" kubectl label secret {name} -n {ns} {LABEL_MANAGED_BY}={MANAGER}"
+        f" {LABEL_TENANT}={tenant}. The operator then keeps a copy again.")
+
+
 # --- silo --------------------------------------------------------------------------------------
+
+
+async def silo_claims(kube: Kube, tenant: str, namespace: str) -> list[dict[str, Any]]:
+    """The silo StatefulSet's volume claims that carry the tenant's marks."""
+    selector: dict[str, Any] = dict(builders.silo_selector(tenant))
+    claims = kube.client.list(PersistentVolumeClaim, namespace=namespace, labels=selector)
+    return [claim for claim in [as_dict(c) async for c in claims]
+            if owned_by(claim["metadata"].get("labels"), tenant)]
 
 
 async def ensure_silo_server(ctx: StepContext) -> str:
     """Apply the silo's objects; return its admin DSN once its Pod is Ready."""
     ns, spec = ctx.namespace, ctx.spec
     host = builders.silo_host(ns)
+    live = await ctx.kube.get(StatefulSet, builders.SILO_NAME, ns)
+    claims = await silo_claims(ctx.kube, spec.name, ns)
+    # POSTGRES_PASSWORD reaches a data directory only at initdb: once the silo may hold data,
+    # a lost admin password must never be replaced by a new one.
+    has_data = live is not None or bool(claims) or "statefulSet" in ctx.provisioned
     await ensure_credentials(ctx, builders.SILO_ADMIN_SECRET, "postgres",
-                                              builders.SILO_DATABASE, host)
+                             builders.SILO_DATABASE, host, lost_if_missing=has_data)
+    templates = ((as_dict(live).get("spec") or {}).get("volumeClaimTemplates") or [{}]
+                 if live is not None else [{}])
     for manifest in (*builders.silo_services(spec, ns),
-                     builders.silo_statefulset(spec, ns, ctx.settings.silo_image),
+                     builders.silo_statefulset(spec, ns, ctx.settings.silo_image,
+                                               templates[0].get("spec")),
                      builders.silo_disruption_budget(spec, ns)):
         await ctx.kube.apply(manifest)
     ctx.provisioned["statefulSet"] = builders.SILO_NAME
+    await ensure_volume_size(ctx, claims)
     sts = await ctx.kube.get(StatefulSet, builders.SILO_NAME, ns)
     ready = int(((as_dict(sts) if sts else {}).get("status") or {}).get("readyReplicas") or 0)
     if ready < 1:
@@ -71,6 +137,57 @@ async def ensure_silo_server(ctx: StepContext) -> str:
                                    f"StatefulSet {ns}/{builders.SILO_NAME} has no Ready Pod yet"),
                          retry_after=3)
     return await silo_dsn(ctx.kube, ctx.settings, spec.name, ns)
+
+
+def _quantity(size: str) -> Decimal:
+    value = parse_quantity(size)
+    if value is None:
+        raise ValueError(f"not a quantity: {size!r}")
+    return value
+
+
+def _claim_size(claim: dict[str, Any]) -> str:
+    size: str = claim["spec"]["resources"]["requests"]["storage"]
+    return size
+
+
+async def ensure_volume_size(ctx: StepContext, claims: list[dict[str, Any]]) -> None:
+    """Grow the silo's claims to spec.database.storage.size.
+
+    The StatefulSet's claim template is immutable (it keeps the size it was created with), so
+    a larger size is requested on each claim; the StorageClass must allow expansion.
+    """
+    storage = ctx.spec.database.storage
+    if storage is None:
+        return
+    wanted = _quantity(storage.size)
+    for claim in claims:
+        name, current = claim["metadata"]["name"], _claim_size(claim)
+        where = f"{ctx.namespace}/{name}"
+        if wanted < _quantity(current):
+            raise StepFailed(Condition(
+                "DatabaseReady", False, "VolumeShrinkNotSupported",
+                f"spec.database.storage.size is {storage.size} but claim {where} already holds"
+                f" {current}; volumes cannot shrink. Set the size back to {current} or more"),
+                retry_after=60)
+        if wanted == _quantity(current):
+            continue
+        class_name = claim["spec"].get("storageClassName")
+        storage_class = (await ctx.kube.get(StorageClass, class_name)
+                         if class_name else None)
+        if storage_class is None or not as_dict(storage_class).get("allowVolumeExpansion"):
+            raise StepFailed(Condition(
+                "DatabaseReady", False, "VolumeExpansionNotAllowed",
+                f"spec.database.storage.size asks for {storage.size}, but StorageClass"
+                f" {class_name or '(none)'} of claim {where} does not allow volume expansion;"
+                f" the claim stays at {current}. Set allowVolumeExpansion: true on the"
+                f" StorageClass, or set the size back to {current}"), retry_after=60)
+        await ctx.kube.client.patch(
+            PersistentVolumeClaim, name,
+            {"spec": {"resources": {"requests": {"storage": storage.size}}}},
+            namespace=ctx.namespace, patch_type=PatchType.MERGE)
+        log.info("tenant %s: claim %s resized from %s to %s", ctx.spec.name, where, current,
+                 storage.size)
 
 
 async def silo_dsn(kube: Kube, settings: OperatorSettings, tenant: str, namespace: str) -> str:
@@ -95,9 +212,16 @@ async def ensure_database(ctx: StepContext) -> Condition:
     spec, shared = ctx.spec, shared_dsn(ctx.settings)
     current = await database.in_database(shared, lambda c: upgrade.current_isolation(c, spec.name))
     if current is not None and current.rank > spec.isolation.rank:
-        return Condition("DatabaseReady", False, "IsolationLowered",
-                         f"data lives at {current.value}; lowering to {spec.isolation.value} "
-                         "is not supported")
+        # Stop here: going on would provision a lower location and a config pointing at it
+        # while the data stays where the registry says.
+        raise StepFailed(Condition(
+            "DatabaseReady", False, "IsolationLowered",
+            f"the data of tenant {spec.name} lives at isolation {current.value} (registry row in"
+            f" {SHARED_SCHEMA}.tenants, e.g. kept by deletionPolicy Retain from an earlier Tenant"
+            f" of this name); lowering it to {spec.isolation.value} is not supported and nothing"
+            f" was provisioned. Set spec.isolation to {current.value} (or higher) to take the"
+            " data back, or remove the retained data first (delete a Tenant of this name at"
+            f" isolation {current.value} with deletionPolicy Delete)"), retry_after=60)
     password = ""
     if spec.isolation is not Isolation.POOL:
         host = (builders.silo_host(ctx.namespace) if spec.isolation is Isolation.SILO
@@ -153,9 +277,10 @@ async def ensure_collection(ctx: StepContext) -> Condition:
 async def ensure_limits(ctx: StepContext) -> Condition:
     if ctx.settings.redis_url is None:
         return Condition("LimitsReady", False, "NoRedisConfigured", "TENANTRY_REDIS_URL is not set")
+    revision = await settle_revision(ctx)
     redis = Redis.from_url(ctx.settings.redis_url.get_secret_value())
     try:
-        await write_limits(redis, ctx.spec)
+        await write_limits(redis, ctx.spec, revision)
     finally:
         await redis.aclose()
     ctx.provisioned["redisKeyPrefix"] = TenantKeys(ctx.spec.name).prefix
@@ -171,8 +296,9 @@ def runtime_config(spec: EffectiveSpec, namespace: str, provisioned: dict[str, s
                    settings: OperatorSettings) -> TenantRuntimeConfig:
     """Pure: what the runtime needs to serve the tenant; names Secrets, never holds them."""
     location = provisioned.get("databaseLocation", "shared")
-    # The revision grows with the generation and with each move of the data, so a config
-    # written before an isolation switch never wins over one written after it.
+    # The base revision grows with the generation and with each move of the data, so a config
+    # written before an isolation switch never wins over one written after it; settle_revision
+    # raises it further whenever the content changes.
     rank = {"shared": 0, "schema": 1, "dedicated": 2}[location]
     endpoint = spec.ai.endpoint
     return TenantRuntimeConfig(
@@ -202,9 +328,57 @@ def runtime_config(spec: EffectiveSpec, namespace: str, provisioned: dict[str, s
     )
 
 
-async def ensure_runtime_config(ctx: StepContext) -> Condition:
+def content_hash(config: TenantRuntimeConfig, limits: dict[str, str]) -> str:
+    """Pure: a digest of everything the runtime reads (config and limits), revisions aside."""
+    content = [config.model_dump(mode="json", exclude={"revision"}),
+               {k: v for k, v in limits.items() if k != "revision"}]
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def next_revision(base: int, content: str, recorded: list[tuple[int, str | None]]) -> int:
+    """Pure: the revision for `content`. It grows whenever the content differs from the last
+    recorded one (a TenantPlan edit changes it without a new generation), never otherwise,
+    and is at least `base` (generation * 10 + location rank)."""
+    last = max((revision for revision, _ in recorded), default=0)
+    same = bool(recorded) and recorded[0][1] == content
+    return max(base, last if same else last + 1)
+
+
+async def settle_revision(ctx: StepContext) -> int:
+    """Once per reconcile: the revision shared by the runtime config and the Redis limits.
+
+    The live ConfigMap (revision and hash annotation) is the record, status.runtimeConfig the
+    fallback when the ConfigMap was deleted.
+    """
+    if ctx.config_revision is not None:
+        return ctx.config_revision
     config = runtime_config(ctx.spec, ctx.namespace, ctx.provisioned, ctx.settings)
+    digest = content_hash(config, limits_of(ctx.spec, config.revision))
+    recorded: list[tuple[int, str | None]] = []
+    live = await ctx.kube.get(ConfigMap, builders.RUNTIME_CONFIGMAP, ctx.namespace)
+    if live is not None and owned_by(as_dict(live)["metadata"].get("labels"), ctx.spec.name):
+        live_dict = as_dict(live)
+        try:
+            live_revision = int(json.loads(live_dict["data"]["config.json"])["revision"])
+        except (KeyError, TypeError, ValueError):
+            live_revision = None
+        if live_revision is not None:
+            recorded.append((live_revision, (live_dict["metadata"].get("annotations") or {})
+                             .get(builders.CONFIG_HASH_ANNOTATION)))
+    status = ctx.status.get("runtimeConfig") or {}
+    if "revision" in status:
+        recorded.append((int(status["revision"]), status.get("hash")))
+    ctx.config_revision = next_revision(config.revision, digest, recorded)
+    ctx.status_updates["runtimeConfig"] = {"revision": ctx.config_revision, "hash": digest}
+    return ctx.config_revision
+
+
+async def ensure_runtime_config(ctx: StepContext) -> Condition:
+    revision = await settle_revision(ctx)
+    config = runtime_config(ctx.spec, ctx.namespace, ctx.provisioned, ctx.settings)
+    digest = content_hash(config, limits_of(ctx.spec, revision))
+    config = config.model_copy(update={"revision": revision})
     await ctx.kube.apply(builders.runtime_configmap(ctx.namespace, ctx.spec.name,
-                                                    config.model_dump_json(indent=2)))
-    ctx.provisioned["configMap"] = "tenantry-runtime-config"
+                                                    config.model_dump_json(indent=2), digest))
+    ctx.provisioned["configMap"] = builders.RUNTIME_CONFIGMAP
     return Condition("RuntimeConfigReady", True, "Applied", f"revision {config.revision}")

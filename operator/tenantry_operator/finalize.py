@@ -3,21 +3,46 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 from lightkube.resources.apps_v1 import StatefulSet
-from lightkube.resources.core_v1 import Namespace, PersistentVolumeClaim
+from lightkube.resources.core_v1 import Namespace, PersistentVolumeClaim, Secret
 from lightkube.types import PatchType
 from redis.asyncio import Redis
 
 from . import builders, database, dataplane
-from .kube import Kube
+from .kube import Kube, labels_of
+from .names import ANNOTATION_FORCE_FINALIZE, namespace_name, owned_by
 from .quotas import delete_tenant_keys
 from .settings import OperatorSettings
 
 log = logging.getLogger(__name__)
+
+
+class FinalizationBlocked(Exception):
+    """A part of the cleanup failed (its server unreachable); the deletion is retried."""
+
+
+@dataclass
+class Finalized:
+    summary: str
+    skipped: list[str] = field(default_factory=list)  # parts skipped by the force annotation
+    force_reason: str | None = None
+
+
+def retry_delay(retry: int) -> float:
+    """Backoff between attempts of a blocked finalization: 5 s doubling up to 5 minutes."""
+    return float(min(5 * 2 ** min(retry, 10), 300))
+
+
+def blocked_message(tenant: str, problems: list[str]) -> str:
+    return (f"deletion of tenant {tenant} waits for: {'; '.join(problems)}. It is retried with"
+            " backoff. To finish the deletion without that cleanup (data or keys may be left"
+            f" behind), record why: kubectl annotate tenant {tenant}"
+            f" {ANNOTATION_FORCE_FINALIZE}='<reason>'")
 
 
 def _shared_dsn(settings: OperatorSettings) -> str:
@@ -27,79 +52,133 @@ def _shared_dsn(settings: OperatorSettings) -> str:
 
 
 async def _orphan_namespace(kube: Kube, name: str) -> None:
-    """Drop the owner reference so the garbage collector keeps the namespace after the Tenant."""
+    """Drop any owner reference (set by older versions) and mark the namespace retained."""
     patch = {"metadata": {"ownerReferences": None, "labels": {"tenantry.dev/retained": "true"}}}
     await kube.client.patch(Namespace, name, patch, patch_type=PatchType.MERGE)
 
 
-async def _delete_silo(kube: Kube, namespace: str) -> None:
+async def _owned_silo(kube: Kube, tenant: str, namespace: str) -> bool:
+    sts = await kube.get(StatefulSet, builders.SILO_NAME, namespace)
+    return sts is not None and owned_by(labels_of(sts), tenant)
+
+
+async def _delete_silo(kube: Kube, tenant: str, namespace: str) -> None:
     """The StatefulSet first, then its claims (the namespace's deletion takes the rest)."""
-    await kube.delete(StatefulSet, builders.SILO_NAME, namespace)
-    claims = kube.client.list(PersistentVolumeClaim, namespace=namespace,
-                              labels={"app.kubernetes.io/name": builders.SILO_NAME})
-    async for claim in claims:
-        if claim.metadata and claim.metadata.name:
-            await kube.delete(PersistentVolumeClaim, claim.metadata.name, namespace)
+    if await _owned_silo(kube, tenant, namespace):
+        await kube.delete(StatefulSet, builders.SILO_NAME, namespace)
+    for claim in await dataplane.silo_claims(kube, tenant, namespace):
+        await kube.delete(PersistentVolumeClaim, claim["metadata"]["name"], namespace)
+
+
+async def _delete_credential_backups(kube: Kube, settings: OperatorSettings, tenant: str) -> None:
+    for secret in (builders.SILO_ADMIN_SECRET, builders.TENANT_DB_SECRET):
+        name = builders.credentials_backup_name(tenant, secret)
+        backup = await kube.get(Secret, name, settings.credentials_namespace)
+        if backup is not None and owned_by(labels_of(backup), tenant):
+            await kube.delete(Secret, name, settings.credentials_namespace)
 
 
 async def _silo_data(kube: Kube, settings: OperatorSettings, tenant: str, namespace: str,
                      delete: bool) -> str:
-    """Lock the tenant out of its silo database (Retain) or drop its data (Delete).
+    """Lock the tenant out of its silo database (Retain) or drop its data (Delete)."""
+    dsn = await dataplane.silo_dsn(kube, settings, tenant, namespace)
 
-    Best effort: with Delete the volumes go next anyway, and a silo that is down must not
-    block the deletion of its Tenant forever.
+    def work(conn: psycopg.Connection[Any]) -> str:
+        if delete:
+            database.delete_tenant_data(conn, tenant)
+            return "dropped its data in the silo database"
+        return "silo database " + database.retain_tenant(conn, tenant)
+
+    return await database.in_database(dsn, work)
+
+
+async def finalize(body: Mapping[str, Any], kube: Kube, settings: OperatorSettings) -> Finalized:
+    """Tear down by deletionPolicy; raise FinalizationBlocked while a part cannot be done.
+
+    Every part is idempotent and runs on each attempt, whether or not status recorded it
+    (a crash may have provisioned more than status says). Only objects that carry the
+    tenant's marks are deleted or unlinked.
     """
-    try:
-        dsn = await dataplane.silo_dsn(kube, settings, tenant, namespace)
-
-        def work(conn: psycopg.Connection[Any]) -> str:
-            if delete:
-                database.delete_tenant_data(conn, tenant)
-                return "dropped its data in the silo database"
-            return "silo database " + database.retain_tenant(conn, tenant)
-
-        return await database.in_database(dsn, work)
-    except Exception as err:
-        log.warning("tenant %s: silo database unreachable during deletion: %s", tenant, err)
-        return f"silo database unreachable ({type(err).__name__}); its volumes decide its fate"
-
-
-async def finalize(body: Mapping[str, Any], kube: Kube, settings: OperatorSettings) -> str:
-    """Tear down by the names recorded in status (never re-derived); returns a summary."""
-    name = body["metadata"]["name"]
+    meta = body["metadata"]
+    name = meta["name"]
     spec = body.get("spec", {})
     provisioned: Mapping[str, str] = (body.get("status") or {}).get("provisioned") or {}
+    force = ((meta.get("annotations") or {}).get(ANNOTATION_FORCE_FINALIZE) or "").strip() or None
     delete = spec.get("deletionPolicy", "Retain") == "Delete"
-    namespace = provisioned.get("namespace")
+    namespace = provisioned.get("namespace") or namespace_name(name, settings.namespace_prefix)
+    done = Finalized(summary="", force_reason=force)
     notes: list[str] = []
-    if settings.redis_url is not None:
-        redis = Redis.from_url(settings.redis_url.get_secret_value())
+    problems: list[str] = []
+
+    async def part(what: str, work: Callable[[], Awaitable[str]]) -> None:
         try:
-            removed = await delete_tenant_keys(redis, name)
-        finally:
-            await redis.aclose()
-        notes.append(f"removed {removed} Redis keys")
-    if settings.database_url is not None and provisioned.get("databaseLocation"):
-        if delete:
-            await database.in_database(_shared_dsn(settings),
-                                       lambda c: database.delete_tenant_data(c, name))
-            notes.append("dropped its schema, role and shared rows")
-        else:
-            notes.append(await database.in_database(_shared_dsn(settings),
-                                                    lambda c: database.retain_tenant(c, name)))
-    if namespace and provisioned.get("statefulSet"):
-        notes.append(await _silo_data(kube, settings, name, namespace, delete))
-    if namespace:
-        if delete:
-            if provisioned.get("statefulSet"):
-                await _delete_silo(kube, namespace)
-                notes.append("deleted the silo StatefulSet and its volumes")
-            await kube.delete(Namespace, namespace)
-            notes.append(f"deleted namespace {namespace}")
-        elif await kube.get(Namespace, namespace) is not None:
-            await _orphan_namespace(kube, namespace)
-            kept = f"kept namespace {namespace}"
-            if provisioned.get("statefulSet"):
-                kept += " with the silo StatefulSet, its Secrets and volumes"
-            notes.append(kept)
-    return ("deleted: " if delete else "retained: ") + "; ".join(notes or ["nothing provisioned"])
+            notes.append(await work())
+        except Exception as err:
+            problem = f"{what} ({type(err).__name__}: {str(err)[:200]})"
+            if force is None:
+                log.warning("tenant %s: deletion blocked on %s", name, problem)
+                problems.append(problem)
+            else:
+                log.warning("tenant %s: %s=%r skips %s", name, ANNOTATION_FORCE_FINALIZE, force,
+                            problem)
+                done.skipped.append(problem)
+                notes.append(f"skipped {what} ({type(err).__name__}) by"
+                             f" {ANNOTATION_FORCE_FINALIZE}")
+
+    if settings.redis_url is not None:
+        redis_url = settings.redis_url.get_secret_value()
+
+        async def redis_keys() -> str:
+            redis = Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=10)
+            try:
+                return f"removed {await delete_tenant_keys(redis, name)} Redis keys"
+            finally:
+                await redis.aclose()
+
+        await part("removing the tenant's Redis keys", redis_keys)
+    if settings.database_url is not None:
+        async def shared_database() -> str:
+            if delete:
+                await database.in_database(_shared_dsn(settings),
+                                           lambda c: database.delete_tenant_data(c, name))
+                return "dropped its schema, role and shared rows"
+            return await database.in_database(_shared_dsn(settings),
+                                              lambda c: database.retain_tenant(c, name))
+
+        await part("cleaning up the shared database", shared_database)
+    live_namespace = await kube.get(Namespace, namespace)
+    ours = live_namespace is not None and owned_by(labels_of(live_namespace), name)
+    silo = ours and (bool(provisioned.get("statefulSet"))
+                     or await _owned_silo(kube, name, namespace))
+    if silo:
+        if delete:  # best effort: the volumes go next anyway
+            try:
+                notes.append(await _silo_data(kube, settings, name, namespace, delete))
+            except Exception as err:
+                log.warning("tenant %s: silo database unreachable during deletion: %s", name, err)
+                notes.append(f"silo database unreachable ({type(err).__name__}); its volumes"
+                             " are deleted")
+        else:  # its role must not keep its login
+            await part("locking the tenant out of its silo database",
+                       lambda: _silo_data(kube, settings, name, namespace, delete))
+    if problems:
+        raise FinalizationBlocked(blocked_message(name, problems))
+    if live_namespace is not None and not ours:
+        notes.append(f"left namespace {namespace} alone: it was not created for tenant {name}")
+    elif ours and delete:
+        if silo:
+            await _delete_silo(kube, name, namespace)
+            notes.append("deleted the silo StatefulSet and its volumes")
+        await kube.delete(Namespace, namespace)
+        notes.append(f"deleted namespace {namespace}")
+    elif ours:
+        await _orphan_namespace(kube, namespace)
+        kept = f"kept namespace {namespace}"
+        if silo:
+            kept += " with the silo StatefulSet, its Secrets and volumes"
+        notes.append(kept)
+    if delete:
+        await _delete_credential_backups(kube, settings, name)
+    done.summary = (("deleted: " if delete else "retained: ")
+                    + "; ".join(notes or ["nothing provisioned"]))
+    return done

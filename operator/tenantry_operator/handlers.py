@@ -11,8 +11,10 @@ import kopf
 
 from . import finalize as finalizer
 from . import maintenance
+from .conditions import Condition, merge_conditions
 from .kube import Kube
 from .model import GROUP, VERSION
+from .names import ANNOTATION_FORCE_FINALIZE
 from .pipeline import reconcile_steps
 from .reconcile import reconcile, tenant_lock
 from .settings import get_settings
@@ -78,11 +80,27 @@ async def tenant_resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_
 
 
 @kopf.on.delete(GROUP, VERSION, "tenants")
-async def tenant_deleted(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo,
+async def tenant_deleted(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, retry: int,
                          **_: Any) -> None:
-    async with tenant_lock(body["metadata"]["name"]):
-        summary = await finalizer.finalize(body, memo["kube"], get_settings())
+    name = body["metadata"]["name"]
+    async with tenant_lock(name):
+        try:
+            done = await finalizer.finalize(body, memo["kube"], get_settings())
+        except finalizer.FinalizationBlocked as err:
+            # Visible in `kubectl get tnt` and as an Event; retried with a growing delay.
+            patch.status["phase"] = "Deleting"
+            patch.status["conditions"] = merge_conditions(
+                (body.get("status") or {}).get("conditions") or [],
+                [Condition("Finalized", False, "CleanupBlocked", str(err))],
+                int(body["metadata"].get("generation", 0)))
+            kopf.warn(body, reason="FinalizationBlocked", message=str(err))
+            raise kopf.TemporaryError(str(err), delay=finalizer.retry_delay(retry)) from err
+    if done.skipped:  # the audited override: who asked, and what was left behind
+        message = (f"{ANNOTATION_FORCE_FINALIZE}={done.force_reason!r} skipped: "
+                   + "; ".join(done.skipped))
+        log.warning("tenant %s: %s", name, message)
+        kopf.warn(body, reason="ForcedFinalization", message=message)
     # The last status and an Event say where retained data was left.
     patch.status["phase"] = "Deleting"
-    patch.status["retained"] = {"location": summary}
-    kopf.info(body, reason="Finalized", message=summary)
+    patch.status["retained"] = {"location": done.summary}
+    kopf.info(body, reason="Finalized", message=done.summary)

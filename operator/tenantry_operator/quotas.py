@@ -8,7 +8,8 @@ from tenantry_runtime.contracts.redis_keys import TenantKeys
 from .model import EffectiveSpec
 
 # Compare-and-set on the revision: an older operator (or a stale retry) never overwrites
-# limits written from a newer generation of the Tenant.
+# limits written from a newer revision of the tenant's configuration (the runtime config's
+# revision, which also grows when a TenantPlan edit changes the limits).
 _WRITE_IF_NEWER = """
 local current = tonumber(redis.call('HGET', KEYS[1], 'revision') or '-1')
 if current > tonumber(ARGV[1]) then return 0 end
@@ -18,11 +19,11 @@ return 1
 """
 
 
-def limits_of(spec: EffectiveSpec) -> dict[str, str]:
+def limits_of(spec: EffectiveSpec, revision: int) -> dict[str, str]:
     """Pure: the limits hash for a tenant."""
     ai = spec.ai
     return {
-        "revision": str(spec.generation),
+        "revision": str(revision),
         "daily_tokens": str(ai.daily_tokens),
         "monthly_tokens": str(ai.monthly_tokens),
         "overage_allowed": "1" if ai.overage_allowed else "0",
@@ -33,9 +34,9 @@ def limits_of(spec: EffectiveSpec) -> dict[str, str]:
     }
 
 
-async def write_limits(redis: Redis, spec: EffectiveSpec) -> bool:
+async def write_limits(redis: Redis, spec: EffectiveSpec, revision: int) -> bool:
     """Write the limits unless Redis already holds a newer revision; True when written."""
-    limits = limits_of(spec)
+    limits = limits_of(spec, revision)
     flat = [item for pair in limits.items() for item in pair]
     key = TenantKeys(spec.name).limits
     written = await redis.eval(_WRITE_IF_NEWER, 1, key, limits["revision"], *flat)

@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .conditions import Condition, merge_conditions, ready_condition
-from .kube import Kube, TenantPlan, as_dict
+from .kube import ForeignObject, Kube, TenantPlan, as_dict
 from .model import EffectiveSpec, PlanSpec, PlanViolation, TenantSpec, effective_spec
 from .settings import OperatorSettings
 from .steps import Step, StepContext, StepFailed
@@ -61,10 +61,17 @@ def condition_type(step: Step) -> str:
     return "".join(w.capitalize() for w in words) + "Ready"
 
 
+# Reasons that need a person to act: retrying alone will not fix them.
+FAILED_REASONS = frozenset({
+    "IsolationNotAllowed", "IsolationLowered", "NamespaceConflict", "ResourceConflict",
+    "CredentialsLost", "VolumeExpansionNotAllowed", "VolumeShrinkNotSupported",
+})
+
+
 def phase_of(spec: EffectiveSpec | None, conditions: Sequence[Condition]) -> str:
     if all(c.ok for c in conditions):
         return "Suspended" if spec is not None and spec.suspended else "Ready"
-    if any(c.reason == "IsolationNotAllowed" for c in conditions):
+    if any(c.reason in FAILED_REASONS for c in conditions):
         return "Failed"
     if any(c.type == "MigrationComplete" and not c.ok for c in conditions):
         return "Migrating"
@@ -91,6 +98,11 @@ async def reconcile(
             except StepFailed as err:
                 observed.append(err.condition)
                 retry = err.retry_after
+                break
+            except ForeignObject as err:  # never adopt what someone else created
+                reason = "NamespaceConflict" if err.kind == "Namespace" else "ResourceConflict"
+                observed.append(Condition(condition_type(step), False, reason, str(err)))
+                retry = 60.0
                 break
             except Exception as err:  # any failure becomes a visible condition, then a retry
                 log.warning("tenant %s: %s failed: %s", spec.name, step.__name__, err)

@@ -65,6 +65,13 @@ class OperatorSettings(BaseSettings):
     runtime_namespace: str = Field(
         "tenantry-system", description="Namespace of the runtime; allowed into tenant namespaces."
     )
+    credentials_namespace: str = Field(
+        "tenantry-system",
+        description=(
+            "The operator's own namespace: it keeps a copy of every credential it generates"
+            " there, to restore a tenant's Secret deleted by hand."
+        ),
+    )
 
     # Data plane
     database_url: SecretStr | None = Field(

@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightkube.resources.core_v1 import Namespace
+from lightkube.types import PatchType
 
 from . import builders
 from .conditions import Condition
-from .kube import Kube
-from .model import EffectiveSpec
+from .kube import Kube, as_dict
+from .model import GROUP, EffectiveSpec
 from .names import namespace_name
 from .settings import OperatorSettings
 
@@ -29,6 +30,8 @@ class StepContext:
     # Admin DSN of the database holding the tenant's data, set by ensure_database. Never
     # written to status: it may carry a password.
     database_dsn: str | None = None
+    # Revision of the runtime config and Redis limits, settled once per reconcile.
+    config_revision: int | None = None
 
     @property
     def namespace(self) -> str:
@@ -48,10 +51,23 @@ class StepFailed(Exception):
 
 
 async def ensure_namespace(ctx: StepContext) -> Condition:
-    await ctx.kube.apply(builders.tenant_namespace(ctx.spec, ctx.settings.namespace_prefix))
+    # Kube.apply refuses a namespace that is not this tenant's (ForeignObject: NamespaceConflict).
+    applied = as_dict(await ctx.kube.apply(
+        builders.tenant_namespace(ctx.spec, ctx.settings.namespace_prefix)))
+    await drop_tenant_owner_references(ctx.kube, ctx.namespace, applied)
     ctx.provisioned["namespace"] = ctx.namespace
     return Condition("NamespaceReady", True, "Applied", f"namespace {ctx.namespace} is in place")
 
 
 async def delete_namespace(kube: Kube, name: str) -> bool:
     return await kube.delete(Namespace, name)
+
+
+async def drop_tenant_owner_references(kube: Kube, name: str, namespace: dict[str, Any]) -> None:
+    """Remove an owner reference to a Tenant (set by older versions): through it the garbage
+    collector would delete the namespace on a cascading deletion before Retain could apply."""
+    owners = namespace.get("metadata", {}).get("ownerReferences") or []
+    kept = [o for o in owners if not str(o.get("apiVersion", "")).startswith(f"{GROUP}/")]
+    if len(kept) != len(owners):
+        await kube.client.patch(Namespace, name, {"metadata": {"ownerReferences": kept or None}},
+                                patch_type=PatchType.MERGE)
