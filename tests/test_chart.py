@@ -339,6 +339,8 @@ def test_two_replicas_elect_a_leader_through_a_lease(helm: list[str]) -> None:
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
          "resourceNames": [name], "verbs": ["get", "update"]},
+        # the copies of generated credentials, deleted with their Tenant
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["delete"]},
     ]
     binding = one(docs, "RoleBinding")
     assert binding["metadata"]["namespace"] == NAMESPACE

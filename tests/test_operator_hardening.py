@@ -30,6 +30,8 @@ from kube_helpers import (
 )
 from tenantry_devenv.controlplane import ControlPlane
 from tenantry_devenv.services import Postgres, Redis
+from tenantry_operator import database
+from tenantry_runtime.contracts.database import bridge_role
 from test_operator_dataplane import SILO_STORAGE, runtime_config, scalar, secret_data
 
 pytestmark = pytest.mark.usefixtures("operator")
@@ -204,7 +206,7 @@ def test_a_lost_tenant_login_secret_gets_a_new_password_that_the_role_learns(
         return None
 
     new = wait_for("a new login password", regenerated, timeout=60)
-    dsn = postgres.dsn("tenantry", user="tenant_opregen", password=new)
+    dsn = postgres.dsn("tenantry", user=bridge_role("opregen"), password=new)
     wait_for("the role to take the new password", lambda: _can_login(dsn), timeout=30)
     delete_tenant(control_plane, "opregen")
 
@@ -391,19 +393,20 @@ def test_retain_locks_out_a_role_even_without_a_recorded_location(
     control_plane.kubectl("apply", "-f", "-", input_text=json.dumps(body))
     wait_reason(control_plane, "opnoloc", "PlanResolved", "PlanNotFound")
     with psycopg.connect(shared_database, autocommit=True) as admin:
-        admin.execute("CREATE ROLE tenant_opnoloc LOGIN PASSWORD 'left-behind'")
+        # What the operator had done before the crash: role (registered as its own) and schema.
+        database.ensure_bridge_tenant(admin, "opnoloc", "left-behind")
     try:
         assert "databaseLocation" not in tenant_status(control_plane, "opnoloc").get(
             "provisioned", {})
         delete_tenant(control_plane, "opnoloc")
         assert scalar(shared_database, "SELECT rolcanlogin FROM pg_roles WHERE rolname = %s",
-                      ("tenant_opnoloc",)) is False
+                      (bridge_role("opnoloc"),)) is False
         with pytest.raises(psycopg.OperationalError, match="not permitted to log in"):
-            psycopg.connect(postgres.dsn("tenantry", user="tenant_opnoloc",
+            psycopg.connect(postgres.dsn("tenantry", user=bridge_role("opnoloc"),
                                          password="left-behind"))
     finally:
         with psycopg.connect(shared_database, autocommit=True) as admin:
-            admin.execute("DROP ROLE IF EXISTS tenant_opnoloc")
+            database.drop_bridge(admin, "opnoloc")
 
 
 # --- item 21: the runtime config's revision follows its content -------------------------------
