@@ -48,7 +48,7 @@ class Embedder(Protocol):
 
 # --- safetensors -------------------------------------------------------------------------------
 
-_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "I64": np.dtype("<i8")}
+_DTYPES: dict[str, np.dtype[Any]] = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "I64": np.dtype("<i8")}
 
 
 def read_safetensors(path: Path) -> dict[str, NDArray[Any]]:
@@ -199,7 +199,7 @@ def _erf(x: Array) -> Array:
 
 
 def _gelu(x: Array) -> Array:
-    return 0.5 * x * (1.0 + _erf(x / np.float32(np.sqrt(2.0))))  # type: ignore[no-any-return]
+    return 0.5 * x * (1.0 + _erf(x / np.float32(np.sqrt(2.0))))
 
 
 @dataclass
