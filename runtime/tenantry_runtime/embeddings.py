@@ -48,7 +48,8 @@ class Embedder(Protocol):
 
 # --- safetensors -------------------------------------------------------------------------------
 
-_DTYPES: dict[str, np.dtype[Any]] = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "I64": np.dtype("<i8")}
+_DTYPES: dict[str, np.dtype[Any]] = {
+    "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "I64": np.dtype("<i8")}
 
 
 def read_safetensors(path: Path) -> dict[str, NDArray[Any]]:
