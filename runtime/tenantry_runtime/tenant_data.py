@@ -49,7 +49,10 @@ class TenantDatabases:
         if pool is None:
             # reset_session: a returned connection carries no tenant, role or temp state.
             pool = ConnectionPool(dsn, min_size=0, max_size=self.settings.tenant_pool_size,
-                                  kwargs={"autocommit": True, "connect_timeout": 5},
+                                  # No server-side prepared statements: DISCARD ALL
+                                  # drops them under psycopg's feet (seen with executemany).
+                                  kwargs={"autocommit": True, "connect_timeout": 5,
+                                          "prepare_threshold": None},
                                   reset=reset_session, timeout=10, open=True,
                                   name="tenant-data")
             self._pools[dsn] = pool
