@@ -19,6 +19,7 @@ import bisect
 import json
 import logging
 import re
+import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -74,25 +75,43 @@ class KnownDocuments:
         return len(self._owner)
 
 
+# One pass over the text, cost linear in its length whatever the number of tenants: each
+# UUID and each maximal word is looked up in a set (tenant ids are [a-z][a-z0-9]*, so a word
+# equal to one is that name standing alone).
+_TOKENS = re.compile(rf"(?P<uuid>{_UUID})|[A-Za-z0-9_]+")
+NAMES_REFRESH_SECONDS = 1.0
+
+
 @dataclass
 class Sanitizer:
     store: TenantStore
     documents: KnownDocuments = field(default_factory=KnownDocuments)
     redactions: Counter[str] = field(default_factory=Counter)
-    _names: tuple[str, ...] = ()
-    _pattern: re.Pattern[str] | None = None
+    _names: frozenset[str] = frozenset()
+    _sorted_names: list[str] = field(default_factory=list)
+    _names_at: float = -1e9
 
-    def pattern(self) -> re.Pattern[str]:
-        names = tuple(self.store.tenants())
-        if self._pattern is None or names != self._names:
-            words = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
-            name_part = rf"|(?<![A-Za-z0-9_])(?P<name>{words})(?![A-Za-z0-9_])" if words else ""
-            self._pattern = re.compile(rf"(?P<uuid>{_UUID}){name_part}", re.IGNORECASE)
-            self._names = names
-        return self._pattern
+    def names(self) -> frozenset[str]:
+        """The served tenants' names, re-read at most once a second (the hot path)."""
+        now = time.monotonic()
+        if now - self._names_at >= NAMES_REFRESH_SECONDS:
+            self._sorted_names = self.store.tenants()
+            self._names = frozenset(self._sorted_names)
+            self._names_at = now
+        return self._names
 
     def redact(self, text: str, tenant: str, request_id: str) -> str:
         """`text` with other tenants' identifiers replaced; counted and logged."""
+        result, found = self.redacted(text, tenant)
+        if found:
+            self.redactions.update(found)
+            log.warning("security event: answer to tenant %s (request %s) named other tenants'"
+                        " identifiers; redacted %s", tenant, request_id, dict(found))
+        return result
+
+    def redacted(self, text: str, tenant: str) -> tuple[str, Counter[str]]:
+        """Pure but for the names' refresh: the redacted text and what was redacted."""
+        names = self.names()
         found: Counter[str] = Counter()
 
         def replace(match: re.Match[str]) -> str:
@@ -103,24 +122,24 @@ class Sanitizer:
                     return value
                 found["document_id"] += 1
             else:
-                if value.lower() == tenant:
+                lowered = value.lower()
+                if lowered == tenant or lowered not in names:
                     return value
                 found["tenant_name"] += 1
             return REDACTED
 
-        result = self.pattern().sub(replace, text)
-        if found:
-            self.redactions.update(found)
-            log.warning("security event: answer to tenant %s (request %s) named other tenants'"
-                        " identifiers; redacted %s", tenant, request_id, dict(found))
-        return result
+        return _TOKENS.sub(replace, text), found
 
     def could_begin(self, tail: str, tenant: str) -> bool:
         """Whether `tail` (the end of a delta) may be the start of an identifier to redact."""
-        self.pattern()  # refresh the names
+        self.names()
         lowered = tail.lower()
-        if any(name.startswith(lowered) and name != tenant for name in self._names):
-            return True
+        names = self._sorted_names
+        at = bisect.bisect_left(names, lowered)
+        while at < len(names) and names[at].startswith(lowered):
+            if names[at] != tenant:
+                return True
+            at += 1
         return len(tail) <= 36 and self.documents.foreign_prefix(tail, tenant)
 
     def redact_message(self, body: bytes, tenant: str, request_id: str) -> bytes:
@@ -129,7 +148,7 @@ class Sanitizer:
             text = body.decode()
         except UnicodeDecodeError:
             return body
-        if not self.pattern().search(text):
+        if not self.redacted(text, tenant)[1]:
             return body
         try:
             message = json.loads(body)
