@@ -6,6 +6,8 @@ model endpoint and the official anthropic SDK."""
 from __future__ import annotations
 
 import secrets
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -346,3 +348,32 @@ def test_an_unreachable_tenant_database_is_a_clear_503(world: World) -> None:
         assert response.status_code == 503, response.text
         assert "database is unreachable" in response.json()["error"]["message"]
     assert chat.headers["retry-after"] == "1"
+
+
+def test_a_write_during_an_isolation_move_retries_with_the_reloaded_config(
+        world: World) -> None:
+    moving = unique("ragmove")
+    ensure_pool_tenant(world.admin, moving)
+    ensure_collection(world.admin, moving, "shared", 384, 16, 64)
+    world.tenants.pool(moving)
+
+    def registry(isolation: str) -> None:
+        world.admin.execute("UPDATE tenantry.tenants SET isolation = %s WHERE tenant_id = %s",
+                            (isolation, moving))
+
+    # The registry says the data moved; the runtime's config still says pool: refused, clearly.
+    registry("bridge")
+    with world.http(moving) as client:
+        refused = client.post("/v1/documents", json={"text": "written during a move"})
+    assert refused.status_code == 503 and "moving" in refused.json()["error"]["message"]
+    assert world.rows("tenantry.documents", moving) == []
+    # The config catches up while the write is retrying: it lands, once.
+    timer = threading.Timer(0.6, registry, ("pool",))
+    timer.start()
+    started = time.monotonic()
+    with world.http(moving) as client:
+        landed = client.post("/v1/documents", json={"text": "written after the move"})
+    timer.join()
+    assert landed.status_code == 201 and time.monotonic() - started > 0.5
+    assert world.rows("tenantry.documents", moving) == [landed.json()["id"]]
+    assert rag_of(world).databases.failures["tenant_moved"] >= 5

@@ -345,7 +345,8 @@ class Rag:
     databases: TenantDatabases
     embedder: Embedder
     sanitizer: Sanitizer
-    # Security events by kind (foreign_hit), beside sanitizer.redactions.
+    # Events with no client to tell, by kind (foreign_hit: a search row of another tenant,
+    # dropped; conversation_not_stored), beside sanitizer.redactions.
     security_events: Counter[str] = field(default_factory=Counter)
 
     @classmethod
@@ -418,6 +419,16 @@ class Rag:
 
     async def record_turns(self, caller: Caller, ref: ConversationRef, request_body: bytes,
                            answer: list[Any] | str, request_id: str, model: str) -> None:
+        """Store the turns; a failure is logged and counted, never raised: the answer was
+        generated and billed, so the client gets it either way."""
+        try:
+            await self._record_turns(caller, ref, request_body, answer, request_id, model)
+        except ApiError as error:
+            self.security_events["conversation_not_stored"] += 1
+            log.error("conversation turn of %s not stored: %s", request_id, error.message)
+
+    async def _record_turns(self, caller: Caller, ref: ConversationRef, request_body: bytes,
+                            answer: list[Any] | str, request_id: str, model: str) -> None:
         parsed = parse_json_object(request_body)
         user = last_user_message(parsed) or {}
         at = datetime.now(UTC).isoformat()
@@ -451,13 +462,8 @@ class Rag:
         on_end = None
         if ref is not None:
             async def on_end(done: StreamRewriter) -> None:
-                try:
-                    await self.record_turns(caller, ref, request_body, done.answer_text(),
-                                            request_id, model)
-                except ApiError as error:
-                    # Bytes already reached the client: the turn is lost, say so loudly.
-                    self.security_events["conversation_not_stored"] += 1
-                    log.error("conversation turn of %s not stored: %s", request_id, error)
+                await self.record_turns(caller, ref, request_body, done.answer_text(),
+                                        request_id, model)
         return RewrittenStream(upstream, rewriter, on_end)
 
     async def aclose(self) -> None:

@@ -126,6 +126,12 @@ class TenantDatabases:
             log.warning("tenant database unavailable: %s", error)
             raise unavailable("The tenant's database is unreachable; try again shortly."
                               ) from None
+        except psycopg.Error as error:
+            # A missing table or privilege: provisioning is behind, not the client's fault.
+            self.failures["database_error"] = self.failures.get("database_error", 0) + 1
+            log.exception("tenant database refused the runtime: %s", type(error).__name__)
+            raise unavailable("The tenant's data is not reachable right now "
+                              f"({type(error).__name__}); try again shortly.") from None
 
     def close(self) -> None:
         for pool in self._pools.values():
