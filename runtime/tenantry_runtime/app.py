@@ -34,6 +34,7 @@ from .messages import StreamUsage, parse_json_object, parse_messages_request, us
 from .metering import UsageWriter
 from .policy import api_key_of, check_model, check_request, check_tenant_active, endpoint_for
 from .pricing import PriceTable, load_price_table
+from .rag import Rag, conversation_of
 from .resp import PipelinedRedis, RedisUnavailable, ReplyError
 from .settings import RuntimeSettings
 from .spool import SettlementSpool
@@ -266,6 +267,7 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
         runtime = Runtime(settings, tenants, redis, Limiter(redis, settings.hold_seconds),
                           Upstreams(settings), load_price_table(settings.price_table))
         app.state.runtime = runtime
+        app.state.rag = rag = Rag.build(settings, tenants)
         tasks: list[asyncio.Task[None]] = []
         if settings.spool_dir is not None:
             runtime.spool = SettlementSpool(settings.spool_dir)
@@ -295,6 +297,7 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
                 await asyncio.wait(runtime.background, timeout=5)
             await runtime.upstreams.aclose()
             await redis.aclose()
+            await rag.aclose()
 
     app = FastAPI(title="Tenantry runtime", lifespan=lifespan, openapi_url="/openapi.json",
                   docs_url=None, redoc_url=None)
@@ -330,11 +333,16 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
         body = await read_body(request, runtime.settings.max_body_bytes)
         parsed = parse_messages_request(body)
         check_request(caller.record, parsed)
-        reserve = reservation(estimate_input_tokens(len(body)), parsed.max_tokens)
+        rag: Rag = request.app.state.rag
+        conversation = conversation_of(request.headers, parse_json_object(body)) if (
+            "tenantry-conversation-id" in request.headers) else None
+        context_bytes = rag.context_allowance(caller, request.headers)
+        reserve = reservation(estimate_input_tokens(len(body) + context_bytes), parsed.max_tokens)
         admitted = await admit(runtime, caller, request_id, parsed.model, reserve, parsed.stream)
         try:
+            forward = await rag.augment(caller, request.headers, body) if context_bytes else body
             upstream = await runtime.upstreams.send(
-                admitted.endpoint, "/v1/messages", body, request.headers,
+                admitted.endpoint, "/v1/messages", forward, request.headers,
                 read_body=not parsed.stream)
         except ApiError as error:
             await admitted.settle(Usage(), error.status)
@@ -346,12 +354,19 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
         headers = {"request-id": request_id}
         if not parsed.stream:
             await admitted.settle(usage_of_message(upstream.content), upstream.status)
-            return Response(upstream.content, status_code=upstream.status,
+            content = await rag.finish_message(caller, request_id, body, upstream.content,
+                                               conversation, parsed.model)
+            return Response(content, status_code=upstream.status,
                             media_type=JSON, headers=headers)
+        upstream = rag.wrap_stream(caller, request_id, body, upstream, conversation,
+                                   parsed.model)
         return StreamingResponse(relay_stream(admitted, upstream),
                                  status_code=upstream.status,
                                  media_type="text/event-stream",
                                  headers={**headers, "cache-control": "no-cache"})
+
+    from .documents import router as documents_router  # imports this module: not at the top
+    app.include_router(documents_router)
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request) -> Response:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -70,6 +71,34 @@ class RuntimeSettings(BaseSettings):
     usage_batch: int = Field(500, ge=1, le=10_000, description="Events per insert batch.")
     replica_name: str = Field(
         default_factory=socket.gethostname, description="Consumer name in the usage group."
+    )
+
+    # RAG, conversations and response sanitizing (docs/runtime.md "RAG").
+    embeddings_provider: Literal["local", "openai", "voyage"] = Field(
+        "local", description="local: all-MiniLM-L6-v2 in-process (384 dims); openai: any "
+        "OpenAI-compatible /v1/embeddings (TEI, vLLM, Ollama); voyage: Voyage's API."
+    )
+    embeddings_url: str = Field("", description="Base URL of the HTTP embeddings endpoint.")
+    embeddings_api_key: SecretStr = Field(SecretStr(""), description="Its bearer key.")
+    embeddings_model: str = Field("all-MiniLM-L6-v2", description="Model named to the endpoint.")
+    embeddings_dimensions: int | None = Field(
+        None, ge=1, le=2000, description="What the HTTP endpoint yields (checked per answer)."
+    )
+    rag_default: bool = Field(
+        True, description="RAG on for tenants whose collection is enabled, unless the request "
+        "says `tenantry-rag: off`; with False only `tenantry-rag: on` turns it on."
+    )
+    rag_chunk_chars: int = Field(800, ge=100, le=20_000, description="Chunk size (characters).")
+    rag_chunk_overlap: int = Field(100, ge=0, le=5_000, description="Overlap between chunks.")
+    rag_max_document_chars: int = Field(
+        1_000_000, ge=1, description="Largest document text accepted by POST /v1/documents."
+    )
+    rag_max_top_k: int = Field(50, ge=1, le=1000, description="Largest top_k a search may ask.")
+    tenant_pool_size: int = Field(
+        8, ge=1, le=100, description="Connections per database pool (shared, and per DSN)."
+    )
+    sanitize_responses: bool = Field(
+        True, description="Redact other tenants' names and document ids from answers."
     )
 
 

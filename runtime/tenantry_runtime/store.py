@@ -34,6 +34,10 @@ class TenantRecord(BaseModel):
     api_keys: tuple[ApiKeyRecord, ...] = ()
     # Stands in for the dedicated endpoint's Secret until the Secret watch exists.
     endpoint_api_key: SecretStr | None = None
+    # Bridge/silo tenants: libpq DSN of the tenant's own login (its database or schema), and
+    # stands in for its credentials Secret until the Secret watch exists. Pool tenants use the
+    # runtime's shared DSN (`database_url`).
+    database_dsn: SecretStr | None = None
 
 
 class Outcome(StrEnum):

@@ -1,0 +1,276 @@
+"""Redact other tenants' identifiers (tenant names, document ids) from model answers.
+
+What counts: the name of any tenant the store serves other than the caller (whole words, any
+case), and any UUID the runtime knows as another tenant's document id (ids it created, listed
+or retrieved, `KnownDocuments`, bounded). Each becomes `[redacted]`; every redaction is logged
+as a security event and counted in `Sanitizer.redactions[kind]` (kind `tenant_name` or
+`document_id`; exported as `tenantry_runtime_redactions_total{kind}`).
+
+Where: the text blocks of a non-streaming answer; in a stream, the `text_delta`s. A name or id
+split across two deltas is caught: the tail of a delta that could begin one (a prefix of
+another tenant's name, or of a known foreign id) is held back and sent with the next delta
+or, at `content_block_stop`, on its own. Tool-use inputs and thinking blocks are not
+rewritten.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import re
+import time
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .store import TenantStore
+from .upstream import UpstreamResponse
+
+log = logging.getLogger(__name__)
+REDACTED = "[redacted]"
+_UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+_TRAILING_WORD = re.compile(r"[A-Za-z0-9-]{1,40}$")
+
+
+@dataclass
+class KnownDocuments:
+    """Document id -> tenant, for the ids this replica has seen (LRU, `limit` entries)."""
+
+    limit: int = 100_000
+    _owner: OrderedDict[str, str] = field(default_factory=OrderedDict)
+    _sorted: list[str] | None = None
+
+    def add(self, tenant: str, document_id: str) -> None:
+        key = document_id.lower()
+        if key not in self._owner:
+            self._sorted = None
+        self._owner[key] = tenant
+        self._owner.move_to_end(key)
+        while len(self._owner) > self.limit:
+            self._owner.popitem(last=False)
+            self._sorted = None
+
+    def discard(self, document_id: str) -> None:
+        if self._owner.pop(document_id.lower(), None) is not None:
+            self._sorted = None
+
+    def owner(self, document_id: str) -> str | None:
+        return self._owner.get(document_id.lower())
+
+    def foreign_prefix(self, text: str, tenant: str) -> bool:
+        """True when `text` begins some other tenant's known document id."""
+        if self._sorted is None:
+            self._sorted = sorted(self._owner)
+        prefix = text.lower()
+        at = bisect.bisect_left(self._sorted, prefix)
+        while at < len(self._sorted) and self._sorted[at].startswith(prefix):
+            if self._owner.get(self._sorted[at]) != tenant:
+                return True
+            at += 1
+        return False
+
+    def __len__(self) -> int:
+        return len(self._owner)
+
+
+# One pass over the text, cost linear in its length whatever the number of tenants: each
+# UUID and each maximal word is looked up in a set (tenant ids are [a-z][a-z0-9]*, so a word
+# equal to one is that name standing alone).
+_TOKENS = re.compile(rf"(?P<uuid>{_UUID})|[A-Za-z0-9_]+")
+NAMES_REFRESH_SECONDS = 1.0
+
+
+@dataclass
+class Sanitizer:
+    store: TenantStore
+    documents: KnownDocuments = field(default_factory=KnownDocuments)
+    redactions: Counter[str] = field(default_factory=Counter)
+    _names: frozenset[str] = frozenset()
+    _sorted_names: list[str] = field(default_factory=list)
+    _names_at: float = -1e9
+
+    def names(self) -> frozenset[str]:
+        """The served tenants' names, re-read at most once a second (the hot path)."""
+        now = time.monotonic()
+        if now - self._names_at >= NAMES_REFRESH_SECONDS:
+            self._sorted_names = self.store.tenants()
+            self._names = frozenset(self._sorted_names)
+            self._names_at = now
+        return self._names
+
+    def redact(self, text: str, tenant: str, request_id: str) -> str:
+        """`text` with other tenants' identifiers replaced; counted and logged."""
+        result, found = self.redacted(text, tenant)
+        if found:
+            self.redactions.update(found)
+            log.warning("security event: answer to tenant %s (request %s) named other tenants'"
+                        " identifiers; redacted %s", tenant, request_id, dict(found))
+        return result
+
+    def redacted(self, text: str, tenant: str) -> tuple[str, Counter[str]]:
+        """Pure but for the names' refresh: the redacted text and what was redacted."""
+        names = self.names()
+        found: Counter[str] = Counter()
+
+        def replace(match: re.Match[str]) -> str:
+            value = match.group(0)
+            if match.group("uuid") is not None:
+                owner = self.documents.owner(value)
+                if owner is None or owner == tenant:
+                    return value
+                found["document_id"] += 1
+            else:
+                lowered = value.lower()
+                if lowered == tenant or lowered not in names:
+                    return value
+                found["tenant_name"] += 1
+            return REDACTED
+
+        return _TOKENS.sub(replace, text), found
+
+    def could_begin(self, tail: str, tenant: str) -> bool:
+        """Whether `tail` (the end of a delta) may be the start of an identifier to redact."""
+        self.names()
+        lowered = tail.lower()
+        names = self._sorted_names
+        at = bisect.bisect_left(names, lowered)
+        while at < len(names) and names[at].startswith(lowered):
+            if names[at] != tenant:
+                return True
+            at += 1
+        return len(tail) <= 36 and self.documents.foreign_prefix(tail, tenant)
+
+    def redact_message(self, body: bytes, tenant: str, request_id: str) -> bytes:
+        """A non-streaming answer with its text blocks redacted (bytes kept when clean)."""
+        try:
+            text = body.decode()
+        except UnicodeDecodeError:
+            return body
+        if not self.redacted(text, tenant)[1]:
+            return body
+        try:
+            message = json.loads(body)
+        except ValueError:
+            return body
+        changed = False
+        for block in message.get("content") or [] if isinstance(message, dict) else []:
+            if isinstance(block, dict) and block.get("type") == "text" and isinstance(
+                    block.get("text"), str):
+                clean = self.redact(block["text"], tenant, request_id)
+                changed = changed or clean != block["text"]
+                block["text"] = clean
+        return json.dumps(message).encode() if changed else body
+
+
+def _sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+@dataclass
+class StreamRewriter:
+    """Rewrites SSE events of one answer: redacts text deltas, collects the answer's text.
+
+    Events are passed through byte for byte unless a delta is redacted or held back.
+    """
+
+    sanitizer: Sanitizer | None
+    tenant: str
+    request_id: str
+    texts: dict[int, list[str]] = field(default_factory=dict)
+    completed: bool = False
+    _buffer: bytes = b""
+    _pending: dict[int, str] = field(default_factory=dict)
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._buffer + chunk
+        *events, self._buffer = data.split(b"\n\n")
+        return b"".join(self._event(event + b"\n\n") for event in events)
+
+    def flush(self) -> bytes:
+        rest, self._buffer = self._buffer, b""
+        return rest
+
+    def _event(self, raw: bytes) -> bytes:
+        if b"content_block_delta" in raw and b'"text_delta"' in raw:
+            return self._text_delta(raw)
+        if b"content_block_stop" in raw:
+            data = self._data(raw)
+            index = data.get("index") if data else None
+            if isinstance(index, int) and self._pending.get(index):
+                text = self._clean(self._pending.pop(index))
+                self.texts.setdefault(index, []).append(text)
+                return self._delta(index, text) + raw
+        if b"event: message_stop" in raw:
+            self.completed = True
+        return raw
+
+    def _text_delta(self, raw: bytes) -> bytes:
+        data = self._data(raw)
+        delta = data.get("delta") if data else None
+        index = data.get("index") if data else None
+        if not isinstance(delta, dict) or not isinstance(index, int) or not isinstance(
+                delta.get("text"), str):
+            return raw
+        original: str = delta["text"]
+        text = self._pending.pop(index, "") + original
+        held = ""
+        if self.sanitizer is not None:
+            trailing = _TRAILING_WORD.search(text)
+            if trailing and self.sanitizer.could_begin(trailing.group(0), self.tenant):
+                text, held = text[:trailing.start()], trailing.group(0)
+            text = self._clean(text)
+        if held:
+            self._pending[index] = held
+        self.texts.setdefault(index, []).append(text)
+        if text == original:
+            return raw
+        return self._delta(index, text) if text else b""
+
+    def _clean(self, text: str) -> str:
+        if self.sanitizer is None:
+            return text
+        return self.sanitizer.redact(text, self.tenant, self.request_id)
+
+    @staticmethod
+    def _delta(index: int, text: str) -> bytes:
+        return _sse("content_block_delta", {"type": "content_block_delta", "index": index,
+                                            "delta": {"type": "text_delta", "text": text}})
+
+    @staticmethod
+    def _data(raw: bytes) -> dict[str, Any] | None:
+        for line in raw.split(b"\n"):
+            if line.startswith(b"data:"):
+                try:
+                    parsed = json.loads(line[5:])
+                except ValueError:
+                    return None
+                return parsed if isinstance(parsed, dict) else None
+        return None
+
+    def answer_text(self) -> str:
+        return "".join("".join(self.texts[index]) for index in sorted(self.texts))
+
+
+class RewrittenStream(UpstreamResponse):
+    """An upstream stream seen through a StreamRewriter; `on_end` runs once it completed."""
+
+    def __init__(self, inner: UpstreamResponse, rewriter: StreamRewriter,
+                 on_end: Callable[[StreamRewriter], Any] | None = None) -> None:
+        super().__init__(inner._response, None)
+        self._inner = inner
+        self.rewriter = rewriter
+        self._on_end = on_end
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner.chunks():
+            out = self.rewriter.feed(chunk)
+            if self.rewriter.completed and self._on_end is not None:
+                await self._on_end(self.rewriter)
+                self._on_end = None
+            if out:
+                yield out
+        rest = self.rewriter.flush()
+        if rest:
+            yield rest
