@@ -72,6 +72,21 @@ class RuntimeSettings(BaseSettings):
         default_factory=socket.gethostname, description="Consumer name in the usage group."
     )
 
+    # Metrics, failure modes and saturation (usage/metrics helper).
+    metrics_max_tenants: int = Field(
+        200, ge=0, description="Tenants with their own metrics label; later ones are 'other'."
+    )
+    expected_replicas: int = Field(
+        1, ge=1, description="Replicas sharing the rate limits while Redis is unreachable."
+    )
+    max_in_flight: int = Field(
+        1024, ge=0, description="Admitted requests in flight per worker (0: no cap); at the "
+        "cap, higher plan tiers are admitted first."
+    )
+    saturation_wait_seconds: float = Field(
+        5.0, ge=0, description="How long a request waits for a slot at the cap before 529."
+    )
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> RuntimeSettings:

@@ -16,7 +16,7 @@ from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from .api_keys import ApiKeyRecord, key_matches, prefix_of
 from .contracts.database import InvalidTenantId, validate_tenant_id
@@ -34,6 +34,15 @@ class TenantRecord(BaseModel):
     api_keys: tuple[ApiKeyRecord, ...] = ()
     # Stands in for the dedicated endpoint's Secret until the Secret watch exists.
     endpoint_api_key: SecretStr | None = None
+    # Usage, metrics, failure modes, saturation (until the config contract carries them):
+    # the login DSN of a bridge or silo tenant's database (its Secret's credentials), used to
+    # write and read its usage rows where its data lives; unused for pool tenants.
+    database_dsn: SecretStr | None = None
+    # Redis unreachable: admit on the per-replica rate-limit share without a budget check
+    # (True) or refuse with 503 (False, the default: budgets fail closed).
+    budget_fail_open: bool = False
+    # Under saturation higher tiers are admitted first (e.g. free 0, pro 1, enterprise 2).
+    plan_tier: int = Field(0, ge=0, le=100)
 
 
 class Outcome(StrEnum):
