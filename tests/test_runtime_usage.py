@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import anthropic
 import httpx
 import psycopg
 import pytest
@@ -22,16 +20,12 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 from runtime_helpers import (
     MODEL,
-    UPSTREAM_KEY,
-    RuntimeServer,
-    serve,
     usage_events,
     wait_for,
 )
 from tenantry_devenv.processes import free_port
 from tenantry_devenv.services import Postgres
 from tenantry_operator.database import bootstrap_shared, ensure_bridge_tenant, ensure_pool_tenant
-from tenantry_runtime.app import create_app
 from tenantry_runtime.contracts.database import (
     APP_ROLE,
     bridge_role,
@@ -41,9 +35,8 @@ from tenantry_runtime.contracts.database import (
 )
 from tenantry_runtime.contracts.runtime_config import DatabaseLocation
 from tenantry_runtime.metering import GROUP, UsageWriter, usage_rows, usage_stream
-from tenantry_runtime.settings import RuntimeSettings
-from tenantry_runtime.store import TenantStore
 from tenantry_runtime.usage import usage_window
+from usage_helpers import App, running_app
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -87,48 +80,6 @@ def shared(postgres: Postgres) -> Iterator[Shared]:
                        postgres.dsn(name, login, password), [login])
         yield found
     drop_roles(postgres, found.roles)
-
-
-@dataclass
-class App:
-    server: RuntimeServer
-    settings: RuntimeSettings
-
-    def client(self, tenant: str) -> anthropic.Anthropic:
-        return anthropic.Anthropic(base_url=self.server.url,
-                                   api_key=self.server.keys[tenant]["main"], max_retries=0)
-
-    def call(self, tenant: str, text: str, stream: bool = False) -> str:
-        client = self.client(tenant)
-        messages: Any = [{"role": "user", "content": text}]
-        if stream:
-            with client.messages.stream(model=MODEL, max_tokens=32, messages=messages) as s:
-                s.get_final_message()
-                return str(s.response.headers["request-id"])
-        return str(client.messages.create(model=MODEL, max_tokens=32,
-                                          messages=messages)._request_id)
-
-    def usage(self, tenant: str, **params: str) -> httpx.Response:
-        return httpx.get(f"{self.server.url}/v1/usage", params=params, timeout=10,
-                         headers={"x-api-key": self.server.keys[tenant]["main"]})
-
-
-@contextmanager
-def running_app(tmp_path: Path, redis_url: str, stub_url: str, database_url: str | None,
-                **settings: Any) -> Iterator[App]:
-    """A runtime of its own (own tenants directory: its writer drains only its tenants)."""
-    tenants = tmp_path / f"tenants-{secrets.token_hex(3)}"
-    tenants.mkdir()
-    config = RuntimeSettings(
-        tenants_dir=tenants, config_poll_seconds=0.1, redis_url=SecretStr(redis_url),
-        upstream_url=stub_url, upstream_api_key=SecretStr(UPSTREAM_KEY),
-        database_url=None if database_url is None else SecretStr(database_url),
-        usage_flush_seconds=0.1, **settings)
-    store = TenantStore()
-    app = create_app(config, store)
-    with serve(app) as url:
-        yield App(RuntimeServer(url, tenants, redis_url, None, store, app),  # type: ignore[arg-type]
-                  config)
 
 
 def bridge_location(tenant: str) -> dict[str, Any]:

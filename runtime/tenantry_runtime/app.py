@@ -31,7 +31,12 @@ from .limits import (
     reservation,
 )
 from .local_limits import LocalLimits
-from .messages import StreamUsage, parse_json_object, parse_messages_request, usage_of_message
+from .messages import (
+    StreamUsage,
+    parse_count_tokens_request,
+    parse_messages_request,
+    usage_of_message,
+)
 from .metering import UsageWriter
 from .metrics import CONTENT_TYPE, Metrics, merged
 from .policy import api_key_of, check_model, check_request, check_tenant_active, endpoint_for
@@ -434,9 +439,9 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
         request.state.request_id = f"req_{uuid.uuid4().hex[:24]}"
         caller = authenticate(runtime, request)
         body = await read_body(request, runtime.settings.max_body_bytes)
-        model = parse_json_object(body).get("model")
+        model = parse_count_tokens_request(body)
         check_tenant_active(caller.record)
-        check_model(caller.record, model if isinstance(model, str) else "")
+        check_model(caller.record, model)
         await admit_count_tokens(runtime, caller, request.state.request_id)
         upstream = await runtime.upstreams.send(
             endpoint_for(caller.record, runtime.settings), "/v1/messages/count_tokens", body,
