@@ -31,7 +31,9 @@ from tenantry_devenv.processes import free_port
 from tenantry_devenv.services import Postgres
 from tenantry_runtime.contracts.database import migrate
 from tenantry_runtime.limits import limit_keys
+from tenantry_runtime.local_limits import LocalLimits, LogThrottle
 from tenantry_runtime.metrics import TenantLabels
+from tenantry_runtime.saturation import SaturationGate
 from tenantry_runtime.upstream_stub import StubState, create_stub_app
 from usage_helpers import running_app, runtime_of
 
@@ -95,6 +97,51 @@ def test_metrics_per_tenant_with_a_bounded_tenant_label(
     assert sample(text, "tenantry_runtime_config_revision", tenant="metfirst") == 1
     assert sample(text, "tenantry_runtime_config_refused_total", reason="invalid") == 1
     assert sample(text, "tenantry_runtime_in_flight") == 0
+
+
+def test_metrics_need_the_token_when_one_is_set(
+        redis_server: Any, upstream_stub: tuple[str, object], tmp_path: Path) -> None:
+    with running_app(tmp_path, redis_server.url, upstream_stub[0], None,
+                     metrics_token="scrape-me") as app:
+        app.server.add_tenant("mettoken")
+        url = f"{app.server.url}/metrics"
+        for headers in ({}, {"authorization": "Bearer wrong"},
+                        {"x-api-key": app.server.keys["mettoken"]["main"]}):
+            refused = httpx.get(url, headers=headers, timeout=10)
+            assert refused.status_code == 401, headers
+            assert refused.json()["error"]["type"] == "authentication_error"
+        scraped = httpx.get(url, headers={"authorization": "Bearer scrape-me"}, timeout=10)
+        assert scraped.status_code == 200
+        assert "tenantry_runtime_config_revision" in scraped.text
+
+
+def test_local_share_buckets_and_log_throttle() -> None:
+    limits = LocalLimits(replicas=3)
+    assert limits.admit("t", None, 1, now=0.0) is not None  # limits never seen: refuse
+    # 60/min over 3 replicas: 20 at once, then one every 3 s.
+    assert [limits.admit("t", (60, 1000), 1, now=0.0) is None for _ in range(21)] == \
+        [True] * 20 + [False]
+    assert limits.admit("t", (60, 1000), 1, now=2.9) is not None
+    assert limits.admit("t", (60, 1000), 1, now=3.1) is None
+    refused = limits.admit("t", (60, 1000), 400, now=3.1)  # over the 333 tokens/min share
+    assert refused is not None and refused.status == 400
+    throttle = LogThrottle(seconds=10)
+    assert [throttle.due("k", now) for now in (0, 1, 2, 10.5, 11)] == [0, None, None, 2, None]
+
+
+async def test_a_waiter_that_leaves_gives_its_slot_on() -> None:
+    gate = SaturationGate(capacity=1, wait_seconds=5)
+    await gate.acquire(0)
+    leaving = asyncio.create_task(gate.acquire(5))
+    staying = asyncio.create_task(gate.acquire(0))
+    await asyncio.sleep(0.01)
+    leaving.cancel()
+    await asyncio.sleep(0.01)
+    gate.release()
+    await asyncio.wait_for(staying, 1)
+    assert gate.in_use == 1 and gate.waiting == 0
+    gate.release()
+    assert gate.in_use == 0
 
 
 def test_tenant_labels_keep_their_first_come_owners() -> None:

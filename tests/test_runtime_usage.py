@@ -32,6 +32,7 @@ from tenantry_runtime.contracts.database import (
     bridge_schema,
     load_migrations,
     migrate,
+    rollup_usage,
 )
 from tenantry_runtime.contracts.runtime_config import DatabaseLocation
 from tenantry_runtime.metering import GROUP, UsageWriter, usage_rows, usage_stream
@@ -278,6 +279,12 @@ def test_usage_by_day_and_model_as_the_tenant_and_never_another_tenants(
             "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
             "cost": f"{sum(r['cost'] for r in events).normalize():f}", "currency": "USD",
             "unpriced_requests": 0}
+        # The daily rollup carries the exact cost too.
+        with connect(shared.postgres, shared.name) as conn:
+            rollup_usage(conn, "tenantry", datetime.now(UTC).date(), tenant=first)
+            rolled = conn.execute("SELECT requests, cost FROM tenantry.usage_daily"
+                                  " WHERE tenant_id = %s", (first,)).fetchall()
+        assert rolled == [(3, sum(r["cost"] for r in events))]
         # B's key never sees A's rows (and the other way round).
         assert [d["requests"] for d in app.usage(second).json()["data"]] == [1]
         assert [d["requests"] for d in app.usage(bridge).json()["data"]] == [1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import time
 import uuid
@@ -30,7 +31,7 @@ from .limits import (
     refusal,
     reservation,
 )
-from .local_limits import LocalLimits
+from .local_limits import LocalLimits, LogThrottle
 from .messages import (
     StreamUsage,
     parse_count_tokens_request,
@@ -72,6 +73,7 @@ class Runtime:
     metrics: Metrics = field(default_factory=lambda: Metrics(200))
     gate: SaturationGate = field(default_factory=lambda: SaturationGate(0, 0))
     local_limits: LocalLimits = field(default_factory=lambda: LocalLimits(1))
+    log_throttle: LogThrottle = field(default_factory=LogThrottle)
     writer: UsageWriter | None = None
 
     def untrack(self, tenant: str) -> None:
@@ -162,6 +164,16 @@ def database_answers(dsn: str) -> None:
         conn.execute("SELECT 1")
 
 
+def check_metrics_token(settings: RuntimeSettings, request: Request) -> None:
+    """With `metrics_token` set, /metrics answers only to `Authorization: Bearer <token>`."""
+    if settings.metrics_token is None:
+        return
+    expected = f"Bearer {settings.metrics_token.get_secret_value()}".encode()
+    given = request.headers.get("authorization", "").encode()
+    if not hmac.compare_digest(given, expected):
+        raise ApiError("authentication_error", "/metrics needs the metrics bearer token.")
+
+
 def error_response(error: ApiError, request_id: str | None = None) -> Response:
     headers = error.headers()
     if request_id:
@@ -246,8 +258,10 @@ def admit_without_redis(runtime: Runtime, caller: Caller, limits_key: str, reque
         runtime.failures["admit_redis_error"] += 1
         runtime.metrics.fallback.add(tenant=runtime.metrics.tenant(tenant), outcome="closed")
         runtime.metrics.rejected(tenant, "limits_unavailable", 503)
-        log.warning("admission of %s refused, Redis unavailable (failing closed): %s",
-                    request_id, error)
+        held_back = runtime.log_throttle.due(f"closed:{tenant}")
+        if held_back is not None:
+            log.warning("admission of %s (%s) refused, Redis unavailable (failing closed; "
+                        "%d more since the last line): %s", request_id, tenant, held_back, error)
         raise ApiError("api_error", "Limits are unavailable; try again shortly.", status=503,
                        retry_after=1) from None
     refused = runtime.local_limits.admit(tenant, runtime.limiter.rates_seen.get(limits_key),
@@ -255,8 +269,11 @@ def admit_without_redis(runtime: Runtime, caller: Caller, limits_key: str, reque
     outcome = "refused" if refused is not None else "admitted"
     runtime.failures[f"admit_local_{outcome}"] += 1
     runtime.metrics.fallback.add(tenant=runtime.metrics.tenant(tenant), outcome=outcome)
-    log.warning("Redis unavailable (%s): %s of %s on this replica's share of its rate limits"
-                "%s", error, request_id, outcome, " without a budget check" if budget else "")
+    held_back = runtime.log_throttle.due(f"local:{tenant}")
+    if held_back is not None:
+        log.warning("Redis unavailable (%s): %s of %s (%s) on this replica's share of its rate "
+                    "limits%s (%d more since the last line)", error, request_id, tenant, outcome,
+                    " without a budget check" if budget else "", held_back)
     if refused is not None:
         runtime.metrics.rejected(tenant, "local_rate_limit", refused.status)
         raise refused
@@ -455,6 +472,7 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         runtime = runtime_of(request)
+        check_metrics_token(runtime.settings, request)
         store = runtime.store
         revisions = {tenant: record.config.revision for tenant in store.tenants()
                      if (record := store.get(tenant)) is not None}

@@ -63,3 +63,21 @@ class LocalLimits:
             return ApiError("rate_limit_error", "Tokens per minute limit reached.",
                             retry_after=wait)
         return None
+
+
+@dataclass
+class LogThrottle:
+    """At most one log line per key per `seconds`: an outage under load must not flood logs."""
+
+    seconds: float = 10.0
+    _last: dict[str, float] = field(default_factory=dict)
+    _quiet: dict[str, int] = field(default_factory=dict)
+
+    def due(self, key: str, now: float | None = None) -> int | None:
+        """None: stay quiet; else log now, mentioning how many lines were held back."""
+        now = time.monotonic() if now is None else now
+        if now - self._last.get(key, -self.seconds) < self.seconds:
+            self._quiet[key] = self._quiet.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._quiet.pop(key, 0)

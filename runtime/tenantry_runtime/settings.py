@@ -73,6 +73,10 @@ class RuntimeSettings(BaseSettings):
     )
 
     # Metrics, failure modes and saturation (usage/metrics helper).
+    metrics_token: SecretStr | None = Field(
+        None, description="Bearer token /metrics requires (tenant ids are in the metrics and "
+        "tenant apps reach the same port): set it in production."
+    )
     metrics_max_tenants: int = Field(
         200, ge=0, description="Tenants with their own metrics label; later ones are 'other'."
     )
