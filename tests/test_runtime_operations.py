@@ -186,7 +186,8 @@ def test_redis_down_budgets_fail_closed_unless_allowed_and_rate_limits_go_local(
                       outcome="refused") == 1
         assert sample(text, "tenantry_runtime_limits_fallback_total", tenant="downclosed",
                       outcome="closed") == 1
-        assert sample(text, "tenantry_runtime_failures_total", reason="admit_redis_error") == 1
+        # Every admission that found Redis away: 1 closed, 4 on the local share, 1 count.
+        assert sample(text, "tenantry_runtime_failures_total", reason="admit_redis_error") == 6
         assert runtime.spool is not None and runtime.spool.pending() == 3
         # Redis returns (empty: no persistence): the spooled settlements replay.
         redis = start_redis_on(port, tmp_path / "redis-b")
@@ -261,6 +262,9 @@ def test_a_slow_or_absent_upstream_gives_anthropic_errors_and_releases_everythin
             app.call("slowup", "too slow")
         assert slow.value.status_code == 504
         assert slow.value.body["error"]["type"] == "api_error"
+        text = httpx.get(f"{app.server.url}/metrics", timeout=10).text
+        assert sample(text, "tenantry_runtime_upstream_errors_total", tenant="slowup",
+                      status="504") == 1
         runtime = runtime_of(app)
         assert runtime.in_flight == {} and runtime.gate.in_use == 0
         held = app.server.redis_client().get(

@@ -254,8 +254,8 @@ def admit_without_redis(runtime: Runtime, caller: Caller, limits_key: str, reque
     """Redis unreachable: budgets fail closed unless the tenant's record lets them fail
     open; rate limits fall back to this replica's share. Raises the client's error."""
     tenant = caller.config.tenant
+    runtime.failures["admit_redis_error"] += 1
     if budget and not caller.record.budget_fail_open:
-        runtime.failures["admit_redis_error"] += 1
         runtime.metrics.fallback.add(tenant=runtime.metrics.tenant(tenant), outcome="closed")
         runtime.metrics.rejected(tenant, "limits_unavailable", 503)
         held_back = runtime.log_throttle.due(f"closed:{tenant}")
@@ -267,7 +267,6 @@ def admit_without_redis(runtime: Runtime, caller: Caller, limits_key: str, reque
     refused = runtime.local_limits.admit(tenant, runtime.limiter.rates_seen.get(limits_key),
                                          reserve)
     outcome = "refused" if refused is not None else "admitted"
-    runtime.failures[f"admit_local_{outcome}"] += 1
     runtime.metrics.fallback.add(tenant=runtime.metrics.tenant(tenant), outcome=outcome)
     held_back = runtime.log_throttle.due(f"local:{tenant}")
     if held_back is not None:

@@ -136,7 +136,7 @@ class Metrics:
         self.rejections = Family("tenantry_runtime_rejections_total",
                                  "Requests refused before the upstream call, by reason.")
         self.upstream_errors = Family("tenantry_runtime_upstream_errors_total",
-                                      "Upstream answers and failures that were errors, by status.")
+                                      "Upstream 429/5xx, failures (502) and timeouts (504).")
         self.fallback = Family("tenantry_runtime_limits_fallback_total",
                                "Admissions decided without Redis, by outcome.")
         self._families = [self.requests, self.cost, self.rejections, self.upstream_errors,
@@ -154,7 +154,9 @@ class Metrics:
         self.duration.observe(seconds, tenant=label, gen_ai_request_model=model)
         if cost is not None:
             self.cost.add(float(cost), tenant=label, currency=currency)
-        if status >= 400:
+        # 429/5xx/529 from the upstream, 502/504 for one that failed or timed out (not 499, a
+        # client that left, nor the upstream's 4xx about the request itself).
+        if status == 429 or status >= 500:
             self.upstream_errors.add(tenant=label, status=str(status))
 
     def rejected(self, tenant: str, reason: str, status: int) -> None:

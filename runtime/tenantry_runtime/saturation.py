@@ -29,10 +29,8 @@ class SaturationGate:
     in_use: int = 0
     _waiters: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)
     _order: itertools.count[int] = field(default_factory=itertools.count)
-
-    @property
-    def waiting(self) -> int:
-        return sum(1 for _, _, future in self._waiters if not future.done())
+    # Waiters still waiting (cancelled ones stay in the heap until popped).
+    waiting: int = 0
 
     async def acquire(self, tier: int) -> None:
         """A slot, or ApiError 529 after `wait_seconds` at the cap."""
@@ -41,18 +39,24 @@ class SaturationGate:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (-tier, next(self._order), future))
+        self.waiting += 1
         try:
             await asyncio.wait({future}, timeout=self.wait_seconds)
         except asyncio.CancelledError:
             # The client left while waiting: give back a slot handed over meanwhile.
-            if future.done() and not future.cancelled():
+            if future.done():
                 self.release()
-            future.cancel()
+            else:
+                self._give_up(future)
             raise
-        if future.done() and not future.cancelled():
+        if future.done():
             return  # handed a slot by release() (in_use already counts it)
-        future.cancel()
+        self._give_up(future)
         raise overloaded()
+
+    def _give_up(self, future: asyncio.Future[None]) -> None:
+        future.cancel()
+        self.waiting -= 1
 
     def release(self) -> None:
         """Hand the slot to the best waiter, else free it."""
@@ -60,5 +64,6 @@ class SaturationGate:
             _, _, future = heapq.heappop(self._waiters)
             if not future.done():
                 future.set_result(None)
+                self.waiting -= 1
                 return
         self.in_use = max(0, self.in_use - 1)
