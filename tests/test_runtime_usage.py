@@ -35,9 +35,10 @@ from tenantry_runtime.contracts.database import (
     rollup_usage,
 )
 from tenantry_runtime.contracts.runtime_config import DatabaseLocation
+from tenantry_runtime.contracts.tenant_locks import hold_writes
 from tenantry_runtime.metering import GROUP, UsageWriter, usage_rows, usage_stream
 from tenantry_runtime.usage import usage_window
-from usage_helpers import App, running_app
+from usage_helpers import App, running_app, runtime_of
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -183,6 +184,43 @@ async def test_pool_and_bridge_usage_lands_where_the_tenant_lives_exactly_once(
         assert sorted(r["request_id"] for r in found) == sorted(events[tenant])
         for row in found:
             check_row(row, events[tenant][row["request_id"]])
+
+
+def test_silo_usage_lands_in_its_own_database_while_the_shared_gate_is_free(
+        shared: Shared, redis_server: Any, upstream_stub: tuple[str, object],
+        tmp_path: Path) -> None:
+    silo = unique("usgsilo")
+    with connect(shared.postgres, shared.name) as conn:
+        ensure_pool_tenant(conn, silo, "silo")  # the registry row: the gate, in the SHARED db
+    with scratch_database(shared.postgres, "silo") as silo_db:
+        with connect(shared.postgres, silo_db) as conn:
+            migrate(conn, "tenantry")
+        silo_dsn = shared.postgres.dsn(silo_db)
+        with running_app(tmp_path, redis_server.url, upstream_stub[0], shared.app_dsn) as app:
+            app.server.add_tenant(silo, isolation="silo", database=DatabaseLocation(
+                kind="dedicated", schema_name="tenantry", database=silo_db))
+            with_dsn(app, silo, silo_dsn)
+            pool = unique("usgbeside")
+            shared.pool_tenant(pool)
+            app.server.add_tenant(pool)
+            # An isolation change holds the silo's gate: its writes wait for it, and after
+            # gate_wait_seconds the writer moves on, so other tenants are still metered.
+            with psycopg.connect(shared.admin_dsn) as holder:
+                hold_writes(holder, silo)
+                request_id = app.call(silo, "held at the gate")
+                beside = app.call(pool, "not stuck behind the silo")
+                wait_for(lambda: rows_in(shared.admin_dsn, "tenantry", pool), 10,
+                         "the other tenant's row while the gate is held")
+                assert runtime_of(app).writer.failures["usage_gate_busy"] >= 1
+                assert rows_in(silo_dsn, "tenantry", silo) == []
+                holder.rollback()
+            assert [r["request_id"] for r in rows_in(shared.admin_dsn, "tenantry", pool)] == [
+                beside]
+            wait_for(lambda: rows_in(silo_dsn, "tenantry", silo), 15, "the silo row")
+            [day] = app.usage(silo).json()["data"]
+            assert day["requests"] == 1 and Decimal(day["cost"]) > 0
+        assert [r["request_id"] for r in rows_in(silo_dsn, "tenantry", silo)] == [request_id]
+        assert rows_in(shared.admin_dsn, "tenantry", silo) == []
 
 
 async def test_a_bridge_tenant_without_credentials_keeps_its_usage_in_redis(

@@ -28,6 +28,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, cast
 
 import psycopg
+import psycopg.errors
 from psycopg import sql
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
@@ -121,6 +122,9 @@ class UsageWriter:
     consumer: str
     batch: int = 500
     claim_idle_seconds: float = 30.0
+    # How long a batch waits for a gate held by an isolation change before it is retried in
+    # the next round: the writer serves every tenant, one tenant's move must not stall all.
+    gate_wait_seconds: float = 2.0
     failures: Counter[str] = field(default_factory=Counter)
     _groups: set[str] = field(default_factory=set)
     _waiting: set[str] = field(default_factory=set)
@@ -194,6 +198,8 @@ class UsageWriter:
 
     def _write(self, record: TenantRecord, rows: Sequence[UsageRow]) -> None:
         with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(sql.SQL("SET lock_timeout = {}").format(
+                sql.Literal(f"{int(self.gate_wait_seconds * 1000)}ms")))
             if record.config.database.kind == "shared" or record.database_dsn is None:
                 insert_usage(conn, record.config, rows)
                 return
@@ -206,6 +212,10 @@ class UsageWriter:
             for tenant in self.store.tenants():
                 try:
                     await self.drain(tenant)
+                except psycopg.errors.LockNotAvailable:
+                    self.failures["usage_gate_busy"] += 1
+                    log.info("usage of %s waits: its write gate is held (isolation change)",
+                             tenant)
                 except TenantMoved as moved:
                     # The store reloads the config; the batch stays pending until then.
                     self.failures["usage_tenant_moved"] += 1
