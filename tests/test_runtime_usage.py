@@ -208,10 +208,11 @@ def test_silo_usage_lands_in_its_own_database_while_the_shared_gate_is_free(
             with psycopg.connect(shared.admin_dsn) as holder:
                 hold_writes(holder, silo)
                 request_id = app.call(silo, "held at the gate")
+                writer = runtime_of(app).writer
+                wait_for(lambda: writer.failures["usage_gate_busy"] >= 1, 10, "a busy gate")
                 beside = app.call(pool, "not stuck behind the silo")
                 wait_for(lambda: rows_in(shared.admin_dsn, "tenantry", pool), 10,
                          "the other tenant's row while the gate is held")
-                assert runtime_of(app).writer.failures["usage_gate_busy"] >= 1
                 assert rows_in(silo_dsn, "tenantry", silo) == []
                 holder.rollback()
             assert [r["request_id"] for r in rows_in(shared.admin_dsn, "tenantry", pool)] == [
