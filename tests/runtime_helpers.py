@@ -136,8 +136,10 @@ class RuntimeServer:
 def record_json(record: TenantRecord) -> bytes:
     """A tenant file's bytes; pydantic masks SecretStr, so the endpoint key is revealed here."""
     data = record.model_dump(mode="json")
-    if record.endpoint_api_key is not None:
-        data["endpoint_api_key"] = record.endpoint_api_key.get_secret_value()
+    for name in ("endpoint_api_key", "database_dsn"):
+        secret = getattr(record, name)
+        if secret is not None:
+            data[name] = secret.get_secret_value()
     return dumps(data)
 
 

@@ -90,7 +90,7 @@ async def test_a_writer_that_died_after_inserting_leaves_no_duplicate(
         GROUP, "replica-dead", {stream: ">"}) for e in found]
     rows, bad = usage_rows("metercrash", entries)
     assert len(rows) == 3 and bad == []
-    dead._write(runtime_server.record("metercrash").config, rows[:2])
+    dead._write(runtime_server.record("metercrash"), rows[:2])
     alive = UsageWriter(stream_redis, usage_dsn, runtime_server.store, "replica-b",
                         claim_idle_seconds=0)
     assert await alive.drain("metercrash") == 3

@@ -1,8 +1,11 @@
 -- Admission of one request: rate limits (GCRA) and a budget hold, in one atomic call.
 -- KEYS: 1 limits hash, 2 GCRA requests, 3 GCRA tokens, 4 day spend, 5 month spend,
 --       6 holds (zset: request id -> expiry ms), 7 hold amounts (hash), 8 held total
--- ARGV: 1 request id, 2 reserved tokens, 3 hold ms, 4 ms to day end, 5 ms to month end
--- Returns {code, retry_after_ms}: 0 admitted, 1 suspended, 2 no limits provisioned,
+-- ARGV: 1 request id, 2 reserved tokens, 3 hold ms, 4 ms to day end, 5 ms to month end,
+--       6 '1': requests/min only (count_tokens: no tokens/min, no budget, no hold)
+-- Returns {code, retry_after_ms}, admitted {0, 0, requests/min, tokens/min} (the runtime keeps
+-- them for its per-replica fallback while Redis is away): 0 admitted, 1 suspended, 2 no limits
+-- provisioned,
 --   3 requests/min, 4 tokens/min, 5 daily budget, 6 monthly budget,
 --   7 one request's reservation exceeds tokens/min (never admissible)
 local t = redis.call('TIME')
@@ -43,6 +46,10 @@ end
 
 local req_tat, req_wait = gcra(KEYS[2], rpm, 1)
 if not req_tat then return {3, req_wait} end
+if ARGV[6] == '1' then
+  redis.call('SET', KEYS[2], req_tat, 'PX', math.ceil(req_tat - now) + 1)
+  return {0, 0, rpm, tpm}
+end
 if tpm > 0 and reserve > tpm then return {7, 0} end
 local tok_tat, tok_wait = gcra(KEYS[3], tpm, reserve)
 if not tok_tat then return {4, tok_wait} end
@@ -69,4 +76,4 @@ redis.call('ZADD', KEYS[6], now + hold_ms, ARGV[1])
 redis.call('HSET', KEYS[7], ARGV[1], reserve)
 redis.call('SET', KEYS[8], held + reserve)
 for i = 6, 8 do redis.call('PEXPIRE', KEYS[i], hold_ms * 2) end
-return {0, 0}
+return {0, 0, rpm, tpm}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import time
 import uuid
@@ -30,16 +31,25 @@ from .limits import (
     refusal,
     reservation,
 )
-from .messages import StreamUsage, parse_json_object, parse_messages_request, usage_of_message
+from .local_limits import LocalLimits, LogThrottle
+from .messages import (
+    StreamUsage,
+    parse_count_tokens_request,
+    parse_messages_request,
+    usage_of_message,
+)
 from .metering import UsageWriter
+from .metrics import CONTENT_TYPE, Metrics, merged
 from .policy import api_key_of, check_model, check_request, check_tenant_active, endpoint_for
 from .pricing import PriceTable, load_price_table
 from .rag import Rag, conversation_of
 from .resp import PipelinedRedis, RedisUnavailable, ReplyError
+from .saturation import SaturationGate
 from .settings import RuntimeSettings
 from .spool import SettlementSpool
 from .store import Caller, DirectorySource, TenantStore
 from .upstream import STREAM_ERRORS, Endpoint, UpstreamResponse, Upstreams
+from .usage import usage_router
 
 log = logging.getLogger(__name__)
 JSON = "application/json"
@@ -61,11 +71,21 @@ class Runtime:
     failures: Counter[str] = field(default_factory=Counter)
     # Admitted requests per tenant not yet settled (this replica).
     in_flight: Counter[str] = field(default_factory=Counter)
+    metrics: Metrics = field(default_factory=lambda: Metrics(200))
+    gate: SaturationGate = field(default_factory=lambda: SaturationGate(0, 0))
+    local_limits: LocalLimits = field(default_factory=lambda: LocalLimits(1))
+    log_throttle: LogThrottle = field(default_factory=LogThrottle)
+    writer: UsageWriter | None = None
 
-    def release(self, tenant: str) -> None:
+    def untrack(self, tenant: str) -> None:
         self.in_flight[tenant] -= 1
         if self.in_flight[tenant] <= 0:
             del self.in_flight[tenant]
+
+    def release(self, tenant: str) -> None:
+        self.untrack(tenant)
+        self.gate.release()
+
     background: set[asyncio.Task[None]] = field(default_factory=set)
 
     def spawn(self, work: Awaitable[None]) -> None:
@@ -111,6 +131,8 @@ class Admitted:
         cost = prices.cost(self.model, usage)
         if cost is None:
             self.runtime.failures["unpriced_model"] += 1
+        self.runtime.metrics.settled(self.caller.config.tenant, self.model, status, usage,
+                                     time.perf_counter() - self.started, cost, prices.currency)
         event.update(cost=None if cost is None else str(cost), currency=prices.currency,
                      price_version=prices.version)
         settlement = Settlement.of(limit_keys(self.caller.config.tenant, self.at),
@@ -141,6 +163,16 @@ def database_answers(dsn: str) -> None:
     """Raises psycopg.Error unless the database accepts a connection and a query."""
     with psycopg.connect(dsn, connect_timeout=2, autocommit=True) as conn:
         conn.execute("SELECT 1")
+
+
+def check_metrics_token(settings: RuntimeSettings, request: Request) -> None:
+    """With `metrics_token` set, /metrics answers only to `Authorization: Bearer <token>`."""
+    if settings.metrics_token is None:
+        return
+    expected = f"Bearer {settings.metrics_token.get_secret_value()}".encode()
+    given = request.headers.get("authorization", "").encode()
+    if not hmac.compare_digest(given, expected):
+        raise ApiError("authentication_error", "/metrics needs the metrics bearer token.")
 
 
 def error_response(error: ApiError, request_id: str | None = None) -> Response:
@@ -182,28 +214,86 @@ async def admit(runtime: Runtime, caller: Caller, request_id: str, model: str, r
     tenant = caller.config.tenant
     # A tenant's share of this replica: one tenant's burst cannot take every connection.
     if runtime.in_flight[tenant] >= runtime.settings.max_concurrent_per_tenant:
+        runtime.metrics.rejected(tenant, "concurrency", 429)
         raise ApiError("rate_limit_error", "Too many concurrent requests for this tenant.",
                        retry_after=1)
     runtime.in_flight[tenant] += 1
+    try:
+        # Saturated: wait for a slot, higher plan tiers first, then 529.
+        await runtime.gate.acquire(caller.record.plan_tier)
+    except BaseException as error:
+        runtime.untrack(tenant)
+        if isinstance(error, ApiError):
+            runtime.metrics.rejected(tenant, "overloaded", error.status)
+        raise
     now = datetime.now(UTC)
     keys = limit_keys(tenant, now)
     try:
         verdict, retry_ms = await runtime.limiter.admit(keys, request_id, reserve, now)
     except BaseException as error:
-        runtime.release(tenant)
         if not isinstance(error, REDIS_ERRORS):
+            runtime.release(tenant)
             raise
-        runtime.failures["admit_redis_error"] += 1
-        log.warning("admission of %s refused, Redis unavailable (failing closed): %s",
-                    request_id, error)
-        raise ApiError("api_error", "Limits are unavailable; try again shortly.", status=503,
-                       retry_after=1) from None
-    refused = refusal(verdict, retry_ms)
-    if refused is not None:
-        runtime.release(tenant)
-        raise refused
+        try:
+            admit_without_redis(runtime, caller, keys.limits, request_id, reserve, error,
+                                budget=True)
+        except ApiError:
+            runtime.release(tenant)
+            raise
+    else:
+        refused = refusal(verdict, retry_ms)
+        if refused is not None:
+            runtime.release(tenant)
+            runtime.metrics.rejected(tenant, verdict.name.lower(), refused.status)
+            raise refused
     return Admitted(runtime, caller, request_id, model, endpoint, stream, time.perf_counter(),
                     now)
+
+
+def admit_without_redis(runtime: Runtime, caller: Caller, limits_key: str, request_id: str,
+                        reserve: int, error: Exception, *, budget: bool) -> None:
+    """Redis unreachable: budgets fail closed unless the tenant's record lets them fail
+    open; rate limits fall back to this replica's share. Raises the client's error."""
+    tenant = caller.config.tenant
+    runtime.failures["admit_redis_error"] += 1
+    if budget and not caller.record.budget_fail_open:
+        runtime.metrics.fallback.add(tenant=runtime.metrics.tenant(tenant), outcome="closed")
+        runtime.metrics.rejected(tenant, "limits_unavailable", 503)
+        held_back = runtime.log_throttle.due(f"closed:{tenant}")
+        if held_back is not None:
+            log.warning("admission of %s (%s) refused, Redis unavailable (failing closed; "
+                        "%d more since the last line): %s", request_id, tenant, held_back, error)
+        raise ApiError("api_error", "Limits are unavailable; try again shortly.", status=503,
+                       retry_after=1) from None
+    refused = runtime.local_limits.admit(tenant, runtime.limiter.rates_seen.get(limits_key),
+                                         reserve)
+    outcome = "refused" if refused is not None else "admitted"
+    runtime.metrics.fallback.add(tenant=runtime.metrics.tenant(tenant), outcome=outcome)
+    held_back = runtime.log_throttle.due(f"local:{tenant}")
+    if held_back is not None:
+        log.warning("Redis unavailable (%s): %s of %s (%s) on this replica's share of its rate "
+                    "limits%s (%d more since the last line)", error, request_id, tenant, outcome,
+                    " without a budget check" if budget else "", held_back)
+    if refused is not None:
+        runtime.metrics.rejected(tenant, "local_rate_limit", refused.status)
+        raise refused
+
+
+async def admit_count_tokens(runtime: Runtime, caller: Caller, request_id: str) -> None:
+    """count_tokens is rate limited like messages: requests/min only, no budget, no hold."""
+    tenant = caller.config.tenant
+    now = datetime.now(UTC)
+    keys = limit_keys(tenant, now)
+    try:
+        verdict, retry_ms = await runtime.limiter.admit(keys, request_id, 0, now,
+                                                        rate_only=True)
+    except REDIS_ERRORS as error:
+        admit_without_redis(runtime, caller, keys.limits, request_id, 0, error, budget=False)
+        return
+    refused = refusal(verdict, retry_ms)
+    if refused is not None:
+        runtime.metrics.rejected(tenant, verdict.name.lower(), refused.status)
+        raise refused
 
 
 async def relay_stream(admitted: Admitted, upstream: UpstreamResponse) -> AsyncIterator[bytes]:
@@ -265,7 +355,11 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
         redis = PipelinedRedis(settings.redis_url.get_secret_value(),
                                settings.redis_timeout_seconds)
         runtime = Runtime(settings, tenants, redis, Limiter(redis, settings.hold_seconds),
-                          Upstreams(settings), load_price_table(settings.price_table))
+                          Upstreams(settings), load_price_table(settings.price_table),
+                          metrics=Metrics(settings.metrics_max_tenants),
+                          gate=SaturationGate(settings.max_in_flight,
+                                              settings.saturation_wait_seconds),
+                          local_limits=LocalLimits(settings.expected_replicas))
         app.state.runtime = runtime
         app.state.rag = rag = Rag.build(settings, tenants)
         tasks: list[asyncio.Task[None]] = []
@@ -283,8 +377,9 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
         stream_redis: StreamRedis | None = None
         if settings.database_url is not None:
             stream_redis = StreamRedis.from_url(settings.redis_url.get_secret_value())
-            writer = UsageWriter(stream_redis, settings.database_url.get_secret_value(), tenants,
-                                 settings.replica_name, settings.usage_batch)
+            writer = runtime.writer = UsageWriter(
+                stream_redis, settings.database_url.get_secret_value(), tenants,
+                settings.replica_name, settings.usage_batch)
             tasks.append(asyncio.create_task(writer.run(settings.usage_flush_seconds)))
         try:
             yield
@@ -345,6 +440,7 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
                 admitted.endpoint, "/v1/messages", forward, request.headers,
                 read_body=not parsed.stream)
         except ApiError as error:
+            # Upstream slow or down (timeout 504, unreachable 502, its 5xx/529): released.
             await admitted.settle(Usage(), error.status)
             raise
         except BaseException:
@@ -374,14 +470,32 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
         request.state.request_id = f"req_{uuid.uuid4().hex[:24]}"
         caller = authenticate(runtime, request)
         body = await read_body(request, runtime.settings.max_body_bytes)
-        model = parse_json_object(body).get("model")
+        model = parse_count_tokens_request(body)
         check_tenant_active(caller.record)
-        check_model(caller.record, model if isinstance(model, str) else "")
+        check_model(caller.record, model)
+        await admit_count_tokens(runtime, caller, request.state.request_id)
         upstream = await runtime.upstreams.send(
             endpoint_for(caller.record, runtime.settings), "/v1/messages/count_tokens", body,
             request.headers, read_body=True)
         return Response(upstream.content, status_code=upstream.status, media_type=JSON,
                         headers={"request-id": request.state.request_id})
+
+    app.include_router(usage_router(lambda request: authenticate(runtime_of(request), request),
+                                    lambda request: runtime_of(request).settings))
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        runtime = runtime_of(request)
+        check_metrics_token(runtime.settings, request)
+        store = runtime.store
+        revisions = {tenant: record.config.revision for tenant in store.tenants()
+                     if (record := store.get(tenant)) is not None}
+        writer_failures = runtime.writer.failures if runtime.writer is not None else {}
+        body = runtime.metrics.render(
+            revisions=revisions, failures=merged(runtime.failures, writer_failures),
+            refused=store.refused, stale_ignored=store.stale_ignored,
+            in_flight=sum(runtime.in_flight.values()), waiting=runtime.gate.waiting)
+        return Response(body, media_type=CONTENT_TYPE)
 
     def model_info(model: str) -> dict[str, Any]:
         return {"type": "model", "id": model, "display_name": model,

@@ -146,13 +146,20 @@ class Limiter:
     def __init__(self, redis: PipelinedRedis, hold_seconds: int) -> None:
         self._redis = redis
         self._hold_ms = hold_seconds * 1000
+        # Limits hash key -> (requests/min, tokens/min) as of the last admission, for the
+        # per-replica fallback while Redis is unreachable.
+        self.rates_seen: dict[str, tuple[int, int]] = {}
 
     async def admit(self, keys: LimitKeys, request_id: str, reserve: int,
-                    now: datetime) -> tuple[Verdict, int]:
+                    now: datetime, *, rate_only: bool = False) -> tuple[Verdict, int]:
+        """`rate_only`: requests/min alone (no tokens/min, budget or hold to settle)."""
         day_ms, month_ms = ms_to_period_ends(now)
-        code, retry_ms = await self._redis.run_script(
-            ADMIT, keys.admit(), [request_id, reserve, self._hold_ms, day_ms, month_ms])
-        return Verdict(int(code)), int(retry_ms)
+        reply = await self._redis.run_script(
+            ADMIT, keys.admit(),
+            [request_id, reserve, self._hold_ms, day_ms, month_ms, int(rate_only)])
+        if len(reply) == 4:
+            self.rates_seen[keys.limits] = (int(reply[2]), int(reply[3]))
+        return Verdict(int(reply[0])), int(reply[1])
 
     async def settle(self, settlement: Settlement) -> int:
         """Drop the hold, charge the usage, append the event to the tenant's usage stream;

@@ -41,12 +41,34 @@ def parse_messages_request(body: bytes) -> MessagesRequest:
         raise ApiError("invalid_request_error", "model: field required (a string).")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise ApiError("invalid_request_error", "max_tokens: field required (an integer >= 1).")
-    messages = parsed.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError("invalid_request_error", "messages: field required (a non-empty list).")
+    check_messages(parsed.get("messages"))
     if not isinstance(stream, bool):
         raise ApiError("invalid_request_error", "stream: must be a boolean.")
     return MessagesRequest(model=model, max_tokens=max_tokens, stream=stream)
+
+
+def check_messages(messages: object) -> None:
+    """The shape every upstream relies on: a non-empty list of {role, content} objects (found
+    by fuzzing: a bare string in the list made upstreams answer 500)."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError("invalid_request_error", "messages: field required (a non-empty list).")
+    for n, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            raise ApiError("invalid_request_error",
+                           f"messages.{n}: an object with role 'user' or 'assistant'.")
+        if not isinstance(message.get("content"), str | list):
+            raise ApiError("invalid_request_error",
+                           f"messages.{n}.content: a string or a list of content blocks.")
+
+
+def parse_count_tokens_request(body: bytes) -> str:
+    """The model of a count_tokens request, its messages checked like a message's."""
+    parsed = parse_json_object(body)
+    model = parsed.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError("invalid_request_error", "model: field required (a string).")
+    check_messages(parsed.get("messages"))
+    return model
 
 
 def usage_of(raw: object, base: Usage | None = None) -> Usage:

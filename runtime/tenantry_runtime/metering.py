@@ -8,9 +8,11 @@ created_at being the request's start, so a re-read batch is never counted twice.
 through `contracts.tenant_locks.write_transaction`; on TenantMoved the batch stays pending
 and is retried with the config the store holds by then.
 
-This slice writes tenants whose rows live in the shared database (`database.kind ==
-"shared"`); bridge and silo tenants keep their events in Redis until their credentials are
-wired (see docs/runtime.md).
+Where the rows go: a pool tenant's into the shared database (`dsn`, the runtime's login); a
+bridge or silo tenant's into its own schema or database through its login DSN from the tenant
+record (`database_dsn`), while the gate is held on the shared database, whose registry row is
+the gate of every tenant. A bridge or silo tenant without a DSN keeps its events in Redis
+(counted, logged once) until its record carries one.
 """
 
 from __future__ import annotations
@@ -22,30 +24,40 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any, cast
 
 import psycopg
+import psycopg.errors
 from psycopg import sql
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from .contracts.database import validate_identifier
+from .contracts.database import tenant_transaction, validate_identifier
 from .contracts.redis_keys import TenantKeys
 from .contracts.runtime_config import TenantRuntimeConfig
 from .contracts.tenant_locks import TenantMoved, write_transaction
-from .store import TenantStore
+from .store import TenantRecord, TenantStore
 
 log = logging.getLogger(__name__)
 
 GROUP = "usage-writer"
 Entry = tuple[bytes, dict[bytes, bytes]]
-UsageRow = tuple[str, str, datetime, str, int, int, int, int]
+UsageRow = tuple[str, str, datetime, str, int, int, int, int, Decimal | None, str | None,
+                 str | None, float | None, int | None, str | None, str | None, bool | None]
 _COLUMNS = ("tenant_id", "request_id", "created_at", "model", "input_tokens", "output_tokens",
-            "cache_creation_input_tokens", "cache_read_input_tokens")
+            "cache_creation_input_tokens", "cache_read_input_tokens", "cost", "currency",
+            "price_version", "latency_ms", "status", "endpoint", "api_key_name", "stream")
 
 
 def usage_stream(tenant: str) -> str:
     return TenantKeys(tenant).prefix + "usage"
+
+
+def _optional(event: dict[str, Any], name: str, kind: Any) -> Any:
+    """The event's `name` as `kind`, None when absent (events written before the field)."""
+    value = event.get(name)
+    return None if value is None else kind(value)
 
 
 def usage_rows(tenant: str, entries: Sequence[Entry]) -> tuple[list[UsageRow], list[bytes]]:
@@ -57,26 +69,49 @@ def usage_rows(tenant: str, entries: Sequence[Entry]) -> tuple[list[UsageRow], l
             event = json.loads(fields[b"event"])
             if event["tenant"] != tenant or event["request_id"] != fields[b"request_id"].decode():
                 raise ValueError("event does not belong to this stream")
+            # Exact: the cost travels as a decimal string and becomes numeric, never a float.
+            cost = _optional(event, "cost", Decimal)
+            if cost is not None and (not cost.is_finite() or cost < 0):
+                raise ValueError(f"cost {cost}")
             rows.append((tenant, str(event["request_id"]), datetime.fromisoformat(event["at"]),
                          str(event["model"]), int(event["input_tokens"]),
                          int(event["output_tokens"]), int(event["cache_creation_input_tokens"]),
-                         int(event["cache_read_input_tokens"])))
-        except (KeyError, ValueError, TypeError):
+                         int(event["cache_read_input_tokens"]), cost,
+                         _optional(event, "currency", str), _optional(event, "price_version", str),
+                         _optional(event, "latency_ms", float), _optional(event, "status", int),
+                         _optional(event, "endpoint", str), _optional(event, "key", str),
+                         _optional(event, "stream", bool)))
+        except (KeyError, ValueError, TypeError, InvalidOperation):
             bad.append(entry_id)
     return rows, bad
 
 
-def insert_usage(conn: psycopg.Connection[Any], config: TenantRuntimeConfig,
-                 rows: Sequence[UsageRow]) -> None:
-    """One transaction through the write gate; idempotent on the request."""
-    schema = validate_identifier(config.database.schema_name)
+def _insert(conn: psycopg.Connection[Any], schema: str, rows: Sequence[UsageRow]) -> None:
     statement = sql.SQL(
         "INSERT INTO {}.ai_usage_logs ({}) VALUES ({}) "
         "ON CONFLICT (tenant_id, request_id, created_at) DO NOTHING").format(
-        sql.Identifier(schema), sql.SQL(", ").join(map(sql.Identifier, _COLUMNS)),
+        sql.Identifier(validate_identifier(schema)),
+        sql.SQL(", ").join(map(sql.Identifier, _COLUMNS)),
         sql.SQL(", ").join(sql.Placeholder() * len(_COLUMNS)))
-    with write_transaction(conn, config.tenant, config.isolation), conn.cursor() as cur:
+    with conn.cursor() as cur:
         cur.executemany(statement, rows)
+
+
+def insert_usage(conn: psycopg.Connection[Any], config: TenantRuntimeConfig,
+                 rows: Sequence[UsageRow],
+                 data_conn: psycopg.Connection[Any] | None = None) -> None:
+    """Idempotent on the request, under the tenant's write gate on the shared database `conn`.
+
+    Without `data_conn` the rows go into `conn` in the gate's transaction (pool tenants);
+    with it (bridge, silo) they are committed there, as the tenant, while the gate is held,
+    so an isolation upgrade waits for the batch and a stale location raises TenantMoved.
+    """
+    with write_transaction(conn, config.tenant, config.isolation):
+        if data_conn is None:
+            _insert(conn, config.database.schema_name, rows)
+        else:
+            with tenant_transaction(data_conn, config.tenant):
+                _insert(data_conn, config.database.schema_name, rows)
 
 
 @dataclass
@@ -87,8 +122,12 @@ class UsageWriter:
     consumer: str
     batch: int = 500
     claim_idle_seconds: float = 30.0
+    # How long a batch waits for a gate held by an isolation change before it is retried in
+    # the next round: the writer serves every tenant, one tenant's move must not stall all.
+    gate_wait_seconds: float = 2.0
     failures: Counter[str] = field(default_factory=Counter)
     _groups: set[str] = field(default_factory=set)
+    _waiting: set[str] = field(default_factory=set)
 
     async def _ensure_group(self, stream: str) -> None:
         if stream in self._groups:
@@ -123,7 +162,7 @@ class UsageWriter:
         await self._ensure_group(stream)
         while True:
             record = self.store.get(tenant)
-            if record is None or record.config.database.kind != "shared":
+            if record is None or not self._writable(record):
                 return written
             entries = await self._next_entries(stream)
             if not entries:
@@ -134,7 +173,7 @@ class UsageWriter:
                 log.error("usage event %s of %s is malformed; dropped: %r", entry_id, tenant,
                           dict(entries)[entry_id])
             if rows:
-                await asyncio.to_thread(self._write, record.config, rows)
+                await asyncio.to_thread(self._write, record, rows)
             ids = [entry_id for entry_id, _ in entries]
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.xack(stream, GROUP, *ids)
@@ -144,20 +183,46 @@ class UsageWriter:
             if len(entries) < self.batch:
                 return written
 
-    def _write(self, config: TenantRuntimeConfig, rows: Sequence[UsageRow]) -> None:
+    def _writable(self, record: TenantRecord) -> bool:
+        """Pool tenants always; bridge and silo ones once their record has a DSN."""
+        tenant = record.config.tenant
+        if record.config.database.kind == "shared" or record.database_dsn is not None:
+            self._waiting.discard(tenant)
+            return True
+        self.failures["usage_no_database_credentials"] += 1
+        if tenant not in self._waiting:
+            self._waiting.add(tenant)
+            log.warning("usage of %s (%s) stays in Redis: its record has no database_dsn",
+                        tenant, record.config.isolation)
+        return False
+
+    def _write(self, record: TenantRecord, rows: Sequence[UsageRow]) -> None:
         with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
-            insert_usage(conn, config, rows)
+            conn.execute(sql.SQL("SET lock_timeout = {}").format(
+                sql.Literal(f"{int(self.gate_wait_seconds * 1000)}ms")))
+            if record.config.database.kind == "shared" or record.database_dsn is None:
+                insert_usage(conn, record.config, rows)
+                return
+            with psycopg.connect(record.database_dsn.get_secret_value(), autocommit=True,
+                                 connect_timeout=5) as data_conn:
+                insert_usage(conn, record.config, rows, data_conn)
 
     async def run(self, interval: float) -> None:
         while True:
             for tenant in self.store.tenants():
                 try:
                     await self.drain(tenant)
+                except psycopg.errors.LockNotAvailable:
+                    self.failures["usage_gate_busy"] += 1
+                    log.info("usage of %s waits: its write gate is held (isolation change)",
+                             tenant)
                 except TenantMoved as moved:
                     # The store reloads the config; the batch stays pending until then.
                     self.failures["usage_tenant_moved"] += 1
                     log.info("usage of %s waits for its new location: %s", tenant, moved)
                 except (RedisError, psycopg.Error, OSError):
+                    # Postgres or Redis away: the events stay pending in Redis and are
+                    # written when it answers again (nothing is acknowledged before commit).
                     self.failures["usage_write_error"] += 1
                     log.exception("writing usage of %s failed; retrying", tenant)
             await asyncio.sleep(interval)

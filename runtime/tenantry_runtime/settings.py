@@ -101,6 +101,25 @@ class RuntimeSettings(BaseSettings):
         True, description="Redact other tenants' names and document ids from answers."
     )
 
+    # Metrics, failure modes and saturation (docs/runtime.md "Usage, metrics, ...").
+    metrics_token: SecretStr | None = Field(
+        None, description="Bearer token /metrics requires (tenant ids are in the metrics and "
+        "tenant apps reach the same port): set it in production."
+    )
+    metrics_max_tenants: int = Field(
+        200, ge=0, description="Tenants with their own metrics label; later ones are 'other'."
+    )
+    expected_replicas: int = Field(
+        1, ge=1, description="Replicas sharing the rate limits while Redis is unreachable."
+    )
+    max_in_flight: int = Field(
+        1024, ge=0, description="Admitted requests in flight per worker (0: no cap); at the "
+        "cap, higher plan tiers are admitted first."
+    )
+    saturation_wait_seconds: float = Field(
+        5.0, ge=0, description="How long a request waits for a slot at the cap before 529."
+    )
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> RuntimeSettings:

@@ -16,7 +16,7 @@ from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from .api_keys import ApiKeyRecord, key_matches, prefix_of
 from .contracts.database import InvalidTenantId, validate_tenant_id
@@ -34,10 +34,15 @@ class TenantRecord(BaseModel):
     api_keys: tuple[ApiKeyRecord, ...] = ()
     # Stands in for the dedicated endpoint's Secret until the Secret watch exists.
     endpoint_api_key: SecretStr | None = None
-    # Bridge/silo tenants: libpq DSN of the tenant's own login (its database or schema), and
-    # stands in for its credentials Secret until the Secret watch exists. Pool tenants use the
-    # runtime's shared DSN (`database_url`).
+    # Bridge/silo tenants: libpq DSN of the tenant's own login (its database or schema), used
+    # for RAG, conversations and usage rows where its data lives; stands in for its credentials
+    # Secret until the Secret watch exists. Pool tenants use the runtime's shared `database_url`.
     database_dsn: SecretStr | None = None
+    # Redis unreachable: admit on the per-replica rate-limit share without a budget check
+    # (True) or refuse with 503 (False, the default: budgets fail closed).
+    budget_fail_open: bool = False
+    # Under saturation higher tiers are admitted first (e.g. free 0, pro 1, enterprise 2).
+    plan_tier: int = Field(0, ge=0, le=100)
 
 
 class Outcome(StrEnum):

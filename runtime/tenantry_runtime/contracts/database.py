@@ -512,9 +512,10 @@ def rollup_usage(conn: Conn, schema: str, day: date, tenant: str | None = None) 
     upsert = sql.SQL("""
         INSERT INTO {target} AS d (tenant_id, day, model, requests, input_tokens, output_tokens,
                                    cache_creation_input_tokens, cache_read_input_tokens,
-                                   updated_at)
+                                   cost, updated_at)
         SELECT tenant_id, %(day)s, model, count(*), sum(input_tokens), sum(output_tokens),
-               sum(cache_creation_input_tokens), sum(cache_read_input_tokens), now()
+               sum(cache_creation_input_tokens), sum(cache_read_input_tokens),
+               coalesce(sum(cost), 0), now()
         FROM {logs}
         WHERE created_at >= %(lower)s AND created_at < %(upper)s {only_tenant}
         GROUP BY tenant_id, model
@@ -524,6 +525,7 @@ def rollup_usage(conn: Conn, schema: str, day: date, tenant: str | None = None) 
             output_tokens = EXCLUDED.output_tokens,
             cache_creation_input_tokens = EXCLUDED.cache_creation_input_tokens,
             cache_read_input_tokens = EXCLUDED.cache_read_input_tokens,
+            cost = EXCLUDED.cost,
             updated_at = EXCLUDED.updated_at
     """).format(target=target, logs=logs, only_tenant=only_tenant)
     prune = sql.SQL("""
