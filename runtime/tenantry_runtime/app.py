@@ -35,6 +35,7 @@ from .local_limits import LocalLimits, LogThrottle
 from .messages import (
     StreamUsage,
     parse_count_tokens_request,
+    parse_json_object,
     parse_messages_request,
     usage_of_message,
 )
