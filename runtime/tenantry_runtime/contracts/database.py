@@ -240,9 +240,11 @@ def reset_session(conn: Conn) -> None:
     """Return a pooled connection to a clean session: the `reset` hook for a connection pool.
 
     DISCARD ALL drops session-level settings (a tenant set with is_local=false, SET ROLE),
-    temporary tables, prepared statements (psycopg forgets its own on DISCARD ALL) and
-    advisory locks, so the next borrower starts with no tenant. Use it as
-    `psycopg_pool.ConnectionPool(dsn, reset=reset_session)`.
+    temporary tables, prepared statements and advisory locks, so the next borrower starts with
+    no tenant. Use it as `psycopg_pool.ConnectionPool(dsn, reset=reset_session,
+    kwargs={"prepare_threshold": None})`: psycopg's cache of server-side prepared statements
+    does not survive DISCARD ALL in every path (executemany failed with "prepared statement
+    does not exist"), so pooled connections do without them.
     """
     if conn.info.transaction_status != TransactionStatus.IDLE:
         # The pool only resets idle connections; anything else is a bug worth stopping on.
