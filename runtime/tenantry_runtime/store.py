@@ -32,8 +32,10 @@ class TenantRecord(BaseModel):
 
     config: TenantRuntimeConfig
     api_keys: tuple[ApiKeyRecord, ...] = ()
-    # Stands in for the dedicated endpoint's Secret until the Secret watch exists.
+    # The dedicated endpoint's key, copied by the operator from the tenant's Secret.
     endpoint_api_key: SecretStr | None = None
+    # Bridge/silo: the tenant role's login DSN, built by the operator from its credentials.
+    database_dsn: SecretStr | None = None
 
 
 class Outcome(StrEnum):
