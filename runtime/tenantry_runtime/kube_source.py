@@ -153,17 +153,22 @@ class KubeSource:
                 except Exception as error:
                     delay = await self._back_off(error, delay)
         finally:
-            if self._client is not None:
-                await self._client.close()
-                self._client = None
+            await self._drop_client()
 
     def _client_now(self) -> AsyncClient:
         if self._client is None:
             self._client = self.connect()
         return self._client
 
+    async def _drop_client(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
+
     async def _back_off(self, error: Exception, delay: float) -> float:
+        """Log, wait, and connect afresh next time (config and token are read again)."""
         self.errors += 1
+        await self._drop_client()
         log.warning("runtime records in namespace %s: %s: %s; keeping the current tenants,"
                     " listing again in %.1fs", self.namespace, type(error).__name__, error, delay)
         await asyncio.sleep(delay)
