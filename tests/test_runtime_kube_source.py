@@ -103,3 +103,19 @@ async def test_an_unreachable_api_server_keeps_the_tenants_and_is_retried(
         assert source.errors >= 1
     finally:
         task.cancel()
+
+
+async def test_a_watch_is_restarted_from_a_fresh_list_after_watch_seconds(
+        control_plane: ControlPlane, namespace: str) -> None:
+    source = KubeSource(namespace, TenantStore(), backoff_seconds=0.05, watch_seconds=0.3,
+                        connect=lambda: AsyncClient(
+                            config=KubeConfig.from_file(control_plane.kubeconfig)))
+    task = asyncio.create_task(source.run())
+    try:
+        await until("two restarts", lambda: source.relists >= 2)
+        assert source.errors == 0
+        record = TenantRecord(config=tenant_config("srce"))
+        apply_record(control_plane, record)
+        await until("the record", lambda: source.store.get("srce") == record)
+    finally:
+        task.cancel()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -68,6 +69,9 @@ class KubeSource:
     connect: Callable[[], AsyncClient] = kube_client
     backoff_seconds: float = 0.5
     backoff_max_seconds: float = 30.0
+    # A watch is restarted (from a fresh list) after this long: a half-open connection to an
+    # API server that vanished would otherwise leave revocations unseen forever.
+    watch_seconds: float = 300.0
     # Lists and watch errors, for /metrics later; `relists` counts 410 Gone and reconnects.
     relists: int = 0
     errors: int = 0
@@ -140,8 +144,10 @@ class KubeSource:
                 try:
                     version = await self.list_once()
                     delay = self.backoff_seconds
-                    await self.watch_from(version)
-                    self.relists += 1  # the watch ended on its own: list again
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.watch_seconds):
+                            await self.watch_from(version)
+                    self.relists += 1  # the watch ended or timed out: list again
                 except asyncio.CancelledError:
                     raise
                 except ApiError as error:
