@@ -35,6 +35,7 @@ from .asgi import (
 from .errors import ApiError, error_body, kind_for_status
 from .limits import (
     Limiter,
+    LimitKeys,
     Settlement,
     Usage,
     estimate_input_tokens,
@@ -120,6 +121,7 @@ class Admitted:
     stream: bool
     started: float
     at: datetime
+    keys: LimitKeys
     settled: bool = False
 
     async def settle(self, usage: Usage, status: int) -> None:
@@ -146,8 +148,7 @@ class Admitted:
                                      time.perf_counter() - self.started, cost, prices.currency)
         event.update(cost=None if cost is None else str(cost), currency=prices.currency,
                      price_version=prices.version)
-        settlement = Settlement.of(limit_keys(self.caller.config.tenant, self.at),
-                                   self.request_id, usage, event)
+        settlement = Settlement.of(self.keys, self.request_id, usage, event)
         try:
             await self.runtime.limiter.settle(settlement)
         except REDIS_ERRORS as error:
@@ -256,7 +257,7 @@ async def admit(runtime: Runtime, caller: Caller, request_id: str, model: str, r
             runtime.metrics.rejected(tenant, verdict.name.lower(), refused.status)
             raise refused
     return Admitted(runtime, caller, request_id, model, endpoint, stream, time.perf_counter(),
-                    now)
+                    now, keys)
 
 
 def admit_without_redis(runtime: Runtime, caller: Caller, limits_key: str, request_id: str,
