@@ -583,4 +583,7 @@ def run_with_uvicorn(settings: RuntimeSettings, host: str, port: int,
     app = create_app(settings)
     if on_app is not None:
         on_app(app)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    from .serving import CoalescingHttpToolsProtocol
+
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
+                http=CoalescingHttpToolsProtocol)
