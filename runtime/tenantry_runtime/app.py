@@ -585,5 +585,7 @@ def run_with_uvicorn(settings: RuntimeSettings, host: str, port: int,
         on_app(app)
     from .serving import CoalescingHttpToolsProtocol
 
+    # No X-Forwarded-* rewriting (proxy_headers): nothing reads the client's address, and it
+    # is one more middleware on every request.
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
-                http=CoalescingHttpToolsProtocol)
+                http=CoalescingHttpToolsProtocol, proxy_headers=False)
