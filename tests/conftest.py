@@ -163,8 +163,10 @@ def runtime_server(workdir: Path, redis_server: Redis,
         upstream_backoff_seconds=0.01, upstream_backoff_max_seconds=0.05,
         max_body_bytes=64 * 1024, max_concurrent_per_tenant=1000)
     store = TenantStore()
+    from tenantry_runtime.serving import CoalescingHttpToolsProtocol
+
     app = create_app(settings, store)
-    with serve(app) as url:
+    with serve(app, http=CoalescingHttpToolsProtocol) as url:
         yield RuntimeServer(url, tenants_dir, redis_server.url, stub, store, app)
 
 

@@ -35,11 +35,12 @@ UPSTREAM_KEY = "stub-upstream-key"
 
 
 @contextmanager
-def serve(app: Any) -> Iterator[str]:
-    """Run `app` under uvicorn in a thread; yields its base URL."""
+def serve(app: Any, http: Any = "auto") -> Iterator[str]:
+    """Run `app` under uvicorn in a thread; yields its base URL. `http`: uvicorn's protocol
+    (the runtime's tests pass the one `python -m tenantry_runtime` serves with)."""
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False, lifespan="on"))
+                                           access_log=False, lifespan="on", http=http))
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     wait_for(lambda: server.started or not thread.is_alive(), 20, "uvicorn to start")

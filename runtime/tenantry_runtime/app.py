@@ -7,9 +7,8 @@ import contextlib
 import hmac
 import logging
 import time
-import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -21,10 +20,23 @@ from redis.asyncio import Redis as StreamRedis
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from .asgi import (
+    EVENT_STREAM,
+    JSON,
+    BodyReader,
+    Headers,
+    HotRoute,
+    Reply,
+    RuntimeApp,
+    collect_body,
+    error_reply,
+    new_request_id,
+)
 from .errors import ApiError, error_body, kind_for_status
 from .kube_source import KubeSource
 from .limits import (
     Limiter,
+    LimitKeys,
     Settlement,
     Usage,
     estimate_input_tokens,
@@ -54,7 +66,6 @@ from .upstream import STREAM_ERRORS, Endpoint, UpstreamResponse, Upstreams
 from .usage import usage_router
 
 log = logging.getLogger(__name__)
-JSON = "application/json"
 REDIS_ERRORS = (RedisUnavailable, ReplyError)
 
 
@@ -111,6 +122,7 @@ class Admitted:
     stream: bool
     started: float
     at: datetime
+    keys: LimitKeys
     settled: bool = False
 
     async def settle(self, usage: Usage, status: int) -> None:
@@ -137,8 +149,7 @@ class Admitted:
                                      time.perf_counter() - self.started, cost, prices.currency)
         event.update(cost=None if cost is None else str(cost), currency=prices.currency,
                      price_version=prices.version)
-        settlement = Settlement.of(limit_keys(self.caller.config.tenant, self.at),
-                                   self.request_id, usage, event)
+        settlement = Settlement.of(self.keys, self.request_id, usage, event)
         try:
             await self.runtime.limiter.settle(settlement)
         except REDIS_ERRORS as error:
@@ -177,15 +188,24 @@ def check_metrics_token(settings: RuntimeSettings, request: Request) -> None:
         raise ApiError("authentication_error", "/metrics needs the metrics bearer token.")
 
 
+def starlette_response(reply: Reply) -> Response:
+    if reply.stream is None:
+        return Response(reply.body, status_code=reply.status, media_type=JSON,
+                        headers=reply.headers)
+    return StreamingResponse(reply.stream, status_code=reply.status, media_type=EVENT_STREAM,
+                             headers=reply.headers)
+
+
 def error_response(error: ApiError, request_id: str | None = None) -> Response:
-    headers = error.headers()
-    if request_id:
-        headers["request-id"] = request_id
-    return Response(error.body(), status_code=error.status, media_type=JSON, headers=headers)
+    return starlette_response(error_reply(error, request_id))
 
 
 def authenticate(runtime: Runtime, request: Request) -> Caller:
-    key = api_key_of(request.headers)
+    return authenticate_headers(runtime, request.headers)
+
+
+def authenticate_headers(runtime: Runtime, headers: Headers) -> Caller:
+    key = api_key_of(headers)
     if key is None:
         raise ApiError("authentication_error", "x-api-key header is required.")
     caller = runtime.store.authenticate(key)
@@ -195,18 +215,7 @@ def authenticate(runtime: Runtime, request: Request) -> Caller:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    too_large = ApiError("request_too_large", f"Request exceeds the maximum size of {limit} bytes.")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await collect_body(request.headers, request.stream(), limit)
 
 
 async def admit(runtime: Runtime, caller: Caller, request_id: str, model: str, reserve: int,
@@ -249,7 +258,7 @@ async def admit(runtime: Runtime, caller: Caller, request_id: str, model: str, r
             runtime.metrics.rejected(tenant, verdict.name.lower(), refused.status)
             raise refused
     return Admitted(runtime, caller, request_id, model, endpoint, stream, time.perf_counter(),
-                    now)
+                    now, keys)
 
 
 def admit_without_redis(runtime: Runtime, caller: Caller, limits_key: str, request_id: str,
@@ -298,7 +307,8 @@ async def admit_count_tokens(runtime: Runtime, caller: Caller, request_id: str) 
         raise refused
 
 
-async def relay_stream(admitted: Admitted, upstream: UpstreamResponse) -> AsyncIterator[bytes]:
+async def relay_stream(admitted: Admitted, upstream: UpstreamResponse
+                       ) -> AsyncGenerator[bytes, None]:
     """Pass SSE bytes through unchanged, reading usage on the way; settle before the last
     chunk goes out, so the usage event is durable before the response completes."""
     seen = StreamUsage()
@@ -346,6 +356,74 @@ async def bill_abandoned_stream(admitted: Admitted, upstream: UpstreamResponse,
     finally:
         upstream.close()
         await admitted.settle(seen.usage, 499)
+
+
+async def serve_messages(runtime: Runtime, rag: Rag, request_id: str, headers: Headers,
+                         read: BodyReader) -> Reply:
+    """POST /v1/messages: authenticate, check, admit, (RAG), forward, settle, answer."""
+    caller = authenticate_headers(runtime, headers)
+    body = await read(runtime.settings.max_body_bytes)
+    parsed = parse_messages_request(body)
+    check_request(caller.record, parsed)
+    conversation = conversation_of(headers, parse_json_object(body)) if (
+        "tenantry-conversation-id" in headers) else None
+    context_bytes = rag.context_allowance(caller, headers)
+    reserve = reservation(estimate_input_tokens(len(body) + context_bytes), parsed.max_tokens)
+    admitted = await admit(runtime, caller, request_id, parsed.model, reserve, parsed.stream)
+    try:
+        forward = await rag.augment(caller, headers, body) if context_bytes else body
+        upstream = await runtime.upstreams.send(
+            admitted.endpoint, "/v1/messages", forward, headers, read_body=not parsed.stream)
+    except ApiError as error:
+        # Upstream slow or down (timeout 504, unreachable 502, its 5xx/529): released.
+        await admitted.settle(Usage(), error.status)
+        raise
+    except BaseException:
+        # Cancelled or unexpected: settle off this task, it may not await any more.
+        runtime.spawn(admitted.settle(Usage(), 499))
+        raise
+    if not parsed.stream:
+        await admitted.settle(usage_of_message(upstream.content), upstream.status)
+        content = await rag.finish_message(caller, request_id, body, upstream.content,
+                                           conversation, parsed.model)
+        return Reply(upstream.status, {"request-id": request_id}, content)
+    upstream = rag.wrap_stream(caller, request_id, body, upstream, conversation, parsed.model)
+    return Reply(upstream.status, {"request-id": request_id, "cache-control": "no-cache"},
+                 stream=relay_stream(admitted, upstream))
+
+
+async def serve_count_tokens(runtime: Runtime, _: Rag, request_id: str, headers: Headers,
+                             read: BodyReader) -> Reply:
+    """POST /v1/messages/count_tokens: rate limited, then answered by the endpoint."""
+    caller = authenticate_headers(runtime, headers)
+    body = await read(runtime.settings.max_body_bytes)
+    model = parse_count_tokens_request(body)
+    check_tenant_active(caller.record)
+    check_model(caller.record, model)
+    await admit_count_tokens(runtime, caller, request_id)
+    upstream = await runtime.upstreams.send(
+        endpoint_for(caller.record, runtime.settings), "/v1/messages/count_tokens", body,
+        headers, read_body=True)
+    return Reply(upstream.status, {"request-id": request_id}, upstream.content)
+
+
+# A hot route before it is bound to an app's runtime and RAG.
+Serve = Callable[[Runtime, Rag, str, Headers, BodyReader], Awaitable[Reply]]
+
+
+def hot_route(app: FastAPI, serve: Serve) -> HotRoute:
+    """`serve` over the app's runtime (made by the lifespan, so looked up per request)."""
+    def route(request_id: str, headers: Headers, read: BodyReader) -> Awaitable[Reply]:
+        return serve(app.state.runtime, app.state.rag, request_id, headers, read)
+    return route
+
+
+async def serve_with_fastapi(route: HotRoute, request: Request) -> Response:
+    """A hot route behind FastAPI: what the raw path serves, for OpenAPI and any ASGI server
+    that calls FastAPI directly (errors go through the app's exception handlers)."""
+    request_id = request.state.request_id = new_request_id()
+    reply = await route(request_id, request.headers, lambda limit: read_body(request, limit))
+    return starlette_response(reply)
 
 
 def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> FastAPI:
@@ -399,8 +477,8 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
             await redis.aclose()
             await rag.aclose()
 
-    app = FastAPI(title="Tenantry runtime", lifespan=lifespan, openapi_url="/openapi.json",
-                  docs_url=None, redoc_url=None)
+    app = RuntimeApp(title="Tenantry runtime", lifespan=lifespan, openapi_url="/openapi.json",
+                     docs_url=None, redoc_url=None)
 
     def runtime_of(request: Request) -> Runtime:
         runtime: Runtime = request.app.state.runtime
@@ -423,67 +501,24 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, error: Exception) -> Response:
         log.exception("unexpected error on %s", request.url.path, exc_info=error)
-        return error_response(ApiError("api_error", "Internal error."))
+        return error_response(ApiError("api_error", "Internal error."),
+                              getattr(request.state, "request_id", None))
+
+    messages_route = app.hot_routes["/v1/messages"] = hot_route(app, serve_messages)
 
     @app.post("/v1/messages")
     async def messages(request: Request) -> Response:
-        runtime = runtime_of(request)
-        request_id = request.state.request_id = f"req_{uuid.uuid4().hex[:24]}"
-        caller = authenticate(runtime, request)
-        body = await read_body(request, runtime.settings.max_body_bytes)
-        parsed = parse_messages_request(body)
-        check_request(caller.record, parsed)
-        rag: Rag = request.app.state.rag
-        conversation = conversation_of(request.headers, parse_json_object(body)) if (
-            "tenantry-conversation-id" in request.headers) else None
-        context_bytes = rag.context_allowance(caller, request.headers)
-        reserve = reservation(estimate_input_tokens(len(body) + context_bytes), parsed.max_tokens)
-        admitted = await admit(runtime, caller, request_id, parsed.model, reserve, parsed.stream)
-        try:
-            forward = await rag.augment(caller, request.headers, body) if context_bytes else body
-            upstream = await runtime.upstreams.send(
-                admitted.endpoint, "/v1/messages", forward, request.headers,
-                read_body=not parsed.stream)
-        except ApiError as error:
-            # Upstream slow or down (timeout 504, unreachable 502, its 5xx/529): released.
-            await admitted.settle(Usage(), error.status)
-            raise
-        except BaseException:
-            # Cancelled or unexpected: settle off this task, it may not await any more.
-            runtime.spawn(admitted.settle(Usage(), 499))
-            raise
-        headers = {"request-id": request_id}
-        if not parsed.stream:
-            await admitted.settle(usage_of_message(upstream.content), upstream.status)
-            content = await rag.finish_message(caller, request_id, body, upstream.content,
-                                               conversation, parsed.model)
-            return Response(content, status_code=upstream.status,
-                            media_type=JSON, headers=headers)
-        upstream = rag.wrap_stream(caller, request_id, body, upstream, conversation,
-                                   parsed.model)
-        return StreamingResponse(relay_stream(admitted, upstream),
-                                 status_code=upstream.status,
-                                 media_type="text/event-stream",
-                                 headers={**headers, "cache-control": "no-cache"})
+        return await serve_with_fastapi(messages_route, request)
 
     from .documents import router as documents_router  # imports this module: not at the top
     app.include_router(documents_router)
 
+    count_route = app.hot_routes["/v1/messages/count_tokens"] = hot_route(
+        app, serve_count_tokens)
+
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request) -> Response:
-        runtime = runtime_of(request)
-        request.state.request_id = f"req_{uuid.uuid4().hex[:24]}"
-        caller = authenticate(runtime, request)
-        body = await read_body(request, runtime.settings.max_body_bytes)
-        model = parse_count_tokens_request(body)
-        check_tenant_active(caller.record)
-        check_model(caller.record, model)
-        await admit_count_tokens(runtime, caller, request.state.request_id)
-        upstream = await runtime.upstreams.send(
-            endpoint_for(caller.record, runtime.settings), "/v1/messages/count_tokens", body,
-            request.headers, read_body=True)
-        return Response(upstream.content, status_code=upstream.status, media_type=JSON,
-                        headers={"request-id": request.state.request_id})
+        return await serve_with_fastapi(count_route, request)
 
     app.include_router(usage_router(lambda request: authenticate(runtime_of(request), request),
                                     lambda request: runtime_of(request).settings))
@@ -552,4 +587,9 @@ def run_with_uvicorn(settings: RuntimeSettings, host: str, port: int,
     app = create_app(settings)
     if on_app is not None:
         on_app(app)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    from .serving import CoalescingHttpToolsProtocol
+
+    # No X-Forwarded-* rewriting (proxy_headers): nothing reads the client's address, and it
+    # is one more middleware on every request.
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
+                http=CoalescingHttpToolsProtocol, proxy_headers=False)

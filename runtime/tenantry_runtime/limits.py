@@ -64,13 +64,13 @@ class LimitKeys:
 
 
 def limit_keys(tenant: str, at: datetime) -> LimitKeys:
-    return _limit_keys(tenant, at.strftime("%Y%m%d"))
+    return _limit_keys(tenant, at.toordinal())
 
 
 @lru_cache(maxsize=4096)
-def _limit_keys(tenant: str, day: str) -> LimitKeys:
+def _limit_keys(tenant: str, day: int) -> LimitKeys:
     keys = TenantKeys(tenant)
-    at = datetime.strptime(day, "%Y%m%d").replace(tzinfo=UTC)
+    at = datetime.fromordinal(day).replace(tzinfo=UTC)
     # Not (yet) in contracts.redis_keys: GCRA state, holds and the usage stream.
     return LimitKeys(
         limits=keys.limits, gcra_requests=keys.prefix + "gcra:req",
@@ -91,11 +91,18 @@ def reservation(input_estimate: int, max_tokens: int) -> int:
 
 def ms_to_period_ends(now: datetime) -> tuple[int, int]:
     """Pure: milliseconds until the UTC day ends and until the UTC month ends."""
-    day_end = datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(days=1)
-    last = calendar.monthrange(now.year, now.month)[1]
-    month_end = datetime(now.year, now.month, last, tzinfo=UTC) + timedelta(days=1)
+    day_end, month_end = _period_ends(now.toordinal())
     return (math.ceil((day_end - now).total_seconds() * 1000),
             math.ceil((month_end - now).total_seconds() * 1000))
+
+
+@lru_cache(maxsize=4)
+def _period_ends(day: int) -> tuple[datetime, datetime]:
+    """The ends (UTC) of the day and of the month that day `day` (an ordinal) is in."""
+    start = datetime.fromordinal(day).replace(tzinfo=UTC)
+    last = calendar.monthrange(start.year, start.month)[1]
+    return (start + timedelta(days=1),
+            datetime(start.year, start.month, last, tzinfo=UTC) + timedelta(days=1))
 
 
 def refusal(verdict: Verdict, retry_after_ms: int) -> ApiError | None:

@@ -78,7 +78,9 @@ class Histogram:
     values: dict[Labels, tuple[list[int], float, int]] = field(default_factory=dict)
 
     def observe(self, value: float, **labels: str) -> None:
-        key = tuple(labels.items())
+        self.observe_series(tuple(labels.items()), value)
+
+    def observe_series(self, key: Labels, value: float) -> None:
         counts, total, count = self.values.get(key) or ([0] * len(self.buckets), 0.0, 0)
         index = bisect.bisect_left(self.buckets, value)
         if index < len(counts):
@@ -141,17 +143,25 @@ class Metrics:
                                "Admissions decided without Redis, by outcome.")
         self._families = [self.requests, self.cost, self.rejections, self.upstream_errors,
                           self.fallback]
+        # (tenant label, model) -> the label sets of its token and duration series, built once
+        # (as many as the series themselves: labels are capped, models checked per tenant).
+        self._series: dict[tuple[str, str], tuple[tuple[Labels, ...], Labels]] = {}
 
     def settled(self, tenant: str, model: str, status: int, usage: Usage, seconds: float,
                 cost: Decimal | None, currency: str) -> None:
         label = self.tenant(tenant)
         self.requests.add(tenant=label, status=str(status))
-        for kind, amount in zip(TOKEN_TYPES, (
+        series = self._series.get((label, model))
+        if series is None:
+            series = self._series[label, model] = (tuple(
+                (("tenant", label), ("gen_ai_request_model", model), ("gen_ai_token_type", kind))
+                for kind in TOKEN_TYPES), (("tenant", label), ("gen_ai_request_model", model)))
+        token_series, duration_series = series
+        for key, amount in zip(token_series, (
                 usage.input_tokens, usage.output_tokens, usage.cache_creation_input_tokens,
                 usage.cache_read_input_tokens), strict=True):
-            self.tokens.observe(amount, tenant=label, gen_ai_request_model=model,
-                                gen_ai_token_type=kind)
-        self.duration.observe(seconds, tenant=label, gen_ai_request_model=model)
+            self.tokens.observe_series(key, amount)
+        self.duration.observe_series(duration_series, seconds)
         if cost is not None:
             self.cost.add(float(cost), tenant=label, currency=currency)
         # 429/5xx/529 from the upstream, 502/504 for one that failed or timed out (not 499, a

@@ -103,6 +103,9 @@ class Upstreams:
             s = self._settings
             client = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=s.upstream_max_connections),
+                # Model endpoints set no cookies the runtime should keep (and matching a jar
+                # costs every request).
+                cookie_jar=aiohttp.DummyCookieJar(),
                 timeout=aiohttp.ClientTimeout(total=None,
                                               connect=s.upstream_connect_timeout_seconds,
                                               sock_read=s.upstream_read_timeout_seconds),
