@@ -169,8 +169,10 @@ def test_minimal_plan_gets_server_side_defaults(objects: Objects) -> None:
     created = objects.create_json(plan({"model": "claude-haiku-4-5"}, name=name))
     expected_spec = {
         "model": "claude-haiku-4-5",
+        "tier": 0,
         "maxTokensPerRequest": 4096,
-        "budgets": {"dailyTokens": 100000, "monthlyTokens": 1000000, "overageAllowed": False},
+        "budgets": {"dailyTokens": 100000, "monthlyTokens": 1000000, "overageAllowed": False,
+                    "failOpen": False},
         "rateLimits": {"requestsPerMinute": 60, "tokensPerMinute": 100000},
         "allowedIsolation": ["pool"],
         "billing": {"includedMonthlyTokens": 0, "overagePricePerMillionTokens": "0",
@@ -351,6 +353,13 @@ spec:
      'spec.allowedIsolation[1]: Duplicate value: "pool"'),
     ("plan-rpm-zero", plan(plan_spec(rateLimits={"requestsPerMinute": 0})),
      "spec.rateLimits.requestsPerMinute in body should be greater than or equal to 1"),
+    ("plan-tier-negative", plan(plan_spec(tier=-1)),
+     "spec.tier in body should be greater than or equal to 0"),
+    ("plan-tier-over-100", plan(plan_spec(tier=101)),
+     "spec.tier in body should be less than or equal to 100"),
+    ("plan-tier-string", plan(plan_spec(tier="gold")), "spec.tier: Invalid value"),
+    ("plan-failOpen-string", plan(plan_spec(budgets={"failOpen": "yes"})),
+     "spec.budgets.failOpen: Invalid value"),
 ]
 INVALID_IDS = [case[0] for case in INVALID]
 
@@ -410,6 +419,7 @@ VALID_EDGES: list[tuple[str, Manifest | str]] = [
         billing={"overagePricePerMillionTokens": "123456789.123456", "currency": "EUR"}))),
     ("plan-daily-equals-monthly", plan(plan_spec(budgets={
         "dailyTokens": 1000000, "monthlyTokens": 1000000}))),
+    ("plan-tier-100-fail-open", plan(plan_spec(tier=100, budgets={"failOpen": True}))),
 ]
 
 
@@ -585,8 +595,11 @@ def explain(plane: ControlPlane, *args: str, phrase: str) -> str:
                                  "dailyTokens <integer>", "monthlyTokens <integer>"]),
     ("tenantplans.spec.billing", ["KIND: TenantPlan", "Commercial terms used by the usage rollup",
                                   "ISO 4217 currency code"]),
+    ("tenantplans.spec.budgets.failOpen", ["failOpen <boolean>", "without any budget check",
+                                           "spend during an outage is unchecked"]),
+    ("tenantplans.spec.tier", ["tier <integer>", "Admission priority under saturation"]),
 ], ids=["tnt.spec.isolation", "tenants.spec.ai.endpoint", "tenants.spec.ai.budgets",
-        "tenantplans.spec.billing"])
+        "tenantplans.spec.billing", "tenantplans.spec.budgets.failOpen", "tenantplans.spec.tier"])
 def test_explain_shows_crd_descriptions(control_plane: ControlPlane, field: str,
                                         phrases: list[str]) -> None:
     text = explain(control_plane, field, phrase=phrases[-1])

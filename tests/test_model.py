@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from tenantry_operator.builders import tenant_namespace
+from tenantry_operator.builders import plan_settings, tenant_namespace, tenant_record
 from tenantry_operator.conditions import Condition, merge_conditions, ready_condition
+from tenantry_operator.dataplane import content_hash, next_revision, runtime_config
 from tenantry_operator.model import (
     Isolation,
     PlanSpec,
@@ -16,7 +18,11 @@ from tenantry_operator.model import (
     TenantSpec,
     effective_spec,
 )
+from tenantry_operator.quotas import limits_of
 from tenantry_operator.reconcile import phase_of
+from tenantry_operator.settings import OperatorSettings
+from tenantry_runtime.contracts import runtime_record
+from tenantry_runtime.store import TenantRecord
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -84,3 +90,41 @@ def test_ready_summarises_the_first_failing_step() -> None:
     assert ready_condition(steps[:1]).ok
     assert phase_of(None, [*steps, ready]) == "Provisioning"
     assert phase_of(None, [Condition("PlanResolved", False, "IsolationNotAllowed")]) == "Failed"
+
+
+def _plan(**fields: Any) -> PlanSpec:
+    return PlanSpec.model_validate({"model": "claude-haiku-4-5", **fields})
+
+
+def test_the_plan_tier_and_budget_fail_open_reach_the_runtime_record() -> None:
+    tenant = TenantSpec.from_body({"planRef": {"name": "p"}})
+    config = runtime_config(effective_spec("acme", "u", 1, tenant, PLANS["free"]), "tenant-acme",
+                            {}, OperatorSettings())
+    tiers = {}
+    for name, plan in PLANS.items():
+        record = tenant_record(effective_spec("acme", "u", 1, tenant, plan), config, (), None, None)
+        tiers[name] = record.plan_tier
+        assert record.budget_fail_open is False  # no example plan takes that risk
+    assert tiers == {"free": 0, "pro": 1, "enterprise": 2}
+    risky = effective_spec("acme", "u", 1, tenant, _plan(tier=7, budgets={"failOpen": True}))
+    payload = json.loads(runtime_record.record_json(tenant_record(risky, config, (), None, None)))
+    assert (payload["plan_tier"], payload["budget_fail_open"]) == (7, True)
+    # The runtime's store reads the same payload back.
+    assert TenantRecord.model_validate(payload).plan_tier == 7
+
+
+def test_a_plan_edit_of_tier_or_fail_open_changes_the_content_and_grows_the_revision() -> None:
+    tenant = TenantSpec.from_body({"planRef": {"name": "p"}})
+    settings = OperatorSettings()
+
+    def digest(plan: PlanSpec) -> str:
+        spec = effective_spec("acme", "u", 1, tenant, plan)
+        config = runtime_config(spec, "tenant-acme", {}, settings)
+        return content_hash(config, limits_of(spec, config.revision), plan_settings(spec))
+
+    base = digest(_plan())
+    assert digest(_plan()) == base
+    assert digest(_plan(tier=1)) != base
+    assert digest(_plan(budgets={"failOpen": True})) != base
+    assert next_revision(10, digest(_plan(tier=1)), [(10, base)]) == 11
+    assert next_revision(10, base, [(10, base)]) == 10

@@ -307,3 +307,30 @@ def test_bridge_tenant_record_carries_a_working_login_dsn(
                                       password=str(fields["password"]))) as conn:
         assert conn.execute("SELECT session_user").fetchone() == (bridge_role("keybridge"),)
     delete_tenant(control_plane, "keybridge")
+
+
+def test_plan_tier_and_budget_fail_open_reach_the_runtime_and_follow_a_plan_edit(
+        control_plane: ControlPlane, kube_runtime_server: KubeRuntime) -> None:
+    runtime = kube_runtime_server
+    plan = {"apiVersion": "tenantry.dev/v1alpha1", "kind": "TenantPlan",
+            "metadata": {"name": "tierprobe"},
+            "spec": {"model": MODEL, "tier": 3}}
+    control_plane.kubectl("apply", "-f", "-", input_text=json.dumps(plan))
+    apply_tenant(control_plane, "keytier", plan="tierprobe", apiKeys=[{"name": "app"}])
+    wait_ready(control_plane, "keytier")
+    key = keys_of(control_plane, "keytier")["app"]
+    wait_served(runtime, key, "keytier")
+    record = runtime.store.get("keytier")
+    assert record is not None
+    assert (record.plan_tier, record.budget_fail_open) == (3, False)
+    revision = record.config.revision
+    # A TenantPlan edit (no new Tenant generation) reaches the runtime at a grown revision.
+    plan["spec"] = {"model": MODEL, "tier": 5, "budgets": {"failOpen": True}}
+    control_plane.kubectl("apply", "-f", "-", input_text=json.dumps(plan))
+    wait_for("the plan edit in the runtime", lambda: (
+        (rec := runtime.store.get("keytier")) is not None
+        and (rec.plan_tier, rec.budget_fail_open) == (5, True)), 30)
+    updated = runtime.store.get("keytier")
+    assert updated is not None and updated.config.revision > revision
+    delete_tenant(control_plane, "keytier")
+    control_plane.kubectl("delete", "tenantplan", "tierprobe", "--wait=false")

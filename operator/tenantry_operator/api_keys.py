@@ -15,10 +15,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from lightkube.resources.core_v1 import Secret
-from pydantic import SecretStr
 from tenantry_runtime.api_keys import generate_key, record_for
 from tenantry_runtime.contracts import runtime_record
-from tenantry_runtime.store import TenantRecord
 
 from . import builders, dataplane
 from .conditions import Condition
@@ -92,9 +90,7 @@ async def ensure_runtime_record(ctx: StepContext) -> Condition:
         fields = decoded(credentials) if credentials else {}
         if all(fields.get(f) for f in ("host", "username", "password", "database")):
             dsn = builders.login_dsn(fields)
-    record = TenantRecord(config=config, api_keys=ctx.api_keys,
-                          endpoint_api_key=SecretStr(endpoint_key) if endpoint_key else None,
-                          database_dsn=SecretStr(dsn) if dsn else None)
+    record = builders.tenant_record(ctx.spec, config, ctx.api_keys, endpoint_key, dsn)
     manifest = builders.runtime_record_secret(tenant, runtime_ns,
                                               runtime_record.record_json(record))
     name = runtime_record.secret_name(tenant)

@@ -7,8 +7,11 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from psycopg.conninfo import make_conninfo
-from tenantry_runtime.api_keys import prefix_of
+from pydantic import SecretStr
+from tenantry_runtime.api_keys import ApiKeyRecord, prefix_of
 from tenantry_runtime.contracts import runtime_record
+from tenantry_runtime.contracts.runtime_config import TenantRuntimeConfig
+from tenantry_runtime.store import TenantRecord
 
 from .model import GROUP, EffectiveSpec
 from .names import LABEL_TENANT, namespace_name, standard_labels
@@ -241,6 +244,21 @@ def issue_api_keys(wanted: Iterable[str], existing: Mapping[str, str],
             keys[name] = generate()
             issued.append(name)
     return keys, issued
+
+
+def plan_settings(spec: EffectiveSpec) -> dict[str, Any]:
+    """The plan's settings the runtime reads from the tenant record (not the config contract)."""
+    return {"plan_tier": spec.ai.plan_tier, "budget_fail_open": spec.ai.budget_fail_open}
+
+
+def tenant_record(spec: EffectiveSpec, config: TenantRuntimeConfig,
+                   api_keys: Iterable[ApiKeyRecord], endpoint_api_key: str | None,
+                   database_dsn: str | None) -> TenantRecord:
+    """Pure: the runtime's copy of the tenant (the payload of `runtime_record_secret`)."""
+    return TenantRecord(config=config, api_keys=tuple(api_keys),
+                        endpoint_api_key=SecretStr(endpoint_api_key) if endpoint_api_key else None,
+                        database_dsn=SecretStr(database_dsn) if database_dsn else None,
+                        **plan_settings(spec))
 
 
 def runtime_record_secret(tenant: str, namespace: str, payload: str) -> Manifest:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import secrets
+from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -333,10 +334,12 @@ def runtime_config(spec: EffectiveSpec, namespace: str, provisioned: dict[str, s
     )
 
 
-def content_hash(config: TenantRuntimeConfig, limits: dict[str, str]) -> str:
-    """Pure: a digest of everything the runtime reads (config and limits), revisions aside."""
+def content_hash(config: TenantRuntimeConfig, limits: dict[str, str],
+                 plan_settings: Mapping[str, Any]) -> str:
+    """Pure: a digest of everything the runtime reads (config, limits and the record's plan
+    settings), revisions aside, so a TenantPlan edit of any of them grows the revision."""
     content = [config.model_dump(mode="json", exclude={"revision"}),
-               {k: v for k, v in limits.items() if k != "revision"}]
+               {k: v for k, v in limits.items() if k != "revision"}, dict(plan_settings)]
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -358,7 +361,8 @@ async def settle_revision(ctx: StepContext) -> int:
     if ctx.config_revision is not None:
         return ctx.config_revision
     config = runtime_config(ctx.spec, ctx.namespace, ctx.provisioned, ctx.settings)
-    digest = content_hash(config, limits_of(ctx.spec, config.revision))
+    digest = content_hash(config, limits_of(ctx.spec, config.revision),
+                          builders.plan_settings(ctx.spec))
     recorded: list[tuple[int, str | None]] = []
     live = await ctx.kube.get(ConfigMap, builders.RUNTIME_CONFIGMAP, ctx.namespace)
     if live is not None and owned_by(as_dict(live)["metadata"].get("labels"), ctx.spec.name):
@@ -382,7 +386,7 @@ async def settled_config(ctx: StepContext) -> tuple[TenantRuntimeConfig, str]:
     """The runtime config at the settled revision, and its content hash."""
     revision = await settle_revision(ctx)
     config = runtime_config(ctx.spec, ctx.namespace, ctx.provisioned, ctx.settings)
-    digest = content_hash(config, limits_of(ctx.spec, revision))
+    digest = content_hash(config, limits_of(ctx.spec, revision), builders.plan_settings(ctx.spec))
     return config.model_copy(update={"revision": revision}), digest
 
 

@@ -124,6 +124,8 @@ class PlanBudgets(_Camel):
     daily_tokens: int = Field(100_000, alias="dailyTokens")
     monthly_tokens: int = Field(1_000_000, alias="monthlyTokens")
     overage_allowed: bool = Field(False, alias="overageAllowed")
+    # Redis unreachable: admit without a budget check (plan-only: a risk the plan takes).
+    fail_open: bool = Field(False, alias="failOpen")
 
 
 class PlanRateLimits(_Camel):
@@ -133,6 +135,8 @@ class PlanRateLimits(_Camel):
 
 class PlanSpec(_Camel):
     model: str
+    # Admission priority under saturation (0-100, higher first).
+    tier: int = Field(0, ge=0, le=100)
     max_tokens_per_request: int = Field(4096, alias="maxTokensPerRequest")
     budgets: PlanBudgets = PlanBudgets()
     rate_limits: PlanRateLimits = Field(PlanRateLimits(), alias="rateLimits")
@@ -151,6 +155,9 @@ class EffectiveAi(BaseModel):
     overage_allowed: bool
     requests_per_minute: int
     tokens_per_minute: int
+    # From the plan only: the runtime record's `plan_tier` and `budget_fail_open`.
+    plan_tier: int = 0
+    budget_fail_open: bool = False
 
 
 class EffectiveSpec(BaseModel):
@@ -213,6 +220,8 @@ def effective_spec(
             tokens_per_minute=_first(
                 ai.rate_limits.tokens_per_minute, plan.rate_limits.tokens_per_minute
             ),
+            plan_tier=plan.tier,
+            budget_fail_open=plan.budgets.fail_open,
         ),
         rag=tenant.rag,
         database=tenant.database,
