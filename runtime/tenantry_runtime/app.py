@@ -149,7 +149,8 @@ class Admitted:
                                      time.perf_counter() - self.started, cost, prices.currency)
         event.update(cost=None if cost is None else str(cost), currency=prices.currency,
                      price_version=prices.version)
-        settlement = Settlement.of(self.keys, self.request_id, usage, event)
+        settlement = Settlement.of(self.keys, self.request_id, usage, event,
+                                   self.runtime.settings.settled_marker_seconds)
         try:
             await self.runtime.limiter.settle(settlement)
         except REDIS_ERRORS as error:

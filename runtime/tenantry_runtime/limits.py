@@ -26,6 +26,12 @@ SETTLE = Script(files(__package__).joinpath("settle.lua").read_text())
 # Counters outlive their period long enough for reports (a day key two days, a month 40).
 DAY_KEY_TTL_SECONDS = 2 * 86400
 MONTH_KEY_TTL_SECONDS = 40 * 86400
+# A settlement's marker should outlive any replay of it from the spool (a settlement Redis ran
+# whose reply was lost is replayed once Redis answers again): a replay finds it and charges
+# nothing. The default of `RuntimeSettings.settled_marker_seconds`.
+SETTLED_MARKER_TTL_SECONDS = 86400
+# settle.lua's answer when the request id was settled before (a replay).
+ALREADY_SETTLED = -2
 # Crude but conservative input estimate: JSON bytes per token (tokenizers average ~3.5-4).
 BYTES_PER_TOKEN = 3
 
@@ -54,13 +60,14 @@ class LimitKeys:
     hold_amounts: str
     held_total: str
     usage_stream: str
+    prefix: str
 
     def admit(self) -> list[str]:
         return [self.limits, self.gcra_requests, self.gcra_tokens, self.day, self.month,
                 self.holds, self.hold_amounts, self.held_total]
 
-    def settle(self) -> list[str]:
-        return [*self.admit(), self.usage_stream]
+    def settle(self, request_id: str) -> list[str]:
+        return [*self.admit(), self.usage_stream, f"{self.prefix}settled:{request_id}"]
 
 
 def limit_keys(tenant: str, at: datetime) -> LimitKeys:
@@ -77,7 +84,7 @@ def _limit_keys(tenant: str, day: int) -> LimitKeys:
         gcra_tokens=keys.prefix + "gcra:tok", day=keys.tokens_day(at),
         month=keys.tokens_month(at), holds=keys.prefix + "holds",
         hold_amounts=keys.prefix + "holds:amount", held_total=keys.prefix + "holds:total",
-        usage_stream=keys.prefix + "usage")
+        usage_stream=keys.prefix + "usage", prefix=keys.prefix)
 
 
 def estimate_input_tokens(body_bytes: int) -> int:
@@ -170,7 +177,8 @@ class Limiter:
 
     async def settle(self, settlement: Settlement) -> int:
         """Drop the hold, charge the usage, append the event to the tenant's usage stream;
-        returns the tokens that were held (-1 when the hold had expired)."""
+        returns the tokens that were held (-1 when the hold had expired), or ALREADY_SETTLED
+        (nothing done) when this request id was settled before."""
         return int(await self._redis.run_script(SETTLE, settlement.keys, settlement.args))
 
 
@@ -182,8 +190,9 @@ class Settlement:
     args: list[str | int]
 
     @classmethod
-    def of(cls, keys: LimitKeys, request_id: str, usage: Usage,
-           event: Mapping[str, object]) -> Settlement:
-        return cls(keys.settle(), [request_id, usage.charged, DAY_KEY_TTL_SECONDS,
-                                   MONTH_KEY_TTL_SECONDS,
-                                   json.dumps(event, separators=(",", ":"))])
+    def of(cls, keys: LimitKeys, request_id: str, usage: Usage, event: Mapping[str, object],
+           marker_seconds: int = SETTLED_MARKER_TTL_SECONDS) -> Settlement:
+        return cls(keys.settle(request_id), [request_id, usage.charged, DAY_KEY_TTL_SECONDS,
+                                             MONTH_KEY_TTL_SECONDS,
+                                             json.dumps(event, separators=(",", ":")),
+                                             marker_seconds])

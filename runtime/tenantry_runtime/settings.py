@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .limits import SETTLED_MARKER_TTL_SECONDS
+
 # Mounted into every Pod with a service account token: the namespace the Pod runs in.
 _POD_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
@@ -79,6 +81,12 @@ class RuntimeSettings(BaseSettings):
         None, description="Where settlements wait (fsync'd) while Redis is unreachable."
     )
     spool_replay_seconds: float = Field(1.0, gt=0, description="How often the spool is retried.")
+    # Settlement idempotency (settle.lua's per-request marker).
+    settled_marker_seconds: int = Field(
+        SETTLED_MARKER_TTL_SECONDS, ge=60,
+        description="How long a request id stays marked settled in Redis: a spool replay within"
+        " it is never charged twice; each marker costs ~120 bytes of Redis memory."
+    )
     price_table: Path | None = Field(
         None, description="A prices.json to use instead of the one shipped with the runtime."
     )

@@ -1,8 +1,14 @@
 -- Settlement of one request: drop its hold, charge the real tokens, give back unused
 -- tokens/min, and append the usage event, atomically.
--- KEYS: as admit.lua, plus 9 usage stream
+-- KEYS: as admit.lua, plus 9 usage stream, 10 the request's "settled" marker
 -- ARGV: 1 request id, 2 charged tokens, 3 day key ttl s, 4 month key ttl s,
---       5 the usage event (JSON)
+--       5 the usage event (JSON), 6 the marker's ttl s
+-- Idempotent per request id: a settlement replayed from the spool after Redis ran it (its
+-- reply lost) finds the marker, changes nothing and returns -2. Spool lines written before the
+-- marker existed have 9 keys and settle as before.
+if KEYS[10] and not redis.call('SET', KEYS[10], '1', 'NX', 'EX', ARGV[6]) then
+  return -2
+end
 local reserved = tonumber(redis.call('HGET', KEYS[7], ARGV[1]) or '-1')
 if reserved >= 0 then
   redis.call('HDEL', KEYS[7], ARGV[1])

@@ -3,8 +3,9 @@
 One file per worker process (`settlements-<pid>.jsonl`), each line fsync'd before the request
 is considered settled. A worker adopts the files of workers that are gone (an atomic rename,
 so only one adopts each) and replays them in order; replayed lines leave the file by an atomic
-rewrite. A settlement replayed after Redis did run it (a reply lost to a timeout) charges the
-budget counters twice but not the bill: the usage row is keyed by the request id.
+rewrite. A settlement replayed after Redis did run it (a reply lost to a timeout) changes
+nothing: settle.lua keeps a marker per request id (`SETTLED_MARKER_TTL_SECONDS`) and answers
+`ALREADY_SETTLED`; such replays are counted in `already_settled`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import uuid
 from pathlib import Path
 
-from .limits import Limiter, Settlement
+from .limits import ALREADY_SETTLED, Limiter, Settlement
 from .resp import RedisUnavailable, ReplyError
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ class SettlementSpool:
         self.directory = directory
         self.path = directory / f"settlements-{os.getpid()}.jsonl"
         self._lock = asyncio.Lock()
+        # Replays Redis had already run (their first reply was lost): not charged again.
+        self.already_settled = 0
 
     def _append(self, line: bytes) -> None:
         with self.path.open("ab") as out:
@@ -80,9 +83,11 @@ class SettlementSpool:
                 for line in lines:
                     entry = json.loads(line)
                     try:
-                        await limiter.settle(Settlement(entry["keys"], entry["args"]))
+                        held = await limiter.settle(Settlement(entry["keys"], entry["args"]))
                     except (RedisUnavailable, ReplyError):
                         break
+                    if held == ALREADY_SETTLED:
+                        self.already_settled += 1
                     done += 1
                 replayed += done
                 remaining = lines[done:]

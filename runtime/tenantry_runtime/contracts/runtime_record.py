@@ -10,7 +10,8 @@ store. Contract:
 - one data key `record.json`: the store's `TenantRecord` as JSON, secrets revealed: `config`
   (`TenantRuntimeConfig`, its revision only grows), `api_keys` ([{name, prefix, sha256,
   expires_at}], hashes only, never a key), `endpoint_api_key` (the dedicated endpoint's key,
-  copied from the tenant's Secret) and `database_dsn` (bridge/silo: the tenant role's login);
+  copied from the tenant's Secret), `database_dsn` (bridge/silo: the tenant role's login),
+  `plan_tier` and `budget_fail_open` (the TenantPlan's `tier` and `budgets.failOpen`);
 - the Secret is deleted with its Tenant (both deletion policies): the runtime then forgets the
   tenant and its keys stop working.
 """
