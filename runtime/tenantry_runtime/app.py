@@ -54,6 +54,7 @@ from .messages import (
 )
 from .metering import UsageWriter
 from .metrics import CONTENT_TYPE, Metrics, merged
+from .openapi import install as describe_openapi
 from .policy import api_key_of, check_model, check_request, check_tenant_active, endpoint_for
 from .pricing import PriceTable, load_price_table
 from .rag import Rag, conversation_of
@@ -480,6 +481,7 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
 
     app = RuntimeApp(title="Tenantry runtime", lifespan=lifespan, openapi_url="/openapi.json",
                      docs_url=None, redoc_url=None)
+    describe_openapi(app)
 
     def runtime_of(request: Request) -> Runtime:
         runtime: Runtime = request.app.state.runtime

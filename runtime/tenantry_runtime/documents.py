@@ -22,6 +22,7 @@ from .rag import (
     list_documents,
     parse_uuid,
     read_conversation,
+    reject_nul,
     require_collection,
 )
 from .store import Caller
@@ -72,6 +73,8 @@ async def create_document(request: Request) -> Response:
     metadata = body.get("metadata", {})
     if not isinstance(metadata, dict):
         raise ApiError("invalid_request_error", "metadata: must be an object.")
+    for name, value in (("text", text), ("title", title), ("metadata", metadata)):
+        reject_nul(value, name)
     chunks = chunk_text(text, settings.rag_chunk_chars, settings.rag_chunk_overlap)
     vectors = await rag.embed(caller.config, chunks, "document")
     document_id, created_at = await rag.databases.write(

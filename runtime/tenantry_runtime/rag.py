@@ -174,6 +174,23 @@ class ConversationRef:
     end_user: str
 
 
+def reject_nul(value: Any, field: str) -> None:
+    """Pure: 400 when a string (or object key) anywhere in `value` holds U+0000, which
+    Postgres cannot store in text or jsonb; checked before anything is written."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise ApiError("invalid_request_error",
+                               f"{field}: text must not contain NUL (U+0000) characters.")
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 def conversation_of(headers: Mapping[str, str], parsed: Mapping[str, Any]
                     ) -> ConversationRef | None:
     """Pure: the conversation a request names, if any; 400 when half-named or malformed."""
@@ -191,6 +208,9 @@ def conversation_of(headers: Mapping[str, str], parsed: Mapping[str, Any]
     if not isinstance(user, str) or not user or len(user) > 256:
         raise ApiError("invalid_request_error", f"{CONVERSATION_HEADER} needs an end user: "
                        f"{END_USER_HEADER} or metadata.user_id (at most 256 characters).")
+    # The turns are stored: their text must fit Postgres.
+    reject_nul(user, "end user")
+    reject_nul(parsed.get("messages"), "messages")
     return ConversationRef(conversation, user)
 
 
