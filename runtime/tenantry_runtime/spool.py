@@ -107,10 +107,12 @@ class SettlementSpool:
             await asyncio.sleep(interval)
             if not self._files():
                 continue
+            before = self.already_settled
             try:
                 replayed = await self.replay(limiter)
             except (OSError, ValueError):
                 log.exception("replaying the settlement spool failed")
                 continue
             if replayed:
-                log.info("replayed %d spooled settlements", replayed)
+                log.info("replayed %d spooled settlements (%d already settled in Redis, not"
+                         " charged again)", replayed, self.already_settled - before)
