@@ -9,7 +9,7 @@ import json
 import random
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -203,10 +203,19 @@ def test_redis_down_budgets_fail_closed_unless_allowed_and_rate_limits_go_local(
 # --- saturation, slow upstream ----------------------------------------------------------------
 
 
+async def until(condition: Callable[[], bool]) -> None:
+    """Poll `condition` on the event loop until it holds; a test failure after 20 s."""
+    async with asyncio.timeout(20):
+        while not condition():  # noqa: ASYNC110 - the gate exposes counters, not events
+            await asyncio.sleep(0.02)
+
+
 async def test_under_saturation_higher_plan_tiers_are_admitted_first(
         redis_server: Any, slow_stub: tuple[str, StubState], tmp_path: Path) -> None:
     url, stub = slow_stub
-    stub.delay_seconds = 0.6
+    # Long enough that the queue forms while the first request is upstream, however slow the
+    # machine; the test waits on the gate's own counters rather than on sleeps.
+    stub.delay_seconds = 3.0
     with running_app(tmp_path, redis_server.url, url, None, max_in_flight=1,
                      saturation_wait_seconds=10) as app:
         app.server.add_tenant("satfree")
@@ -224,21 +233,24 @@ async def test_under_saturation_higher_plan_tiers_are_admitted_first(
             finished.append(label)
             await client.close()
 
+        gate = runtime_of(app).gate
         first = asyncio.create_task(ask("satfree", "free-1"))
-        await asyncio.sleep(0.2)
+        await until(lambda: gate.in_use == 1)
         queued = [asyncio.create_task(ask("satfree", f"free-{n}")) for n in (2, 3)]
-        await asyncio.sleep(0.2)
-        assert runtime_of(app).gate.waiting == 2
+        await until(lambda: gate.waiting == 2)
         enterprise = asyncio.create_task(ask("satenterprise", "enterprise"))
+        await until(lambda: gate.waiting == 3)
+        assert not first.done()
+        stub.delay_seconds = 0.2
         await asyncio.gather(first, *queued, enterprise)
         # The enterprise request came last but went first when the slot freed.
         assert finished == ["free-1", "enterprise", "free-2", "free-3"]
 
         # Waiting longer than saturation_wait_seconds: 529 overloaded_error, nothing held.
-        runtime_of(app).gate.wait_seconds = 0.2
+        gate.wait_seconds = 0.2
         stub.delay_seconds = 1.0
         busy = asyncio.create_task(ask("satfree", "busy"))
-        await asyncio.sleep(0.2)
+        await until(lambda: gate.in_use == 1)
         with pytest.raises(anthropic.APIStatusError) as overloaded:
             await ask("satenterprise", "turned away")
         assert overloaded.value.status_code == 529
