@@ -78,6 +78,8 @@ SILO_TENANTS = ("silo1", "upsilo", "silodel", "poolsilo", "silogrow", "silofixed
 # The operator's own namespace, where it keeps copies of the credentials it generates (it
 # creates the namespace when missing).
 CREDENTIALS_NAMESPACE = "tenantry-operator-test"  # not the chart's runtime namespace
+# Where the operator writes the runtime's copy of each tenant, and the runtime reads it.
+RUNTIME_NAMESPACE = "tenantry-runtime-test"
 
 
 @pytest.fixture(scope="session")
@@ -112,6 +114,7 @@ def operator(
         "TENANTRY_REDIS_URL": redis_server.url,
         "TENANTRY_RECONCILE_INTERVAL_SECONDS": "3",
         "TENANTRY_CREDENTIALS_NAMESPACE": CREDENTIALS_NAMESPACE,
+        "TENANTRY_RUNTIME_NAMESPACE": RUNTIME_NAMESPACE,
         "TENANTRY_SILO_DSN_OVERRIDES": json.dumps(
             {t: silo_postgres.dsn(f"silo_{t}") for t in SILO_TENANTS}),
     })
@@ -163,3 +166,26 @@ def runtime_server(workdir: Path, redis_server: Redis,
     app = create_app(settings, store)
     with serve(app) as url:
         yield RuntimeServer(url, tenants_dir, redis_server.url, stub, store, app)
+
+
+@pytest.fixture(scope="session")
+def kube_runtime_server(operator: object, shared_database: str, redis_server: Redis,
+                        upstream_stub: tuple[str, object]) -> Iterator[object]:
+    """The runtime reading tenant records from the control plane (the Secrets the in-process
+    operator writes into RUNTIME_NAMESPACE), metering into the shared database."""
+    from pydantic import SecretStr
+    from runtime_helpers import UPSTREAM_KEY, KubeRuntime, serve
+    from tenantry_runtime.app import create_app
+    from tenantry_runtime.settings import RuntimeSettings
+    from tenantry_runtime.store import TenantStore
+
+    stub_url, _ = upstream_stub
+    settings = RuntimeSettings(
+        config_source="kubernetes", kube_namespace=RUNTIME_NAMESPACE,
+        redis_url=SecretStr(redis_server.url), upstream_url=stub_url,
+        upstream_api_key=SecretStr(UPSTREAM_KEY), database_url=SecretStr(shared_database),
+        usage_flush_seconds=0.2, replica_name="kube-runtime")
+    store = TenantStore()
+    app = create_app(settings, store)
+    with serve(app) as url:
+        yield KubeRuntime(url, store, app)

@@ -168,3 +168,12 @@ def start_redis_on(port: int, workdir: Path) -> Process:
     wait_until("redis-server to answer PING", lambda: bool(redis.Redis(
         port=port, socket_timeout=1).ping()), process, 30)
     return process
+
+
+@dataclass
+class KubeRuntime:
+    """A runtime served from the control plane's tenant records (conftest kube_runtime_server)."""
+
+    url: str
+    store: TenantStore
+    app: Any

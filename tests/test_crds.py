@@ -298,6 +298,22 @@ INVALID: list[tuple[str, Manifest | str, str]] = [
     ("ingress-namespace-duplicate", tenant(tenant_spec(network={
         "allowIngressFromNamespaces": ["apps", "apps"]})),
      'spec.network.allowIngressFromNamespaces[1]: Duplicate value: "apps"'),
+    # --- API keys
+    ("apiKeys-duplicate-name", tenant(tenant_spec(apiKeys=[{"name": "app"}, {"name": "app"}])),
+     'spec.apiKeys[1]: Duplicate value: {"name":"app"}'),
+    ("apiKeys-name-uppercase", tenant(tenant_spec(apiKeys=[{"name": "App"}])),
+     "spec.apiKeys[0].name in body should match"),
+    ("apiKeys-name-64-chars", tenant(tenant_spec(apiKeys=[{"name": "a" * 64}])),
+     "spec.apiKeys[0].name: Too long"),
+    ("apiKeys-without-name", tenant(tenant_spec(apiKeys=[{"expiresAt": "2030-01-01T00:00:00Z"}])),
+     "spec.apiKeys[0].name: Required value"),
+    ("apiKeys-expiresAt-not-a-time", tenant(tenant_spec(apiKeys=[
+        {"name": "app", "expiresAt": "tomorrow"}])),
+     "spec.apiKeys[0].expiresAt in body must be of type date-time"),
+    ("apiKeys-33-keys", tenant(tenant_spec(apiKeys=[{"name": f"k{i}"} for i in range(33)])),
+     "spec.apiKeys: Too many: 33: must have at most 32 items"),
+    ("apiKeys-unknown-field", tenant(tenant_spec(apiKeys=[{"name": "app", "key": "sk-x"}])),
+     'unknown field "spec.apiKeys[0].key"'),
     # --- TenantPlan
     ("plan-missing-spec", {"apiVersion": API_VERSION, "kind": "TenantPlan",
                            "metadata": {"name": PROBE_PLAN}}, "spec: Required value"),
@@ -386,6 +402,9 @@ VALID_EDGES: list[tuple[str, Manifest | str]] = [
         "resources": {"requests": {"cpu": 1, "memory": "512Mi"},
                       "limits": {"cpu": "1500m", "memory": "1Gi"}}}))),
     ("suspended-delete-policy", tenant(tenant_spec(suspended=True, deletionPolicy="Delete"))),
+    ("apiKeys-32-with-expiry", tenant(tenant_spec(apiKeys=[
+        {"name": f"k{i}", "expiresAt": "2030-01-31T12:00:00+01:00"} for i in range(31)]
+        + [{"name": "a" * 63}]))),
     ("plan-all-isolation-levels", plan(plan_spec(
         allowedIsolation=["pool", "bridge", "silo"],
         billing={"overagePricePerMillionTokens": "123456789.123456", "currency": "EUR"}))),

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+from psycopg.conninfo import make_conninfo
+from tenantry_runtime.api_keys import prefix_of
+from tenantry_runtime.contracts import runtime_record
 
 from .model import GROUP, EffectiveSpec
 from .names import LABEL_TENANT, namespace_name, standard_labels
@@ -196,3 +202,73 @@ def runtime_configmap(namespace: str, tenant: str, config_json: str,
                      "annotations": {CONFIG_HASH_ANNOTATION: content_hash}},
         "data": {"config.json": config_json},
     }
+
+
+# --- API keys and the runtime's copy of a tenant (docs/api-keys.md) -----------------------------
+
+API_KEYS_SECRET = "tenantry-api-keys"  # noqa: S105 - a Secret's name, not a password
+
+
+def _b64(value: str) -> str:
+    return base64.b64encode(value.encode()).decode()
+
+
+def api_keys_secret(tenant: str, namespace: str, keys: Mapping[str, str]) -> Manifest:
+    """The plaintext keys, one data key per name: the only place a key is ever written.
+
+    `data` (not `stringData`): server-side apply then removes the entry of a removed name."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": API_KEYS_SECRET, "namespace": namespace,
+                     "labels": standard_labels(tenant, "api-keys")},
+        "type": "Opaque",
+        "data": {name: _b64(key) for name, key in sorted(keys.items())},
+    }
+
+
+def issue_api_keys(wanted: Iterable[str], existing: Mapping[str, str],
+                   generate: Callable[[], str]) -> tuple[dict[str, str], list[str]]:
+    """(key per wanted name, names that got a new key). An existing well-formed key is kept
+    as it is, whatever else changes; a missing or malformed one is generated."""
+    keys: dict[str, str] = {}
+    issued: list[str] = []
+    for name in wanted:
+        current = existing.get(name)
+        if current is not None and prefix_of(current) is not None:
+            keys[name] = current
+        else:
+            keys[name] = generate()
+            issued.append(name)
+    return keys, issued
+
+
+def runtime_record_secret(tenant: str, namespace: str, payload: str) -> Manifest:
+    """The runtime's copy of the tenant (contracts/runtime_record.py), in its own namespace."""
+    labels = standard_labels(tenant, "runtime-record")
+    labels[runtime_record.LABEL_RECORD] = runtime_record.RECORD_VERSION
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": runtime_record.secret_name(tenant), "namespace": namespace,
+                     "labels": labels},
+        "type": "Opaque",
+        "data": {runtime_record.DATA_KEY: _b64(payload)},
+    }
+
+
+def login_dsn(credentials: Mapping[str, str]) -> str:
+    """A libpq DSN from a credentials Secret's fields (`host` may carry `:port`); every value
+    quoted by psycopg, so a password never breaks out of its field."""
+    host, _, port = credentials["host"].partition(":")
+    return make_conninfo("", host=host, port=port or "5432", user=credentials["username"],
+                         password=credentials["password"], dbname=credentials["database"])
+
+
+def secret_differs(live: Mapping[str, Any] | None, manifest: Manifest) -> bool:
+    """Whether applying `manifest` would change the live Secret (its data, type or labels)."""
+    if live is None:
+        return True
+    labels = live.get("metadata", {}).get("labels") or {}
+    return ((live.get("data") or {}) != manifest["data"] or live.get("type") != manifest["type"]
+            or any(labels.get(k) != v for k, v in manifest["metadata"]["labels"].items()))

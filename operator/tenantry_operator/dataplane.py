@@ -71,15 +71,20 @@ async def ensure_credentials(ctx: StepContext, name: str, username: str, databas
         password = secrets.token_urlsafe(24)
     secret = builders.credentials_secret(ctx.spec, ctx.namespace, name, username, password,
                                          database_name, host)
-    # The copy first: a crash in between never leaves a Secret that has no copy. The chart
-    # installs the operator's namespace; an operator run by hand may not have one yet.
-    if await ctx.kube.get(Namespace, backup_ns) is None:
-        await ctx.kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {
-            "name": backup_ns, "labels": {LABEL_MANAGED_BY: MANAGER}}})
+    # The copy first: a crash in between never leaves a Secret that has no copy.
+    await ensure_own_namespace(ctx.kube, backup_ns)
     await ctx.kube.apply(builders.credentials_backup(ctx.spec, backup_ns, name,
                                                      secret["stringData"]))
     await ctx.kube.apply(secret)
     return password
+
+
+async def ensure_own_namespace(kube: Kube, name: str) -> None:
+    """The chart installs the operator's and the runtime's namespaces; an operator run by hand
+    may not have them yet."""
+    if await kube.get(Namespace, name) is None:
+        await kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {
+            "name": name, "labels": {LABEL_MANAGED_BY: MANAGER}}})
 
 
 def credentials_lost_message(ctx: StepContext, name: str, backup_name: str, host: str) -> str:
@@ -373,11 +378,16 @@ async def settle_revision(ctx: StepContext) -> int:
     return ctx.config_revision
 
 
-async def ensure_runtime_config(ctx: StepContext) -> Condition:
+async def settled_config(ctx: StepContext) -> tuple[TenantRuntimeConfig, str]:
+    """The runtime config at the settled revision, and its content hash."""
     revision = await settle_revision(ctx)
     config = runtime_config(ctx.spec, ctx.namespace, ctx.provisioned, ctx.settings)
     digest = content_hash(config, limits_of(ctx.spec, revision))
-    config = config.model_copy(update={"revision": revision})
+    return config.model_copy(update={"revision": revision}), digest
+
+
+async def ensure_runtime_config(ctx: StepContext) -> Condition:
+    config, digest = await settled_config(ctx)
     await ctx.kube.apply(builders.runtime_configmap(ctx.namespace, ctx.spec.name,
                                                     config.model_dump_json(indent=2), digest))
     ctx.provisioned["configMap"] = builders.RUNTIME_CONFIGMAP

@@ -13,7 +13,7 @@ from lightkube.resources.core_v1 import Namespace, PersistentVolumeClaim, Secret
 from lightkube.types import PatchType
 from redis.asyncio import Redis
 
-from . import builders, database, dataplane
+from . import api_keys, builders, database, dataplane
 from .kube import Kube, labels_of
 from .names import ANNOTATION_FORCE_FINALIZE, namespace_name, owned_by
 from .quotas import delete_tenant_keys
@@ -125,6 +125,9 @@ async def finalize(body: Mapping[str, Any], kube: Kube, settings: OperatorSettin
                 notes.append(f"skipped {what} ({type(err).__name__}) by"
                              f" {ANNOTATION_FORCE_FINALIZE}")
 
+    # First: the runtime stops serving the tenant (its keys stop working) whatever else waits.
+    await part("removing the runtime's copy of the tenant",
+               lambda: api_keys.forget_tenant(kube, settings, name))
     if settings.redis_url is not None:
         redis_url = settings.redis_url.get_secret_value()
 
@@ -172,6 +175,7 @@ async def finalize(body: Mapping[str, Any], kube: Kube, settings: OperatorSettin
         await kube.delete(Namespace, namespace)
         notes.append(f"deleted namespace {namespace}")
     elif ours:
+        notes.append(await api_keys.wipe_api_keys(kube, name, namespace))
         await _orphan_namespace(kube, namespace)
         kept = f"kept namespace {namespace}"
         if silo:

@@ -8,6 +8,7 @@ from typing import Any
 
 from lightkube.resources.core_v1 import Namespace
 from lightkube.types import PatchType
+from tenantry_runtime.api_keys import ApiKeyRecord
 
 from . import builders
 from .conditions import Condition
@@ -32,6 +33,8 @@ class StepContext:
     database_dsn: str | None = None
     # Revision of the runtime config and Redis limits, settled once per reconcile.
     config_revision: int | None = None
+    # The hashes of the tenant's API keys (never the keys), set by ensure_api_keys.
+    api_keys: tuple[ApiKeyRecord, ...] = ()
 
     @property
     def namespace(self) -> str:

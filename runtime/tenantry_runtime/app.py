@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from .errors import ApiError, error_body, kind_for_status
+from .kube_source import KubeSource
 from .limits import (
     Limiter,
     Settlement,
@@ -369,7 +370,10 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
             runtime.spool.adopt_orphans()
             tasks.append(asyncio.create_task(runtime.spool.keep_replaying(
                 runtime.limiter, settings.spool_replay_seconds)))
-        if settings.tenants_dir is not None:
+        if settings.config_source == "kubernetes":
+            app.state.kube_source = KubeSource(settings.kube_namespace, tenants)
+            tasks.append(asyncio.create_task(app.state.kube_source.run()))
+        elif settings.tenants_dir is not None:
             source = DirectorySource(settings.tenants_dir, tenants)
             source.sync()
             tasks.append(asyncio.create_task(source.watch(settings.config_poll_seconds)))

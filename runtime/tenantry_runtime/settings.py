@@ -10,6 +10,16 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Mounted into every Pod with a service account token: the namespace the Pod runs in.
+_POD_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def _own_namespace() -> str:
+    try:
+        return _POD_NAMESPACE_FILE.read_text().strip() or "tenantry-system"
+    except OSError:
+        return "tenantry-system"
+
 
 class RuntimeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TENANTRY_RUNTIME_", env_nested_delimiter="__")
@@ -20,6 +30,16 @@ class RuntimeSettings(BaseSettings):
     )
     config_poll_seconds: float = Field(
         1.0, gt=0, description="How often the tenants directory is re-read (revocation delay)."
+    )
+
+    # Tenant records from Kubernetes (API keys area): the Secrets the operator writes into the
+    # runtime's own namespace (contracts/runtime_record.py); takes the place of tenants_dir.
+    config_source: Literal["directory", "kubernetes"] = Field(
+        "directory", description="Where tenant records come from: tenants_dir, or Kubernetes."
+    )
+    kube_namespace: str = Field(
+        default_factory=_own_namespace, min_length=1,
+        description="The runtime's namespace (the Pod's own in a cluster): its records only.",
     )
 
     redis_url: SecretStr = Field(

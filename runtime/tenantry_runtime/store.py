@@ -32,11 +32,11 @@ class TenantRecord(BaseModel):
 
     config: TenantRuntimeConfig
     api_keys: tuple[ApiKeyRecord, ...] = ()
-    # Stands in for the dedicated endpoint's Secret until the Secret watch exists.
+    # The dedicated endpoint's key, copied by the operator from the tenant's Secret.
     endpoint_api_key: SecretStr | None = None
-    # Bridge/silo tenants: libpq DSN of the tenant's own login (its database or schema), used
-    # for RAG, conversations and usage rows where its data lives; stands in for its credentials
-    # Secret until the Secret watch exists. Pool tenants use the runtime's shared `database_url`.
+    # Bridge/silo tenants: libpq DSN of the tenant's own login (its database or schema), built
+    # by the operator from its credentials, used for RAG, conversations and usage rows where its
+    # data lives. Pool tenants use the runtime's shared `database_url`.
     database_dsn: SecretStr | None = None
     # Redis unreachable: admit on the per-replica rate-limit share without a budget check
     # (True) or refuse with 503 (False, the default: budgets fail closed).

@@ -1,0 +1,131 @@
+"""Tenant API keys and the runtime's copy of a tenant (docs/api-keys.md).
+
+`ensure_api_keys` keeps one generated key per name of spec.apiKeys in the tenant's Secret
+`tenantry-api-keys` (the only place a key is written); `ensure_runtime_record` writes what the
+runtime serves the tenant from (config, key hashes, endpoint key, login DSN) into one Secret in
+the runtime's namespace (contracts/runtime_record.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from lightkube.resources.core_v1 import Secret
+from pydantic import SecretStr
+from tenantry_runtime.api_keys import generate_key, record_for
+from tenantry_runtime.contracts import runtime_record
+from tenantry_runtime.store import TenantRecord
+
+from . import builders, dataplane
+from .conditions import Condition
+from .kube import ForeignObject, Kube, as_dict, labels_of
+from .names import owned_by
+from .settings import OperatorSettings
+from .steps import StepContext, StepFailed
+
+log = logging.getLogger(__name__)
+
+
+async def live_secret(kube: Kube, namespace: str, name: str) -> dict[str, Any] | None:
+    obj = await kube.get(Secret, name, namespace)
+    return as_dict(obj) if obj is not None else None
+
+
+def decoded(secret: dict[str, Any]) -> dict[str, str]:
+    """A Secret's data as text; an entry that is not base64 UTF-8 text reads as empty."""
+    found: dict[str, str] = {}
+    for key, value in (secret.get("data") or {}).items():
+        try:
+            found[key] = base64.b64decode(value, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            found[key] = ""
+    return found
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
+
+
+async def ensure_api_keys(ctx: StepContext) -> Condition:
+    """Generate a key for each new name; never replace one whose plaintext entry exists."""
+    ns, tenant = ctx.namespace, ctx.spec.name
+    live = await live_secret(ctx.kube, ns, builders.API_KEYS_SECRET)
+    if live is not None and not owned_by(labels_of(live), tenant):
+        # Never read (or hand out) keys from a Secret someone else made.
+        raise ForeignObject("Secret", builders.API_KEYS_SECRET, ns, tenant)
+    keys, issued = builders.issue_api_keys([k.name for k in ctx.spec.api_keys],
+                                           decoded(live) if live else {},
+                                           lambda: generate_key()[0])
+    manifest = builders.api_keys_secret(tenant, ns, keys)
+    if builders.secret_differs(live, manifest):
+        await ctx.kube.apply(manifest)
+    for name in issued:  # the name only: a key is never logged
+        log.info("tenant %s: key %r issued into Secret %s/%s", tenant, name, ns,
+                 builders.API_KEYS_SECRET)
+    ctx.api_keys = tuple(record_for(keys[k.name], k.name, _aware(k.expires_at))
+                         for k in ctx.spec.api_keys)
+    message = f"{len(keys)} key(s) in Secret {ns}/{builders.API_KEYS_SECRET}"
+    return Condition("ApiKeysReady", True, "Issued",
+                     message + (f"; new: {', '.join(issued)}" if issued else ""))
+
+
+async def ensure_runtime_record(ctx: StepContext) -> Condition:
+    """The runtime's copy of the tenant, written only when its content changed."""
+    ns, tenant, runtime_ns = ctx.namespace, ctx.spec.name, ctx.settings.runtime_namespace
+    config, _ = await dataplane.settled_config(ctx)
+    endpoint_key: str | None = None
+    problem: str | None = None
+    ref = ctx.spec.ai.endpoint.secret_ref
+    if config.endpoint.type == "dedicated" and ref is not None:
+        endpoint_key = await dataplane.secret_value(ctx.kube, ns, ref.name, ref.key)
+        if endpoint_key is None:
+            problem = (f"Secret {ns}/{ref.name} (spec.ai.endpoint.secretRef) has no key"
+                       f" {ref.key!r}; the runtime answers the tenant's requests with 503 until"
+                       " it has one")
+    dsn: str | None = None
+    if config.database.credentials_secret:
+        credentials = await live_secret(ctx.kube, ns, config.database.credentials_secret)
+        fields = decoded(credentials) if credentials else {}
+        if all(fields.get(f) for f in ("host", "username", "password", "database")):
+            dsn = builders.login_dsn(fields)
+    record = TenantRecord(config=config, api_keys=ctx.api_keys,
+                          endpoint_api_key=SecretStr(endpoint_key) if endpoint_key else None,
+                          database_dsn=SecretStr(dsn) if dsn else None)
+    manifest = builders.runtime_record_secret(tenant, runtime_ns,
+                                              runtime_record.record_json(record))
+    name = runtime_record.secret_name(tenant)
+    live = await live_secret(ctx.kube, runtime_ns, name)
+    if builders.secret_differs(live, manifest):
+        if live is None:
+            await dataplane.ensure_own_namespace(ctx.kube, runtime_ns)
+        await ctx.kube.apply(manifest)
+    if problem is not None:
+        raise StepFailed(Condition("RuntimeRecordReady", False, "EndpointKeyMissing", problem),
+                         retry_after=15)
+    return Condition("RuntimeRecordReady", True, "Applied",
+                     f"Secret {runtime_ns}/{name}, revision {config.revision},"
+                     f" {len(record.api_keys)} key(s)")
+
+
+async def forget_tenant(kube: Kube, settings: OperatorSettings, tenant: str) -> str:
+    """Deletion: the runtime's copy goes (the runtime stops serving the tenant at once)."""
+    name = runtime_record.secret_name(tenant)
+    live = await live_secret(kube, settings.runtime_namespace, name)
+    if live is None or not owned_by(labels_of(live), tenant):
+        return "no runtime copy to remove"
+    await kube.delete(Secret, name, settings.runtime_namespace)
+    return f"removed the runtime's copy {settings.runtime_namespace}/{name}"
+
+
+async def wipe_api_keys(kube: Kube, tenant: str, namespace: str) -> str:
+    """Retain keeps the namespace: its revoked keys are wiped, so a Tenant created again under
+    this name gets new keys instead of reviving the old ones."""
+    live = await live_secret(kube, namespace, builders.API_KEYS_SECRET)
+    if live is None or not owned_by(labels_of(live), tenant) or not live.get("data"):
+        return "no API keys to wipe"
+    await kube.apply(builders.api_keys_secret(tenant, namespace, {}))
+    return f"wiped the revoked API keys in {namespace}/{builders.API_KEYS_SECRET}"
