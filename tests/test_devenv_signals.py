@@ -81,8 +81,9 @@ def kill_all(procs: dict[ProcessKey, str]) -> None:
 
 @pytest.fixture
 def demo_env(tmp_path: Path) -> dict[str, str]:
+    # Without ANTHROPIC_API_KEY the demo's runtime calls the local stub, never Anthropic.
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("TENANTRY_") and k != "KUBECONFIG"}
+           if not k.startswith(("TENANTRY_", "ANTHROPIC_")) and k != "KUBECONFIG"}
     env.update({
         "TENANTRY_DEV_STATE": str(tmp_path / "state"),
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / p) for p in ("operator", "runtime",
