@@ -339,7 +339,7 @@ def test_two_replicas_elect_a_leader_through_a_lease(helm: list[str]) -> None:
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
          "resourceNames": [name], "verbs": ["get", "update"]},
-        # the copies of generated credentials, deleted with their Tenant
+        # Credential copies, and the runtime records (the runtime namespace is this one here).
         {"apiGroups": [""], "resources": ["secrets"], "verbs": ["delete"]},
     ]
     binding = one(docs, "RoleBinding")
@@ -406,22 +406,31 @@ def test_rendered_manifests_pass_server_dry_run(helm: list[str], control_plane: 
     control_plane.kubectl("label", "namespace", namespace,
                           "pod-security.kubernetes.io/enforce=restricted",
                           "pod-security.kubernetes.io/warn=restricted")
+    # A dry run creates no namespace: the runtime's must exist for the Role the chart puts in
+    # it. A name of this test's own, so no other test (helm install) finds it in its way.
+    runtime_namespace = f"{namespace}-rt"
+    control_plane.kubectl("create", "namespace", runtime_namespace)
     try:
-        docs = render(helm, "-f", str(values_file), release=namespace, namespace=namespace)
+        docs = render(helm, "-f", str(values_file), "--set",
+                      f"runtimeNamespace.name={runtime_namespace}", release=namespace,
+                      namespace=namespace)
         result = control_plane.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-",
                                        input_text=kubectl_input(docs))
         assert "PodSecurity" not in result.stderr, result.stderr
         assert result.stdout.count("serverside-applied (server dry run)") == len(docs)
     finally:
-        control_plane.kubectl("delete", "namespace", namespace, "--wait=false")
+        control_plane.kubectl("delete", "namespace", namespace, runtime_namespace, "--wait=false")
 
 
 def test_service_account_can_do_what_the_operator_does(helm: list[str],
                                                        control_plane: ControlPlane) -> None:
     """Install the RBAC objects for real, then act as the ServiceAccount with server-side apply."""
     namespace = f"chart-{uuid.uuid4().hex[:8]}"
+    runtime_namespace = f"{namespace}-rt"
     control_plane.kubectl("create", "namespace", namespace)
-    docs = render(helm, "-f", str(CHART / "ci" / "default-values.yaml"), release=namespace,
+    control_plane.kubectl("create", "namespace", runtime_namespace)
+    docs = render(helm, "-f", str(CHART / "ci" / "default-values.yaml"), "--set",
+                  f"runtimeNamespace.name={runtime_namespace}", release=namespace,
                   namespace=namespace)
     rbac = [d for d in docs if d["kind"] in {"ServiceAccount", "ClusterRole",
                                              "ClusterRoleBinding", "Role", "RoleBinding"}]
@@ -441,6 +450,9 @@ def test_service_account_can_do_what_the_operator_does(helm: list[str],
         assert can("patch", "persistentvolumeclaims", "-n", "tenant-x")
         assert can("get", "storageclasses.storage.k8s.io")
         assert can("delete", "secrets", "-n", namespace)  # credential copies
+        # The runtime records of deleted tenants (docs/api-keys.md).
+        assert can("delete", "secrets", "-n", runtime_namespace)
+        assert can("patch", "secrets", "-n", runtime_namespace)
         assert not can("delete", "secrets", "-n", "tenant-x")
         assert not can("delete", "tenants.tenantry.dev")
         assert not can("patch", "tenantplans.tenantry.dev")
@@ -448,7 +460,9 @@ def test_service_account_can_do_what_the_operator_does(helm: list[str],
         assert not can("update", "secrets", "-n", "tenant-x")
         assert not can("create", "clusterroles.rbac.authorization.k8s.io")
         # Leader election: its own Lease in the release namespace, nothing else.
-        lease = f"leases.coordination.k8s.io/{one(docs, 'Role')['metadata']['name']}"
+        own_role = [d for d in docs if d["kind"] == "Role"
+                    and d["metadata"]["namespace"] == namespace]
+        lease = f"leases.coordination.k8s.io/{one(own_role, 'Role')['metadata']['name']}"
         assert can("create", "leases.coordination.k8s.io", "-n", namespace)
         assert can("get", lease, "-n", namespace)
         assert can("update", lease, "-n", namespace)
@@ -477,7 +491,8 @@ def test_service_account_can_do_what_the_operator_does(helm: list[str],
     finally:
         control_plane.kubectl("delete", "-f", "-", "--wait=false", input_text=kubectl_input(
             [d for d in rbac if d["kind"] != "ServiceAccount"]), check=False)
-        control_plane.kubectl("delete", "namespace", namespace, "--wait=false")
+        control_plane.kubectl("delete", "namespace", namespace, runtime_namespace,
+                              "--wait=false")
 
 
 @pytest.mark.parametrize(("values_file", "warned"), [

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -68,6 +69,9 @@ class KubeSource:
     connect: Callable[[], AsyncClient] = kube_client
     backoff_seconds: float = 0.5
     backoff_max_seconds: float = 30.0
+    # A watch is restarted (from a fresh list) after this long: a half-open connection to an
+    # API server that vanished would otherwise leave revocations unseen forever.
+    watch_seconds: float = 300.0
     # Lists and watch errors, for /metrics later; `relists` counts 410 Gone and reconnects.
     relists: int = 0
     errors: int = 0
@@ -140,8 +144,10 @@ class KubeSource:
                 try:
                     version = await self.list_once()
                     delay = self.backoff_seconds
-                    await self.watch_from(version)
-                    self.relists += 1  # the watch ended on its own: list again
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.watch_seconds):
+                            await self.watch_from(version)
+                    self.relists += 1  # the watch ended or timed out: list again
                 except asyncio.CancelledError:
                     raise
                 except ApiError as error:
@@ -153,17 +159,22 @@ class KubeSource:
                 except Exception as error:
                     delay = await self._back_off(error, delay)
         finally:
-            if self._client is not None:
-                await self._client.close()
-                self._client = None
+            await self._drop_client()
 
     def _client_now(self) -> AsyncClient:
         if self._client is None:
             self._client = self.connect()
         return self._client
 
+    async def _drop_client(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
+
     async def _back_off(self, error: Exception, delay: float) -> float:
+        """Log, wait, and connect afresh next time (config and token are read again)."""
         self.errors += 1
+        await self._drop_client()
         log.warning("runtime records in namespace %s: %s: %s; keeping the current tenants,"
                     " listing again in %.1fs", self.namespace, type(error).__name__, error, delay)
         await asyncio.sleep(delay)

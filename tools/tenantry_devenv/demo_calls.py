@@ -28,7 +28,6 @@ from tenantry_runtime.contracts.redis_keys import TenantKeys
 from .controlplane import ControlPlane
 
 KEYS_SECRET = "tenantry-api-keys"  # noqa: S105 - the Secret's name (operator's api_keys.py)
-KEY_NAME = "demo"  # spec.apiKeys[].name in examples/tenants.yaml
 MAX_TOKENS = 200
 DOCUMENT_TAG = re.compile(r'<document id="([0-9a-f-]{36})">[^\n]*')
 
@@ -108,12 +107,20 @@ def poll(what: str, attempt: Callable[[], T | None], timeout: float) -> T:
         time.sleep(0.5)
 
 
-def read_key(plane: ControlPlane, tenant: str) -> str:
+def key_name(plane: ControlPlane, tenant: str) -> str:
+    """The first of the Tenant's spec.apiKeys (examples/tenants.yaml declares them)."""
+    names = plane.kubectl("get", "tnt", tenant, "-o", "jsonpath={.spec.apiKeys[*].name}").stdout
+    if not names.split():
+        raise RuntimeError(f"Tenant {tenant} declares no spec.apiKeys")
+    return names.split()[0]
+
+
+def read_key(plane: ControlPlane, tenant: str, name: str) -> str:
     """The tenant's plaintext key from the Secret the operator wrote, as its app reads it."""
     found = plane.kubectl("get", "secret", KEYS_SECRET, "-n", f"tenant-{tenant}", "-o",
-                          f"jsonpath={{.data.{KEY_NAME}}}", check=False)
+                          f"jsonpath={{.data.{name}}}", check=False)
     if found.returncode != 0 or not found.stdout:
-        raise RuntimeError(f"no key {KEY_NAME!r} in Secret tenant-{tenant}/{KEYS_SECRET}:"
+        raise RuntimeError(f"no key {name!r} in Secret tenant-{tenant}/{KEYS_SECRET}:"
                            f" {found.stderr.strip()}")
     return base64.b64decode(found.stdout).decode()
 
@@ -124,9 +131,10 @@ def shown(key: str) -> str:
 
 
 def connect(plane: ControlPlane, tenant: str, runtime_url: str) -> TenantApp:
-    app = TenantApp(tenant, read_key(plane, tenant), runtime_url)
+    name = key_name(plane, tenant)
+    app = TenantApp(tenant, read_key(plane, tenant, name), runtime_url)
     say(f"key {shown(app.key)} read with kubectl from Secret tenant-{tenant}/{KEYS_SECRET}"
-        f" (entry {KEY_NAME!r})")
+        f" (entry {name!r}, spec.apiKeys of the Tenant)")
 
     def model() -> str | None:  # None until the runtime's watch has delivered the key
         try:
