@@ -1,9 +1,10 @@
 """`python -m tenantry_devenv demo` end to end: Tenant YAML -> operator -> keys -> runtime ->
 model (the local stub) -> usage and cost, as `make demo` shows it.
 
-The demo runs as a real subprocess with a temporary state dir and no ANTHROPIC_API_KEY, so the
-local Messages-API stub answers. Its process tree is sampled while it runs (as in
-test_devenv_signals.py) to check that it leaves nothing running when it ends.
+The demo runs as a real subprocess with a temporary state dir: without ANTHROPIC_API_KEY (the
+demo's local Messages-API stub answers), and with one (ANTHROPIC_BASE_URL pointing at the
+test's stub in place of Anthropic). Its process tree is sampled while it runs (as in
+test_devenv_signals.py) to check which servers it started and that none is left when it ends.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from runtime_helpers import UPSTREAM_KEY
+from tenantry_runtime.upstream_stub import StubState
 
 # demo_env: a temporary TENANTRY_DEV_STATE, no TENANTRY_*, KUBECONFIG or ANTHROPIC_* from the
 # caller (so the local stub answers).
@@ -97,3 +100,32 @@ def test_demo_shows_the_whole_path_from_tenant_yaml_to_metered_cost(
     # A normal end stops everything too.
     left = still_running(started)
     assert not left, f"still running after the demo ended: {sorted(left.values())}"
+
+
+@pytest.mark.timeout(900)
+def test_demo_with_anthropic_api_key_calls_that_endpoint_with_that_key(
+        demo_env: dict[str, str],  # noqa: F811 - the fixture imported above
+        tmp_path: Path, upstream_stub: tuple[str, StubState]) -> None:
+    """ANTHROPIC_API_KEY set: no stub is started, the runtime calls the endpoint with that key
+    (here the test's own stub stands in for https://api.anthropic.com via ANTHROPIC_BASE_URL),
+    and the output names it."""
+    url, stub = upstream_stub
+    env = {**demo_env, "ANTHROPIC_API_KEY": UPSTREAM_KEY, "ANTHROPIC_BASE_URL": url}
+    code, out, started = run_demo(env, tmp_path / "demo.out", timeout=840)
+    assert code == 0, out[-6000:]
+    assert "NO model is called" not in out
+    assert (f"==> upstream: the Messages API at {url} (ANTHROPIC_BASE_URL) answers, with your"
+            " ANTHROPIC_API_KEY") in out
+    assert f"the answers came from the Messages API at {url}" in out
+    # Only the operator and the runtime run Python: no stub of the demo's own.
+    assert sum(n.startswith("python") for n in started.values()) == 2, started
+    found = re.search(rf"acme: POST /v1/documents -> id ({UUID})", out)
+    assert found, out
+    # The request with acme's document in its context reached this endpoint, with the key
+    # (the stub refuses any other), and the tenant's key never did.
+    with_document = [r for r in stub.received
+                     if f'<document id="{found.group(1)}">' in str(r.body.get("system"))]
+    assert len(with_document) == 1, [r.body for r in stub.received][-3:]
+    assert with_document[0].headers["x-api-key"] == UPSTREAM_KEY
+    assert re.search(r"acme: messages\.create -> 429 rate_limit_error", out), out
+    assert re.search(r"^  globex\s+total cost 0\.\d+ USD$", out, re.MULTILINE), out

@@ -22,7 +22,7 @@ from tenantry_runtime.contracts import runtime_record
 from tenantry_runtime.contracts.database import APP_ROLE
 
 from .controlplane import REPO_ROOT, ControlPlane, start_control_plane
-from .demo_calls import Upstream, tour
+from .demo_calls import TourFailed, Upstream, tour
 from .processes import Process, StartupError, free_port, log_tail, spawn, wait_until
 from .services import Postgres, Redis, start_postgres, start_redis
 
@@ -56,7 +56,12 @@ def run_demo(workdir: Path, keep: bool = False, timeout: float = 180.0) -> int:
 
         upstream = start_upstream(workdir, started)
         runtime, url = start_runtime(workdir, plane, pg, redis, upstream, started)
-        tour(plane, redis.url, url, upstream, SAMPLE_TENANTS)
+        try:
+            tour(plane, redis.url, url, upstream, SAMPLE_TENANTS)
+        except TourFailed as failed:
+            say(f"\nthe demo failed: {failed}\nupstream: {upstream_name(upstream)}\n"
+                f"runtime log: {runtime.log}\n{log_tail(runtime.log, 20)}")
+            return 1
 
         say(f"\nKUBECONFIG={plane.kubeconfig}\noperator log: {operator.log}\n"
             f"runtime log: {runtime.log}")
@@ -159,9 +164,10 @@ def show_what_the_operator_created(plane: ControlPlane, pg: Postgres, redis: Red
 def start_upstream(workdir: Path, started: list[Stoppable]) -> Upstream:
     """Anthropic when ANTHROPIC_API_KEY is set, else the local stub; the output says which."""
     api_key = os.environ.get("ANTHROPIC_API_KEY", "")
-    if api_key:
-        upstream = Upstream(ANTHROPIC_URL, api_key, recorded=None)
-        say(f"\n==> upstream: Anthropic ({ANTHROPIC_URL}) answers, with your ANTHROPIC_API_KEY"
+    if api_key:  # ANTHROPIC_BASE_URL, as the SDK reads it, for a proxy or a compatible endpoint
+        upstream = Upstream(os.environ.get("ANTHROPIC_BASE_URL") or ANTHROPIC_URL, api_key,
+                            recorded=None)
+        say(f"\n==> upstream: {upstream_name(upstream)} answers, with your ANTHROPIC_API_KEY"
             " (held by the runtime only; the calls below are billed to it)")
         return upstream
     port, recorded = free_port(), workdir / "upstream-requests.jsonl"
@@ -181,6 +187,8 @@ def upstream_name(upstream: Upstream) -> str:
     if upstream.is_stub:
         return ("the local Messages-API stub (python -m tenantry_runtime.upstream_stub,"
                 f" {upstream.url})")
+    if upstream.url != ANTHROPIC_URL:
+        return f"the Messages API at {upstream.url} (ANTHROPIC_BASE_URL)"
     return f"Anthropic ({upstream.url})"
 
 

@@ -266,8 +266,23 @@ def show_usage(app: TenantApp) -> None:
     say(f"  {app.name:<8} total cost {total} {currency}")
 
 
+class TourFailed(RuntimeError):
+    """A step of the tour went wrong; the message says which and what the runtime answered."""
+
+
 def tour(plane: ControlPlane, redis_url: str, runtime_url: str, upstream: Upstream,
          tenants: tuple[str, ...]) -> None:
+    try:
+        calls(plane, redis_url, runtime_url, upstream, tenants)
+    except anthropic.APIStatusError as error:
+        kind, message = error_of(error)
+        raise TourFailed(f"the runtime answered {error.status_code} {kind}: {message}") from None
+    except (anthropic.APIError, RuntimeError, TimeoutError) as error:
+        raise TourFailed(f"{type(error).__name__}: {error}") from None
+
+
+def calls(plane: ControlPlane, redis_url: str, runtime_url: str, upstream: Upstream,
+          tenants: tuple[str, ...]) -> None:
     """Everything a tenant app does, for each sample tenant, then budgets and usage."""
     apps = []
     for tenant in tenants:
