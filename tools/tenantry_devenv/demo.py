@@ -22,7 +22,7 @@ from tenantry_runtime.contracts import runtime_record
 from tenantry_runtime.contracts.database import APP_ROLE
 
 from .controlplane import REPO_ROOT, ControlPlane, start_control_plane
-from .demo_calls import TourFailed, Upstream, tour
+from .demo_calls import TourFailed, Upstream, say, tour
 from .processes import Process, StartupError, free_port, log_tail, spawn, wait_until
 from .services import Postgres, Redis, start_postgres, start_redis
 
@@ -36,10 +36,6 @@ ANTHROPIC_URL = "https://api.anthropic.com"
 
 class Stoppable(Protocol):
     def stop(self) -> None: ...
-
-
-def say(text: str) -> None:
-    print(text, flush=True)  # noqa: T201 - the demo's output is for people
 
 
 def run_demo(workdir: Path, keep: bool = False, timeout: float = 180.0) -> int:

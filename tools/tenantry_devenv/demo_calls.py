@@ -277,7 +277,7 @@ def tour(plane: ControlPlane, redis_url: str, runtime_url: str, upstream: Upstre
     except anthropic.APIStatusError as error:
         kind, message = error_of(error)
         raise TourFailed(f"the runtime answered {error.status_code} {kind}: {message}") from None
-    except (anthropic.APIError, RuntimeError, TimeoutError) as error:
+    except (anthropic.APIError, httpx.HTTPError, RuntimeError, TimeoutError) as error:
         raise TourFailed(f"{type(error).__name__}: {error}") from None
 
 
