@@ -19,11 +19,22 @@ import anthropic
 import psycopg
 import pytest
 from conftest import RUNTIME_NAMESPACE
-from kube_helpers import apply_tenant, condition, delete_tenant, get_json, wait_for, wait_ready
-from runtime_helpers import KubeRuntime
+from kube_helpers import (
+    apply_tenant,
+    condition,
+    delete_tenant,
+    get_json,
+    tenant_status,
+    wait_for,
+    wait_ready,
+)
+from psycopg.conninfo import conninfo_to_dict
+from runtime_helpers import UPSTREAM_KEY, KubeRuntime
 from tenantry_devenv.controlplane import ControlPlane
+from tenantry_devenv.services import Postgres
 from tenantry_runtime.api_keys import prefix_of
 from tenantry_runtime.contracts import runtime_record
+from tenantry_runtime.contracts.database import bridge_role
 
 pytestmark = [pytest.mark.usefixtures("operator"), pytest.mark.timeout(300)]
 
@@ -243,3 +254,56 @@ def test_settled_resync_writes_nothing_and_a_deleted_copy_comes_back(
     wait_for("the runtime to drop the tenant", lambda: runtime.store.get("keyidle") is None, 10)
     wait_served(runtime, key, "keyidle")
     assert keys_of(control_plane, "keyidle")["app"] == key
+
+
+def record_payload(plane: ControlPlane, tenant: str) -> dict[str, Any]:
+    copy = runtime_copy(plane, tenant) or {}
+    payload: dict[str, Any] = json.loads(base64.b64decode(
+        (copy.get("data") or {}).get(runtime_record.DATA_KEY, "e30=")))
+    return payload
+
+
+def test_dedicated_endpoint_key_comes_from_the_tenant_secret(
+        control_plane: ControlPlane, kube_runtime_server: KubeRuntime,
+        upstream_stub: tuple[str, object]) -> None:
+    runtime, (stub_url, _) = kube_runtime_server, upstream_stub
+    create(control_plane, "keyded", [{"name": "app"}], ai={"endpoint": {
+        "type": "dedicated", "url": stub_url, "secretRef": {"name": "model-key"}}})
+    # No endpoint Secret yet: the record is written (keys work), the condition says what is
+    # missing, and the runtime refuses with 503 rather than falling back to the shared endpoint.
+    wait_for("EndpointKeyMissing", lambda: condition(
+        tenant_status(control_plane, "keyded"), "RuntimeRecordReady").get(
+        "reason") == "EndpointKeyMissing", 60)
+    key = keys_of(control_plane, "keyded")["app"]
+    wait_served(runtime, key, "keyded")
+    with pytest.raises(anthropic.InternalServerError) as unconfigured:
+        call(runtime, key)
+    assert unconfigured.value.status_code == 503
+    control_plane.kubectl("create", "secret", "generic", "model-key", "-n", "tenant-keyded",
+                          f"--from-literal=api-key={UPSTREAM_KEY}")
+    wait_ready(control_plane, "keyded")
+    wait_for("the endpoint key in the runtime", lambda: (
+        (rec := runtime.store.get("keyded")) is not None and rec.endpoint_api_key is not None
+        and rec.endpoint_api_key.get_secret_value() == UPSTREAM_KEY), 30)
+    assert call(runtime, key).content
+    # The key is in the runtime's Secret only, never in the tenant's ConfigMap.
+    configmap = json.dumps(get_json(control_plane, "configmap", "tenantry-runtime-config", "-n",
+                                    "tenant-keyded"))
+    assert UPSTREAM_KEY not in configmap
+    delete_tenant(control_plane, "keyded")
+
+
+def test_bridge_tenant_record_carries_a_working_login_dsn(
+        control_plane: ControlPlane, postgres: Postgres) -> None:
+    create(control_plane, "keybridge", [{"name": "app"}], isolation="bridge",
+           deletionPolicy="Delete")
+    wait_ready(control_plane, "keybridge", timeout=90)
+    payload = record_payload(control_plane, "keybridge")
+    assert payload["config"]["database"]["kind"] == "schema"
+    fields = conninfo_to_dict(payload["database_dsn"])
+    assert fields["user"] == bridge_role("keybridge") and fields["dbname"] == "tenantry"
+    # The runtime reaches Postgres by its in-cluster name; here the test server stands in.
+    with psycopg.connect(postgres.dsn("tenantry", user=str(fields["user"]),
+                                      password=str(fields["password"]))) as conn:
+        assert conn.execute("SELECT session_user").fetchone() == (bridge_role("keybridge"),)
+    delete_tenant(control_plane, "keybridge")
