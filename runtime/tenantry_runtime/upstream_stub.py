@@ -5,7 +5,9 @@ It honours max_tokens, stop_sequences and tools (a tool_use block for the first 
 tool), streams SSE event for event as Anthropic does (ping included), and records every
 request it received so tests can assert what reached the model.
 
-Run alone: `python -m tenantry_runtime.upstream_stub --port 8001`.
+Run alone: `python -m tenantry_runtime.upstream_stub --port 8001 [--record FILE]`; with
+--record, each request's path and body (never its headers, which carry the key) is appended to
+FILE as one JSON line, so another process (`make demo`) can show what reached the model.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import itertools
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -46,6 +49,7 @@ class StubState:
     delay_seconds: float = 0.0
     event_delay_seconds: float = 0.0  # between SSE events
     break_stream_after: int | None = None  # drop the connection after this many events
+    record_to: Path | None = None  # append {path, body} per request as JSON lines
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def next_id(self, kind: str) -> str:
@@ -189,6 +193,9 @@ def create_stub_app(state: StubState | None = None) -> Starlette:
             return None, _error(400, "invalid_request_error", "body is not JSON")
         if stub.keep_received:
             stub.received.append(Received(request.url.path, dict(request.headers), body))
+        if stub.record_to is not None:
+            with stub.record_to.open("a") as out:
+                out.write(json.dumps({"path": request.url.path, "body": body}) + "\n")
         if stub.fail_next:
             status = stub.fail_next.pop(0)
             kind = {429: "rate_limit_error", 529: "overloaded_error"}.get(status, "api_error")
@@ -240,8 +247,10 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--api-key", default=None, help="Require this x-api-key.")
+    parser.add_argument("--record", type=Path, default=None,
+                        help="Append each request's path and body to this file (JSON lines).")
     args = parser.parse_args()
-    state = StubState(api_key=args.api_key, keep_received=False)
+    state = StubState(api_key=args.api_key, keep_received=False, record_to=args.record)
     uvicorn.run(create_stub_app(state), host=args.host, port=args.port, log_level="warning",
                 access_log=False)
 
