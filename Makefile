@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make test          - install everything, build/reuse the control plane, run all tests"
 	@echo "make demo          - control plane, Postgres, Redis, operator, runtime; two tenants call it"
-	@echo "make lint          - ruff and mypy --strict"
+	@echo "make lint          - ruff and mypy --strict (operator, runtime, devenv)"
 	@echo "make cluster-up    - start a local control plane (KUBECONFIG printed); cluster-down stops it"
 	@echo "make bench         - retrieval benchmark (see bench/README.md)"
 

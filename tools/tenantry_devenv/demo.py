@@ -19,7 +19,7 @@ import psycopg
 import redis as redis_client
 from psycopg import sql
 from tenantry_runtime.contracts import runtime_record
-from tenantry_runtime.contracts.database import APP_ROLE
+from tenantry_runtime.contracts.database import APP_ROLE, bridge_schema
 
 from .controlplane import REPO_ROOT, ControlPlane, start_control_plane
 from .demo_calls import TourFailed, Upstream, say, tour
@@ -142,9 +142,11 @@ def show_what_the_operator_created(plane: ControlPlane, pg: Postgres, redis: Red
         for row in conn.execute("SELECT tenant_id, isolation, state FROM tenantry.tenants"
                                 " ORDER BY tenant_id"):
             say(f"  {row[0]:<10} {row[1]:<7} {row[2]}")
-        for (schema,) in conn.execute("SELECT nspname FROM pg_namespace WHERE nspname"
-                                      " LIKE 'tenant%' ORDER BY 1"):
-            say(f"  schema {schema}")
+        # Bridge schemas have opaque names (a listing names no tenant): look each one up.
+        for tenant in SAMPLE_TENANTS:
+            schema = bridge_schema(tenant)
+            if conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone():
+                say(f"  schema {schema} ({tenant}'s bridge schema)")
     limits = redis_client.Redis.from_url(redis.url, decode_responses=True)
     for key in sorted(limits.scan_iter(match="tenantry:v1:*")):
         say(f"redis {key}: {limits.hgetall(key)}")
