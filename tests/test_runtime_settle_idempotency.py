@@ -64,7 +64,10 @@ async def test_a_second_settlement_of_a_request_id_changes_nothing(
     after_first = (await charged(client, "idemtwice"), await client.get(gcra))
     assert after_first[0] == (100, 100, 0, 1)
     assert await limiter.settle(settlement) == ALREADY_SETTLED
-    assert (await charged(client, "idemtwice"), await client.get(gcra)) == after_first
+    assert await charged(client, "idemtwice") == after_first[0]
+    # The tokens/min state expires once idle (it may be gone by now); the second settlement
+    # neither refunds into it nor recreates it.
+    assert await client.get(gcra) in (None, after_first[1])
     marker = settlement.keys[-1]
     assert marker.startswith("tenantry:v1:{idemtwice}:")  # the tenant's hash slot
     assert 0 < await client.ttl(marker) <= SETTLED_MARKER_TTL_SECONDS
