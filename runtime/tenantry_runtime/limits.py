@@ -112,32 +112,30 @@ def _period_ends(day: int) -> tuple[datetime, datetime]:
             datetime(start.year, start.month, last, tzinfo=UTC) + timedelta(days=1))
 
 
+# Refusals that only wait out a limit: the client's message, with retry-after from the script.
+_RATE_REFUSALS = {
+    Verdict.REQUESTS_PER_MINUTE: "Requests per minute limit reached.",
+    Verdict.TOKENS_PER_MINUTE: "Tokens per minute limit reached.",
+    Verdict.DAILY_BUDGET: "Daily token budget exhausted.",
+    Verdict.MONTHLY_BUDGET: "Monthly token budget exhausted.",
+}
+
+
 def refusal(verdict: Verdict, retry_after_ms: int) -> ApiError | None:
     """Pure: the client's error for a verdict (None when admitted)."""
-    retry = retry_after_ms / 1000
+    if verdict in _RATE_REFUSALS:
+        return ApiError("rate_limit_error", _RATE_REFUSALS[verdict],
+                        retry_after=retry_after_ms / 1000)
     match verdict:
-        case Verdict.ADMITTED:
-            return None
         case Verdict.SUSPENDED:
             return ApiError("permission_error", "This tenant is suspended.")
         case Verdict.NOT_PROVISIONED:
             return ApiError("api_error", "This tenant's limits are not provisioned yet.",
                             status=503, retry_after=5)
-        case Verdict.REQUESTS_PER_MINUTE:
-            return ApiError("rate_limit_error", "Requests per minute limit reached.",
-                            retry_after=retry)
-        case Verdict.TOKENS_PER_MINUTE:
-            return ApiError("rate_limit_error", "Tokens per minute limit reached.",
-                            retry_after=retry)
-        case Verdict.DAILY_BUDGET:
-            return ApiError("rate_limit_error", "Daily token budget exhausted.",
-                            retry_after=retry)
-        case Verdict.MONTHLY_BUDGET:
-            return ApiError("rate_limit_error", "Monthly token budget exhausted.",
-                            retry_after=retry)
         case Verdict.RESERVATION_OVER_TOKENS_PER_MINUTE:
             return ApiError("invalid_request_error",
                             "max_tokens plus the input exceeds this tenant's tokens per minute.")
+    return None  # ADMITTED
 
 
 @dataclass(frozen=True)
