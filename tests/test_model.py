@@ -106,9 +106,11 @@ def test_the_plan_tier_and_budget_fail_open_reach_the_runtime_record() -> None:
         tiers[name] = record.plan_tier
         assert record.budget_fail_open is False  # no example plan takes that risk
     assert tiers == {"free": 0, "pro": 1, "enterprise": 2}
-    risky = effective_spec("acme", "u", 1, tenant, _plan(tier=7, budgets={"failOpen": True}))
+    risky = effective_spec("acme", "u", 1, tenant, _plan(tier=7, budgets={"failOpen": True},
+                                                          maxConcurrentRequests=5))
     payload = json.loads(runtime_record.record_json(tenant_record(risky, config, (), None, None)))
     assert (payload["plan_tier"], payload["budget_fail_open"]) == (7, True)
+    assert payload["max_concurrent_requests"] == 5
     # The runtime's store reads the same payload back.
     assert TenantRecord.model_validate(payload).plan_tier == 7
 

@@ -8,6 +8,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import httpx
@@ -534,6 +535,32 @@ async def test_one_tenants_burst_is_capped_and_another_tenant_is_still_served(
     limited = [o for o in outcomes if isinstance(o, anthropic.RateLimitError)]
     assert len(limited) == 5 and "concurrent" in limited[0].message
     assert len([o for o in outcomes if isinstance(o, anthropic.types.Message)]) == 3
+
+
+async def test_the_plans_concurrency_cap_overrides_the_runtime_default_for_its_tenants(
+        runtime_server: RuntimeServer) -> None:
+    # The runtime's own default is 1000 in flight per tenant; the capped tenant's plan says 2.
+    capped = runtime_server.add_tenant("plancapped")["main"]
+    runtime_server.write(runtime_server.record("plancapped").model_copy(
+        update={"max_concurrent_requests": 2}))
+    roomy = runtime_server.add_tenant("planroomy")["main"]
+
+    def client(key: str) -> anthropic.AsyncAnthropic:
+        return anthropic.AsyncAnthropic(base_url=runtime_server.url, api_key=key, max_retries=0)
+
+    async def burst(key: str) -> list[Any]:
+        return await asyncio.gather(*(client(key).messages.create(
+            model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+            for _ in range(5)), return_exceptions=True)
+
+    runtime_server.stub.delay_seconds = 1.0
+    try:
+        capped_outcomes, roomy_outcomes = await asyncio.gather(burst(capped), burst(roomy))
+    finally:
+        runtime_server.stub.delay_seconds = 0.0
+    limited = [o for o in capped_outcomes if isinstance(o, anthropic.RateLimitError)]
+    assert len(limited) == 3 and "concurrent" in limited[0].message
+    assert all(isinstance(o, anthropic.types.Message) for o in roomy_outcomes)
 
 
 def test_images_reach_the_model_byte_for_byte(runtime_server: RuntimeServer) -> None:

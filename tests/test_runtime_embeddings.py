@@ -186,8 +186,34 @@ def test_redacts_other_tenants_names_and_document_ids_but_not_the_callers() -> N
                                    {"type": "tool_use", "input": {"q": "globex"}}]}).encode()
     redacted = json.loads(sanitizer.redact_message(body, "acme", "req_2"))
     assert redacted["content"][0]["text"] == f"ask {REDACTED}"
+    assert redacted["content"][1]["input"] == {"q": REDACTED}
     clean = b'{"content": [{"type": "text", "text": "nothing here"}]}'
     assert sanitizer.redact_message(clean, "acme", "req_3") is clean
+
+
+def test_a_streamed_tool_input_is_held_and_redacted_as_one_delta() -> None:
+    sanitizer = sanitizer_for("acme", "globex")
+    tool = {"name": "lookup", "input_schema": {"type": "object", "properties": {
+        "query": {"type": "string"}}, "required": ["query"]}}
+    message = answer({"model": "m", "max_tokens": 50, "tools": [tool], "messages": [
+        {"role": "user", "content": "find the globex contract and globex's owner"}]}, StubState())
+    events = stream_events(message)
+    pieces = [e for e in events if b"input_json_delta" in e]
+    assert len(pieces) > 2  # the stub sends the input in 16-character pieces
+    rewriter = StreamRewriter(sanitizer, "acme", "req_tool")
+    out = b"".join(rewriter.feed(e) for e in events) + rewriter.flush()
+    deltas = [json.loads(line[5:]) for line in out.split(b"\n")
+              if line.startswith(b"data:") and b"input_json_delta" in line]
+    assert len(deltas) == 1
+    assert json.loads(deltas[0]["delta"]["partial_json"]) == {
+        "query": f"find the {REDACTED} contract and {REDACTED}'s owner"}
+    # It comes right before its block's stop, at the same index.
+    at = out.index(b"input_json_delta")
+    assert out.index(b"content_block_stop", at) > at
+    assert b"event: message_stop" in out
+    # Without sanitizing, a tool input streams as the upstream sent it.
+    plain = StreamRewriter(None, "acme", "req_raw")
+    assert b"".join(plain.feed(e) for e in events) == b"".join(events)
 
 
 def test_a_name_split_across_stream_deltas_is_redacted() -> None:

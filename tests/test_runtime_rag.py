@@ -311,6 +311,21 @@ def test_other_tenants_names_and_document_ids_are_redacted_from_answers(world: W
         assert stream.get_final_text() == expected
     assert sanitizer.redactions["tenant_name"] == before.get("tenant_name", 0) + 2
     assert sanitizer.redactions["document_id"] == before.get("document_id", 0) + 2
+    # A tool call's input is redacted the same way, whole or streamed.
+    tools = [{"name": "lookup", "description": "Look up a record.", "input_schema": {
+        "type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}]
+    asked = client.messages.create(model=MODEL, max_tokens=64, tools=tools,
+                                   extra_headers={"tenantry-rag": "off"},
+                                   messages=[{"role": "user", "content": question}])
+    redacted_question = f"Tell {world.a} about {REDACTED} and document {REDACTED} please"
+    assert [b.input for b in asked.content if b.type == "tool_use"] == [
+        {"query": redacted_question}]
+    with client.messages.stream(model=MODEL, max_tokens=64, tools=tools,
+                                extra_headers={"tenantry-rag": "off"},
+                                messages=[{"role": "user", "content": question}]) as stream:
+        final = stream.get_final_message()
+    assert [b.input for b in final.content if b.type == "tool_use"] == [
+        {"query": redacted_question}]
     # The tenant's own document id is never redacted.
     mine = world.add_document(world.a, "My own document.")
     own = client.messages.create(model=MODEL, max_tokens=64, extra_headers={

@@ -248,7 +248,8 @@ def issue_api_keys(wanted: Iterable[str], existing: Mapping[str, str],
 
 def plan_settings(spec: EffectiveSpec) -> dict[str, Any]:
     """The plan's settings the runtime reads from the tenant record (not the config contract)."""
-    return {"plan_tier": spec.ai.plan_tier, "budget_fail_open": spec.ai.budget_fail_open}
+    return {"plan_tier": spec.ai.plan_tier, "budget_fail_open": spec.ai.budget_fail_open,
+            "max_concurrent_requests": spec.ai.max_concurrent_requests}
 
 
 def tenant_record(spec: EffectiveSpec, config: TenantRuntimeConfig,

@@ -137,6 +137,8 @@ class PlanSpec(_Camel):
     model: str
     # Admission priority under saturation (0-100, higher first).
     tier: int = Field(0, ge=0, le=100)
+    # In-flight requests per tenant per runtime replica; None: the runtime's default.
+    max_concurrent_requests: int | None = Field(None, alias="maxConcurrentRequests", ge=1)
     max_tokens_per_request: int = Field(4096, alias="maxTokensPerRequest")
     budgets: PlanBudgets = PlanBudgets()
     rate_limits: PlanRateLimits = Field(PlanRateLimits(), alias="rateLimits")
@@ -158,6 +160,7 @@ class EffectiveAi(BaseModel):
     # From the plan only: the runtime record's `plan_tier` and `budget_fail_open`.
     plan_tier: int = 0
     budget_fail_open: bool = False
+    max_concurrent_requests: int | None = None
 
 
 class EffectiveSpec(BaseModel):
@@ -222,6 +225,7 @@ def effective_spec(
             ),
             plan_tier=plan.tier,
             budget_fail_open=plan.budgets.fail_open,
+            max_concurrent_requests=plan.max_concurrent_requests,
         ),
         rag=tenant.rag,
         database=tenant.database,

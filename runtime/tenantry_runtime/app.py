@@ -226,7 +226,8 @@ async def admit(runtime: Runtime, caller: Caller, request_id: str, model: str, r
     endpoint = endpoint_for(caller.record, runtime.settings)
     tenant = caller.config.tenant
     # A tenant's share of this replica: one tenant's burst cannot take every connection.
-    if runtime.in_flight[tenant] >= runtime.settings.max_concurrent_per_tenant:
+    cap = caller.record.max_concurrent_requests or runtime.settings.max_concurrent_per_tenant
+    if runtime.in_flight[tenant] >= cap:
         runtime.metrics.rejected(tenant, "concurrency", 429)
         raise ApiError("rate_limit_error", "Too many concurrent requests for this tenant.",
                        retry_after=1)

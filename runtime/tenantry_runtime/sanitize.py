@@ -9,8 +9,11 @@ as a security event and counted in `Sanitizer.redactions[kind]` (kind `tenant_na
 Where: the text blocks of a non-streaming answer; in a stream, the `text_delta`s. A name or id
 split across two deltas is caught: the tail of a delta that could begin one (a prefix of
 another tenant's name, or of a known foreign id) is held back and sent with the next delta
-or, at `content_block_stop`, on its own. Tool-use inputs and thinking blocks are not
-rewritten.
+or, at `content_block_stop`, on its own. Tool-use inputs are redacted value by value (keys and
+strings of the parsed JSON): in a stream, a tool_use block's `input_json_delta`s are held and
+sent as one delta, redacted, just before its `content_block_stop` (the SDK's accumulated
+`input` is the same; only its granularity changes, and only while sanitizing is on). Thinking
+blocks are not rewritten (their signature covers them).
 """
 
 from __future__ import annotations
@@ -156,6 +159,28 @@ class Sanitizer:
             at += 1
         return len(tail) <= 36 and self.documents.foreign_prefix(tail, tenant)
 
+    def redact_value(self, value: Any, tenant: str, request_id: str) -> Any:
+        """A parsed JSON value with every string (object keys too) redacted."""
+        if isinstance(value, str):
+            return self.redact(value, tenant, request_id)
+        if isinstance(value, list):
+            return [self.redact_value(item, tenant, request_id) for item in value]
+        if isinstance(value, dict):
+            return {self.redact(key, tenant, request_id): self.redact_value(item, tenant,
+                                                                             request_id)
+                    for key, item in value.items()}
+        return value
+
+    def redact_tool_input(self, partial_json: str, tenant: str, request_id: str) -> str:
+        """A tool call's whole input JSON, redacted; as plain text when it does not parse."""
+        if not self.redacted(partial_json, tenant)[1]:
+            return partial_json
+        try:
+            parsed = json.loads(partial_json)
+        except ValueError:
+            return self.redact(partial_json, tenant, request_id)
+        return json.dumps(self.redact_value(parsed, tenant, request_id))
+
     def redact_message(self, body: bytes, tenant: str, request_id: str) -> bytes:
         """A non-streaming answer with its text blocks redacted (bytes kept when clean)."""
         try:
@@ -170,11 +195,16 @@ class Sanitizer:
             return body
         changed = False
         for block in message.get("content") or [] if isinstance(message, dict) else []:
-            if isinstance(block, dict) and block.get("type") == "text" and isinstance(
-                    block.get("text"), str):
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "text" and isinstance(block.get("text"), str):
                 clean = self.redact(block["text"], tenant, request_id)
                 changed = changed or clean != block["text"]
                 block["text"] = clean
+            elif block.get("type") == "tool_use" and "input" in block:
+                clean_input = self.redact_value(block["input"], tenant, request_id)
+                changed = changed or clean_input != block["input"]
+                block["input"] = clean_input
         return json.dumps(message).encode() if changed else body
 
 
@@ -196,6 +226,8 @@ class StreamRewriter:
     completed: bool = False
     _buffer: bytes = b""
     _pending: dict[int, str] = field(default_factory=dict)
+    # Tool-use input per block index, held until the block stops (see the module's doc).
+    _tool_json: dict[int, list[str]] = field(default_factory=dict)
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._buffer + chunk
@@ -209,9 +241,18 @@ class StreamRewriter:
     def _event(self, raw: bytes) -> bytes:
         if b"content_block_delta" in raw and b'"text_delta"' in raw:
             return self._text_delta(raw)
+        if (self.sanitizer is not None and b"content_block_delta" in raw
+                and b'"input_json_delta"' in raw):
+            return self._hold_tool_json(raw)
         if b"content_block_stop" in raw:
             data = self._data(raw)
             index = data.get("index") if data else None
+            if isinstance(index, int) and index in self._tool_json and self.sanitizer:
+                held = "".join(self._tool_json.pop(index))
+                clean = self.sanitizer.redact_tool_input(held, self.tenant, self.request_id)
+                return _sse("content_block_delta", {
+                    "type": "content_block_delta", "index": index,
+                    "delta": {"type": "input_json_delta", "partial_json": clean}}) + raw
             if isinstance(index, int) and self._pending.get(index):
                 text = self._clean(self._pending.pop(index))
                 self.texts.setdefault(index, []).append(text)
@@ -241,6 +282,16 @@ class StreamRewriter:
         if text == original:
             return raw
         return self._delta(index, text) if text else b""
+
+    def _hold_tool_json(self, raw: bytes) -> bytes:
+        data = self._data(raw)
+        delta = data.get("delta") if data else None
+        index = data.get("index") if data else None
+        if not isinstance(delta, dict) or not isinstance(index, int) or not isinstance(
+                delta.get("partial_json"), str):
+            return raw
+        self._tool_json.setdefault(index, []).append(delta["partial_json"])
+        return b""
 
     def _clean(self, text: str) -> str:
         if self.sanitizer is None:

@@ -43,6 +43,9 @@ class TenantRecord(BaseModel):
     budget_fail_open: bool = False
     # Under saturation higher tiers are admitted first (e.g. free 0, pro 1, enterprise 2).
     plan_tier: int = Field(0, ge=0, le=100)
+    # The plan's cap on this tenant's requests in flight per replica (None: the runtime's
+    # `max_concurrent_per_tenant`).
+    max_concurrent_requests: int | None = Field(None, ge=1)
 
 
 class Outcome(StrEnum):
