@@ -323,13 +323,16 @@ def test_plan_tier_and_budget_fail_open_reach_the_runtime_and_follow_a_plan_edit
     record = runtime.store.get("keytier")
     assert record is not None
     assert (record.plan_tier, record.budget_fail_open) == (3, False)
+    assert record.max_concurrent_requests is None  # the runtime's own default applies
     revision = record.config.revision
     # A TenantPlan edit (no new Tenant generation) reaches the runtime at a grown revision.
-    plan["spec"] = {"model": MODEL, "tier": 5, "budgets": {"failOpen": True}}
+    plan["spec"] = {"model": MODEL, "tier": 5, "budgets": {"failOpen": True},
+                    "maxConcurrentRequests": 7}
     control_plane.kubectl("apply", "-f", "-", input_text=json.dumps(plan))
     wait_for("the plan edit in the runtime", lambda: (
         (rec := runtime.store.get("keytier")) is not None
-        and (rec.plan_tier, rec.budget_fail_open) == (5, True)), 30)
+        and (rec.plan_tier, rec.budget_fail_open, rec.max_concurrent_requests) == (5, True, 7)),
+        30)
     updated = runtime.store.get("keytier")
     assert updated is not None and updated.config.revision > revision
     delete_tenant(control_plane, "keytier")
