@@ -1,0 +1,107 @@
+"""Billing's pure parts: money and rounding, the versioned price table, plan terms."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+from tenantry_runtime.billing import (
+    BillingTerms,
+    Money,
+    load_price_book,
+    minor_unit,
+    round_line,
+)
+from tenantry_runtime.limits import Usage
+
+BOOK = """{"currency": "USD", "unit": "per million tokens", "source": "test",
+ "versions": [
+  {"version": "v1", "effective_from": "2026-01-01T00:00:00Z",
+   "models": {"m": {"input": "1", "output": "2", "cache_write": "1.25", "cache_read": "0.1"}}},
+  {"version": "v2", "effective_from": "2026-11-15T12:00:00Z",
+   "models": {"m": {"input": "3", "output": "4", "cache_write": "3.75", "cache_read": "0.3"}}}
+ ]}"""
+
+
+def test_round_half_even_to_the_minor_unit() -> None:
+    assert round_line(Decimal("0.125"), "USD") == Decimal("0.12")
+    assert round_line(Decimal("0.135"), "USD") == Decimal("0.14")
+    assert round_line(Decimal("0.5"), "JPY") == Decimal("0")
+    assert round_line(Decimal("1.5"), "JPY") == Decimal("2")
+    assert round_line(Decimal("0.0005"), "KWD") == Decimal("0.000")
+    assert minor_unit("EUR") == Decimal("0.01")
+
+
+def test_money_refuses_floats_and_mixed_currencies() -> None:
+    with pytest.raises(TypeError):
+        Money(0.1, "USD")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="cannot add"):
+        _ = Money(Decimal(1), "USD") + Money(Decimal(1), "EUR")
+    total = Money(Decimal("0.1"), "USD") + Money(Decimal("0.2"), "USD")
+    assert total.amount == Decimal("0.3") and str(total.rounded()) == "0.30 USD"
+
+
+def test_a_price_change_applies_from_its_effective_date_never_before(tmp_path: Path) -> None:
+    path = tmp_path / "prices.json"
+    path.write_text(BOOK)
+    book = load_price_book(path)
+    usage = Usage(input_tokens=1_000_000, output_tokens=1_000_000)
+    before = datetime(2026, 11, 15, 11, 59, 59, 999999, tzinfo=UTC)
+    after = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
+    assert book.cost("m", usage, before) == (Decimal(3), "v1")
+    assert book.cost("m", usage, after) == (Decimal(7), "v2")
+    # Before the first version nothing is priced (no price is applied backwards).
+    assert book.cost("m", usage, datetime(2025, 12, 31, tzinfo=UTC)) == (None, None)
+    assert book.cost("other", usage, after) == (None, "v2")
+    assert book.latest().version == "v2"
+
+
+def test_cost_is_exact_for_odd_token_counts(tmp_path: Path) -> None:
+    path = tmp_path / "prices.json"
+    path.write_text(BOOK)
+    table = load_price_book(path).at(datetime(2026, 2, 1, tzinfo=UTC))
+    assert table is not None
+    cost = table.cost("m", Usage(input_tokens=1, output_tokens=3, cache_creation_input_tokens=7,
+                                 cache_read_input_tokens=11))
+    # 1*1 + 3*2 + 7*1.25 + 11*0.1 = 16.85 per million
+    assert cost == Decimal("0.00001685")
+
+
+def test_a_book_out_of_order_or_with_duplicate_names_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "prices.json"
+    path.write_text(BOOK.replace("2026-11-15T12:00:00Z", "2025-01-01T00:00:00Z"))
+    with pytest.raises(ValidationError, match="increasing effective_from"):
+        load_price_book(path)
+    path.write_text(BOOK.replace('"v2"', '"v1"'))
+    with pytest.raises(ValidationError, match="unique"):
+        load_price_book(path)
+    path.write_text(BOOK.replace("2026-01-01T00:00:00Z", "2026-01-01T00:00:00"))
+    with pytest.raises(ValidationError):
+        load_price_book(path)  # a naive date is ambiguous
+
+
+def test_the_shipped_book_prices_every_model_it_names() -> None:
+    book = load_price_book()
+    table = book.latest()
+    assert book.currency == "USD" and table.models["claude-stub-1"].input == Decimal("1.00")
+
+
+@pytest.mark.parametrize(("billing", "mode"), [
+    ({}, "usage-list"),
+    ({"includedMonthlyTokens": 1000, "overagePricePerMillionTokens": "3.00"}, "allowance+overage"),
+    ({"overagePricePerMillionTokens": "2.5"}, "usage-flat"),
+    ({"includedMonthlyTokens": 1000}, "allowance+list"),
+])
+def test_plan_billing_maps_to_one_of_the_ways_to_sell(billing: dict[str, object],
+                                                      mode: str) -> None:
+    assert BillingTerms.from_plan(billing).mode == mode
+
+
+def test_terms_refuse_a_bad_rate() -> None:
+    with pytest.raises(ValueError, match="not a decimal"):
+        BillingTerms.from_plan({"overagePricePerMillionTokens": "abc"})
+    with pytest.raises(ValidationError):
+        BillingTerms.from_plan({"overagePricePerMillionTokens": "-1"})
