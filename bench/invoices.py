@@ -36,7 +36,7 @@ from tenantry_runtime.contracts.database import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from billing_helpers import generate_month, recompute, terms_for  # noqa: E402
+from billing_helpers import generate_month, recompute, terms_for
 
 MONTH = date(2026, 10, 1)
 
