@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -14,6 +14,13 @@ from tenantry_runtime.billing import (
     load_price_book,
     minor_unit,
     round_line,
+)
+from tenantry_runtime.billing.invoice import (
+    Allowance,
+    InvoiceError,
+    ModelUsage,
+    build_invoice,
+    parse_month,
 )
 from tenantry_runtime.limits import Usage
 
@@ -105,3 +112,55 @@ def test_terms_refuse_a_bad_rate() -> None:
         BillingTerms.from_plan({"overagePricePerMillionTokens": "abc"})
     with pytest.raises(ValidationError):
         BillingTerms.from_plan({"overagePricePerMillionTokens": "-1"})
+
+
+# --- invoices (pure) ----------------------------------------------------------------------------
+
+
+def _usage(model: str, tokens: int, cost: str, requests: int = 1) -> ModelUsage:
+    return ModelUsage(model=model, requests=requests, input_tokens=tokens,
+                      list_cost=Decimal(cost), currency="USD")
+
+
+def test_allowance_and_overage_charges_tokens_beyond_the_allowance_at_the_plan_rate() -> None:
+    terms = BillingTerms.from_plan({"includedMonthlyTokens": 1_000_000,
+                                    "overagePricePerMillionTokens": "3.00"})
+    invoice = build_invoice("t", date(2026, 11, 1), [
+        _usage("b", 2_000_000, "6.00"), _usage("a", 1_500_000, "1.50")], terms)
+    assert invoice.allowance == Allowance(1_000_000, 1_000_000, 2_500_000)
+    assert [(x.kind, x.model, x.amount) for x in invoice.lines] == [
+        ("usage", "a", Decimal(0)), ("usage", "b", Decimal(0)),
+        ("overage", None, Decimal("7.50"))]
+    assert invoice.total == Decimal("7.50") and invoice.mode == "allowance+overage"
+
+
+def test_pure_usage_at_list_prices_rounds_each_line_once_half_even() -> None:
+    invoice = build_invoice("t", date(2026, 11, 1), [
+        _usage("a", 10, "0.125"), _usage("b", 10, "0.135"), _usage("c", 10, "0.0049999")],
+        BillingTerms())
+    assert [x.amount for x in invoice.lines] == [Decimal("0.12"), Decimal("0.14"),
+                                                 Decimal("0.00")]
+    # The total is the sum of the rounded lines (0.26), not the rounded sum (0.2649999 -> 0.26
+    # here by chance; the lines are what the customer sees add up).
+    assert invoice.total == Decimal("0.26")
+
+
+def test_an_allowance_with_list_price_overage_covers_every_model_pro_rata() -> None:
+    terms = BillingTerms.from_plan({"includedMonthlyTokens": 300})
+    invoice = build_invoice("t", date(2026, 11, 1), [
+        _usage("a", 100, "1.00"), _usage("b", 300, "3.00")], terms)
+    # 400 tokens, 300 included: a quarter of each model's list cost is charged.
+    assert [x.amount for x in invoice.lines] == [Decimal("0.25"), Decimal("0.75")]
+
+
+def test_list_prices_in_another_currency_are_refused() -> None:
+    with pytest.raises(InvoiceError, match="priced in USD, the plan bills in EUR"):
+        build_invoice("t", date(2026, 11, 1), [_usage("a", 1, "1")],
+                      BillingTerms(currency="EUR"))
+
+
+def test_months_parse_strictly() -> None:
+    assert parse_month("2026-11") == date(2026, 11, 1)
+    for bad in ("2026-13", "2026-1", "26-11", "november"):
+        with pytest.raises(ValueError, match="YYYY-MM"):
+            parse_month(bad)
