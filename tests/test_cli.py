@@ -108,6 +108,8 @@ def test_invoice_draft_close_frozen_and_refusals(capsys: pytest.CaptureFixture[s
     assert json.loads(out) == closed  # idempotent: the frozen invoice comes back
     code, out, _ = run(capsys, "invoice", "--tenant", tenant, "--month", month)
     assert code == 0 and "(closed, closed " in out and "TOTAL 0.00 USD" in out
+    code, out, _ = run(capsys, "invoice", "--all", "--month", month, "-o", "json")
+    assert code == 0 and next(i for i in json.loads(out) if i["tenant"] == tenant) == closed
     code, _, err = run(capsys, "invoice", "--tenant", tenant,
                        "--month", THIS_MONTH.strftime("%Y-%m"), "--close")
     assert code == 6 and "close it after that" in err
