@@ -127,6 +127,9 @@ def test_keys_list_shows_metadata_and_last_use_never_a_key(
     assert set(keys) == {"web", "old"}
     assert keys["old"]["state"] == "expired" and keys["web"]["state"] == "active"
     assert keys["web"]["last_used"] is not None and keys["old"]["last_used"] is None
+    # Issued by the operator's reconcile of this module's tenant, minutes ago at most.
+    created = datetime.fromisoformat(keys["web"]["created"])
+    assert NOW - timedelta(minutes=10) < created <= datetime.now(UTC)
     secret = get_json(control_plane, "secret", "tenantry-api-keys", "-n", f"tenant-{tenant}")
     assert secret is not None
     plaintext = [base64.b64decode(v).decode() for v in secret["data"].values()]

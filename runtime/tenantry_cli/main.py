@@ -174,14 +174,20 @@ def cmd_keys(src: Sources, args: argparse.Namespace) -> Listing:
     declared = {k.get("name"): k for k in view.spec.get("apiKeys") or []}
     used = _last_used(src, view)
     now = datetime.now(UTC)
+    def created(name: str, prefix: str) -> str | None:
+        seen = view.keys_issued.get(name)
+        same = isinstance(seen, dict) and seen.get("prefix") == prefix
+        return str(seen["at"]) if same and isinstance(seen, dict) else None
+
     rows = [{"name": key.name, "prefix": f"sk-tnt-{key.prefix}-...",
+             "created": created(key.name, key.prefix),
              "expires_at": key.expires_at.isoformat() if key.expires_at else None,
              "state": "expired" if key.expires_at and key.expires_at <= now else "active",
              "last_used": used[key.name].isoformat() if key.name in used else None,
              "declared": key.name in declared}
             for key in sorted(record.api_keys, key=lambda k: k.name)]
     return {"tenant": view.name, "keys": rows}, rows, [
-        "name", "prefix", "state", "expires_at", "last_used"]
+        "name", "prefix", "state", "created", "expires_at", "last_used"]
 
 
 def cmd_tenants(src: Sources, args: argparse.Namespace
@@ -273,9 +279,10 @@ def parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="API keys (metadata only, never a key)")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     keys_list = keys_commands.add_parser(
-        "list", formatter_class=formatter, help="names, prefixes, expiry, last use",
+        "list", formatter_class=formatter, help="names, prefixes, created, expiry, last use",
         description="A tenant's API keys as the runtime holds them: name, public prefix, "
-                    "expiry and state, and the last metered request made with each. The keys "
+                    "when it was issued, expiry and state, and the last metered request made "
+                    "with each (rows arrive seconds after a request). The keys "
                     "themselves are never read or shown (the runtime has only their hashes).")
     keys_list.add_argument("--tenant", required=True, help="the Tenant's name")
     output_options(keys_list, ("table", "json", "csv"))

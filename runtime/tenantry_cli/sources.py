@@ -15,7 +15,7 @@ import base64
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -75,6 +75,7 @@ class TenantView:
     record: TenantRecord | None
     terms: BillingTerms | None
     problem: str | None = None  # why usage/invoices cannot be read (None: they can)
+    keys_issued: dict[str, Any] = field(default_factory=dict)  # {name: {prefix, at}}
 
     @property
     def schema(self) -> str:
@@ -109,17 +110,24 @@ class Sources:
         tenants = self._call("Tenants", lambda: list(self.kube.list(Tenant)))
         return sorted(t.metadata.name for t in tenants if t.metadata and t.metadata.name)
 
-    def _record(self, name: str) -> TenantRecord | None:
+    def _record(self, name: str) -> tuple[TenantRecord | None, dict[str, Any]]:
+        """The runtime record and the issue times of its keys (annotation, may be absent)."""
         try:
             secret = self.kube.get(Secret, runtime_record.secret_name(name),
                                    namespace=self.settings.runtime_namespace)
         except ApiError as error:
             if error.status.code == 404:
-                return None
+                return None, {}
             raise CliError(f"Kubernetes refused the runtime record of {name}: "
                            f"{error.status.message}", UNREACHABLE) from None
         raw = (secret.data or {}).get(runtime_record.DATA_KEY)
-        return None if raw is None else parse_record(base64.b64decode(raw))
+        annotations = (secret.metadata.annotations if secret.metadata else None) or {}
+        try:
+            issued = json.loads(annotations.get(runtime_record.ANNOTATION_KEYS_ISSUED, "{}"))
+        except ValueError:
+            issued = {}
+        record = None if raw is None else parse_record(base64.b64decode(raw))
+        return record, issued if isinstance(issued, dict) else {}
 
     def tenant(self, name: str) -> TenantView:
         try:
@@ -128,7 +136,7 @@ class Sources:
             raise CliError(str(error), 2) from None
         body = self._call(f"Tenant {name!r}", self.kube.get, Tenant, name)
         spec, status = dict(body.get("spec") or {}), dict(body.get("status") or {})
-        record = self._record(name)
+        record, issued = self._record(name)
         plan_name = (spec.get("planRef") or {}).get("name")
         terms: BillingTerms | None = None
         problem: str | None = None
@@ -143,7 +151,7 @@ class Sources:
         if record is None:
             problem = (f"the operator has not written its runtime record into namespace "
                        f"{self.settings.runtime_namespace!r} yet (TENANTRY_RUNTIME_NAMESPACE)")
-        return TenantView(name, spec, status, record, terms, problem)
+        return TenantView(name, spec, status, record, terms, problem, issued)
 
     def dsn(self, view: TenantView) -> str:
         """Where the tenant's usage and invoices live, as a libpq DSN."""
