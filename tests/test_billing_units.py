@@ -164,3 +164,19 @@ def test_months_parse_strictly() -> None:
     for bad in ("2026-13", "2026-1", "26-11", "november"):
         with pytest.raises(ValueError, match="YYYY-MM"):
             parse_month(bad)
+
+
+def test_the_progress_bar_draws_only_on_a_terminal() -> None:
+    import io
+
+    from tenantry_cli.output import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    drawn, piped = Tty(), io.StringIO()
+    assert list(Progress("work", 2, drawn).over("ab")) == ["a", "b"]
+    assert list(Progress("work", 2, piped).over("ab")) == ["a", "b"]
+    assert drawn.getvalue().endswith("work [" + "#" * 30 + "] 2/2\n") and "1/2" in drawn.getvalue()
+    assert piped.getvalue() == ""
