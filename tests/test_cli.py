@@ -12,7 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -162,10 +162,13 @@ def test_doctor_passes_on_a_working_installation(capsys: pytest.CaptureFixture[s
             "price table", "plan pro"} <= names
 
 
-def test_doctor_says_what_is_wrong_and_how_to_fix_it(tmp_path: Any) -> None:
+def test_doctor_says_what_is_wrong_and_how_to_fix_it(tmp_path: Path) -> None:
     """The console entry point in a fresh process: broken settings, plain words, exit 5."""
+    prices = tmp_path / "prices.json"
+    prices.write_text('{"currency": "USD", "versions": []}')
     env = {**os.environ, "TENANTRY_DATABASE_URL": "postgresql://nobody:pw@127.0.0.1:1/none",
-           "TENANTRY_RUNTIME_NAMESPACE": "no-such-namespace"}
+           "TENANTRY_RUNTIME_NAMESPACE": "no-such-namespace",
+           "TENANTRY_RUNTIME_PRICE_TABLE": str(prices)}
     env.pop("TENANTRY_REDIS_URL", None)
     done = subprocess.run([sys.executable, "-m", "tenantry_cli", "doctor"], env=env,
                           capture_output=True, text=True, timeout=120, check=False)
@@ -176,6 +179,7 @@ def test_doctor_says_what_is_wrong_and_how_to_fix_it(tmp_path: Any) -> None:
     assert "[FAIL] redis: TENANTRY_REDIS_URL is not set" in out
     assert "[FAIL] runtime namespace: namespace 'no-such-namespace' does not exist" in out
     assert "[ok]   kubernetes" in out
+    assert f"[FAIL] price table: {prices} does not load" in out
     env["KUBECONFIG"] = str(tmp_path / "missing")
     done = subprocess.run([sys.executable, "-m", "tenantry_cli", "tenants"], env=env,
                           capture_output=True, text=True, timeout=120, check=False)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -13,13 +15,20 @@ from lightkube import ApiError
 from lightkube.resources.apiextensions_v1 import CustomResourceDefinition
 from lightkube.resources.core_v1 import Namespace, Secret
 from pydantic import ValidationError
-from tenantry_runtime.billing import BillingTerms, load_price_book
+from tenantry_runtime.billing import BillingTerms, PriceBook, load_price_book
 from tenantry_runtime.contracts import runtime_record
 from tenantry_runtime.contracts.database import APP_ROLE, SHARED_SCHEMA, load_migrations
 
 from .sources import CliError, Sources, TenantPlan, redacted
 
 OK, WARN, FAIL = "ok", "warn", "fail"
+# The runtime's own variable: check the table it will really load.
+PRICE_TABLE_ENV = "TENANTRY_RUNTIME_PRICE_TABLE"
+
+
+def price_book() -> PriceBook:
+    path = os.environ.get(PRICE_TABLE_ENV)
+    return load_price_book(Path(path) if path else None)
 
 
 @dataclass(frozen=True)
@@ -79,7 +88,10 @@ def _kubernetes(src: Sources) -> list[Check]:
                             "tenant records to read",
                             "set TENANTRY_RUNTIME_NAMESPACE to the runtime's namespace"))
     plans = list(kube.list(TenantPlan)) if all(c.status == OK for c in checks[1:3]) else []
-    book = load_price_book()
+    try:
+        book = price_book()
+    except (ValidationError, OSError):
+        return checks  # reported by the price table check
     priced = book.latest().models
     for plan in plans:
         spec = plan.get("spec") or {}
@@ -167,10 +179,13 @@ def _redis(src: Sources) -> list[Check]:
 
 def _prices() -> list[Check]:
     try:
-        book = load_price_book()
+        book = price_book()
     except (ValidationError, OSError) as error:
-        return [Check("price table", FAIL, f"prices.json does not load: {error}",
-                      "fix the file named by TENANTRY_RUNTIME_PRICE_TABLE")]
+        first = str(error).splitlines()[0]
+        where = os.environ.get(PRICE_TABLE_ENV) or "the shipped prices.json"
+        return [Check("price table", FAIL, f"{where} does not load: {first}",
+                      f"fix the file named by {PRICE_TABLE_ENV} (docs/billing.md has the "
+                      "format), or unset it to use the shipped table")]
     latest = book.latest()
     return [Check("price table", OK, f"{len(book.versions)} version(s), in force: "
                   f"{latest.version} since {latest.effective_from:%Y-%m-%d}, "
