@@ -77,6 +77,23 @@ def test_secret_differs_on_data_type_and_labels_only() -> None:
     assert builders.secret_differs({**live, "metadata": {"labels": {}}}, manifest)
 
 
+def test_key_issue_times_survive_reconciles_and_reset_for_a_new_key() -> None:
+    web, batch = record_for(new_key(), "web"), record_for(new_key(), "batch")
+    first = builders.key_issue_times(None, [web], "2026-11-01T00:00:00+00:00")
+    manifest = builders.runtime_record_secret("acme", "rt", "{}", first)
+    assert not builders.secret_differs(manifest, manifest)
+    later = builders.key_issue_times(manifest, [web, batch], "2026-11-02T00:00:00+00:00")
+    assert later == {"web": {"prefix": web.prefix, "at": "2026-11-01T00:00:00+00:00"},
+                     "batch": {"prefix": batch.prefix, "at": "2026-11-02T00:00:00+00:00"}}
+    assert builders.secret_differs(manifest, builders.runtime_record_secret(
+        "acme", "rt", "{}", later))
+    reissued = record_for(new_key(), "web")  # same name, new key: a new issue time
+    assert builders.key_issue_times(manifest, [reissued], "2026-11-03T00:00:00+00:00")[
+        "web"]["at"] == "2026-11-03T00:00:00+00:00"
+    broken = {"metadata": {"annotations": {runtime_record.ANNOTATION_KEYS_ISSUED: "{nope"}}}
+    assert builders.key_issue_times(broken, [web], "t")["web"]["at"] == "t"
+
+
 def record(tenant: str, revision: int = 1, **fields: Any) -> TenantRecord:
     return TenantRecord(config=tenant_config(tenant, revision=revision), **fields)
 

@@ -91,10 +91,12 @@ async def ensure_runtime_record(ctx: StepContext) -> Condition:
         if all(fields.get(f) for f in ("host", "username", "password", "database")):
             dsn = builders.login_dsn(fields)
     record = builders.tenant_record(ctx.spec, config, ctx.api_keys, endpoint_key, dsn)
-    manifest = builders.runtime_record_secret(tenant, runtime_ns,
-                                              runtime_record.record_json(record))
     name = runtime_record.secret_name(tenant)
     live = await live_secret(ctx.kube, runtime_ns, name)
+    issued = builders.key_issue_times(live, record.api_keys,
+                                      datetime.now(UTC).isoformat(timespec="seconds"))
+    manifest = builders.runtime_record_secret(tenant, runtime_ns,
+                                              runtime_record.record_json(record), issued)
     if builders.secret_differs(live, manifest):
         if live is None:
             await dataplane.ensure_own_namespace(ctx.kube, runtime_ns)

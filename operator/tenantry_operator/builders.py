@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -262,18 +263,47 @@ def tenant_record(spec: EffectiveSpec, config: TenantRuntimeConfig,
                         **plan_settings(spec))
 
 
-def runtime_record_secret(tenant: str, namespace: str, payload: str) -> Manifest:
-    """The runtime's copy of the tenant (contracts/runtime_record.py), in its own namespace."""
+def runtime_record_secret(tenant: str, namespace: str, payload: str,
+                          keys_issued: Mapping[str, Mapping[str, str]] | None = None
+                          ) -> Manifest:
+    """The runtime's copy of the tenant (contracts/runtime_record.py), in its own namespace.
+
+    `keys_issued` (billing area, `key_issue_times`) goes into an annotation the runtime
+    ignores: when each key was first seen, for `tenantry keys list`."""
     labels = standard_labels(tenant, "runtime-record")
     labels[runtime_record.LABEL_RECORD] = runtime_record.RECORD_VERSION
+    metadata: dict[str, Any] = {"name": runtime_record.secret_name(tenant),
+                                "namespace": namespace, "labels": labels}
+    if keys_issued is not None:
+        metadata["annotations"] = {runtime_record.ANNOTATION_KEYS_ISSUED: json.dumps(
+            keys_issued, sort_keys=True, separators=(",", ":"))}
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": runtime_record.secret_name(tenant), "namespace": namespace,
-                     "labels": labels},
+        "metadata": metadata,
         "type": "Opaque",
         "data": {runtime_record.DATA_KEY: _b64(payload)},
     }
+
+
+def key_issue_times(live: Mapping[str, Any] | None, keys: Iterable[ApiKeyRecord],
+                    now: str) -> dict[str, dict[str, str]]:
+    """Pure: {name: {prefix, at}}: the live annotation's time for a key with the same name and
+    prefix (the same key), `now` for a new or re-issued one."""
+    raw = (((live or {}).get("metadata") or {}).get("annotations") or {}).get(
+        runtime_record.ANNOTATION_KEYS_ISSUED)
+    try:
+        known = json.loads(raw) if raw else {}
+    except ValueError:
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    out: dict[str, dict[str, str]] = {}
+    for key in keys:
+        seen = known.get(key.name)
+        at = seen.get("at") if isinstance(seen, dict) and seen.get("prefix") == key.prefix \
+            else None
+        out[key.name] = {"prefix": key.prefix, "at": str(at) if at else now}
+    return out
 
 
 def login_dsn(credentials: Mapping[str, str]) -> str:
@@ -289,5 +319,8 @@ def secret_differs(live: Mapping[str, Any] | None, manifest: Manifest) -> bool:
     if live is None:
         return True
     labels = live.get("metadata", {}).get("labels") or {}
+    annotations = live.get("metadata", {}).get("annotations") or {}
     return ((live.get("data") or {}) != manifest["data"] or live.get("type") != manifest["type"]
-            or any(labels.get(k) != v for k, v in manifest["metadata"]["labels"].items()))
+            or any(labels.get(k) != v for k, v in manifest["metadata"]["labels"].items())
+            or any(annotations.get(k) != v
+                   for k, v in (manifest["metadata"].get("annotations") or {}).items()))

@@ -56,7 +56,7 @@ from .metering import UsageWriter
 from .metrics import CONTENT_TYPE, Metrics, merged
 from .openapi import install as describe_openapi
 from .policy import api_key_of, check_model, check_request, check_tenant_active, endpoint_for
-from .pricing import PriceTable, load_price_table
+from .pricing import PriceBook, load_price_book
 from .rag import Rag, conversation_of
 from .resp import PipelinedRedis, RedisUnavailable, ReplyError
 from .saturation import SaturationGate
@@ -79,7 +79,7 @@ class Runtime:
     redis: PipelinedRedis
     limiter: Limiter
     upstreams: Upstreams
-    prices: PriceTable
+    prices: PriceBook
     spool: SettlementSpool | None = None
     # Failures with no client to tell, for /metrics later.
     failures: Counter[str] = field(default_factory=Counter)
@@ -142,14 +142,15 @@ class Admitted:
             "latency_ms": round((time.perf_counter() - self.started) * 1000, 1),
             "at": self.at.isoformat(),
         }
+        # The price in effect when the request started: a later change is never retroactive.
         prices = self.runtime.prices
-        cost = prices.cost(self.model, usage)
+        cost, version = prices.cost(self.model, usage, self.at)
         if cost is None:
             self.runtime.failures["unpriced_model"] += 1
         self.runtime.metrics.settled(self.caller.config.tenant, self.model, status, usage,
                                      time.perf_counter() - self.started, cost, prices.currency)
         event.update(cost=None if cost is None else str(cost), currency=prices.currency,
-                     price_version=prices.version)
+                     price_version=version)
         settlement = Settlement.of(self.keys, self.request_id, usage, event,
                                    self.runtime.settings.settled_marker_seconds)
         try:
@@ -438,7 +439,7 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
         redis = PipelinedRedis(settings.redis_url.get_secret_value(),
                                settings.redis_timeout_seconds)
         runtime = Runtime(settings, tenants, redis, Limiter(redis, settings.hold_seconds),
-                          Upstreams(settings), load_price_table(settings.price_table),
+                          Upstreams(settings), load_price_book(settings.price_table),
                           metrics=Metrics(settings.metrics_max_tenants),
                           gate=SaturationGate(settings.max_in_flight,
                                               settings.saturation_wait_seconds),

@@ -12,6 +12,7 @@ store. Contract:
   expires_at}], hashes only, never a key), `endpoint_api_key` (the dedicated endpoint's key,
   copied from the tenant's Secret), `database_dsn` (bridge/silo: the tenant role's login),
   `plan_tier` and `budget_fail_open` (the TenantPlan's `tier` and `budgets.failOpen`);
+- annotation `tenantry.dev/api-keys-issued`: when each key was first written (admin CLI only);
 - the Secret is deleted with its Tenant (both deletion policies): the runtime then forgets the
   tenant and its keys stop working.
 """
@@ -29,6 +30,9 @@ LABEL_TENANT = "tenantry.dev/tenant"
 LABEL_RECORD = "tenantry.dev/runtime-record"
 RECORD_VERSION = "v1"
 SELECTOR = f"{LABEL_RECORD}={RECORD_VERSION}"
+# JSON {key name: {prefix, at}}: when the operator first wrote each key into the record (its
+# issue time, to the reconcile). Not read by the runtime; `tenantry keys list` shows it.
+ANNOTATION_KEYS_ISSUED = "tenantry.dev/api-keys-issued"
 
 
 def secret_name(tenant: str) -> str:

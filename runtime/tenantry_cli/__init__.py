@@ -1,0 +1,1 @@
+"""`tenantry`: the admin CLI (usage, invoices, keys, tenants, doctor). docs/billing.md."""
