@@ -1,0 +1,321 @@
+"""Usage export to a billing provider: `ai_usage_logs` rows as CloudEvents to OpenMeter.
+
+`python -m tenantry_runtime.export [--once]` reads the rows of one schema (the shared one by
+default) in batches and POSTs each batch to OpenMeter's ingest API (`POST /api/v1/events`,
+`application/cloudevents-batch+json`). One event per usage row: id = the request id (the
+provider deduplicates on source + id), subject = the tenant, data = model, tokens and cost.
+
+Exactly once, as the provider sees it:
+- Rows are read in (export_xid, tenant_id, request_id, created_at) order, only below the
+  oldest running transaction (migration 0009 says why): a late row is never passed over.
+- The checkpoint (the last row of a batch, per exporter and schema, in the operator's private
+  schema) moves only after the provider acknowledged the batch. A crash in between resends
+  the batch; the provider drops the ids it already has. A crash never skips.
+- 429 and 5xx (and connection errors) are retried with exponential backoff, honouring
+  Retry-After; other 4xx stop the exporter with the provider's answer (a bad token or payload
+  is not fixed by retrying), the checkpoint where it was.
+
+Reading every tenant's rows needs a login that bypasses RLS and owns the private schema: the
+operator's admin DSN (`TENANTRY_EXPORT_DATABASE_URL`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import psycopg
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from psycopg import sql
+
+from .contracts.database import (
+    PRIVATE_SCHEMA,
+    SHARED_SCHEMA,
+    ensure_private_schema,
+    fetch_rows,
+    validate_identifier,
+)
+
+log = logging.getLogger(__name__)
+
+BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
+INGEST_PATH = "/api/v1/events"
+# Before the first row: no real row sorts below it (tenant ids are never empty).
+START = ("0", "", "", datetime(1, 1, 1, tzinfo=UTC))
+RETRYABLE = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+class ExportSettings(BaseSettings):
+    """Usage export (issue 10), from TENANTRY_EXPORT_* environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="TENANTRY_EXPORT_")
+
+    database_url: SecretStr = Field(
+        description="Admin DSN of the shared database (bypasses RLS, owns the private schema).")
+    schema_name: str = Field(SHARED_SCHEMA, pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+                             description="The schema whose ai_usage_logs are exported.")
+    exporter: str = Field("openmeter", pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$",
+                          description="This exporter's checkpoint name (one per provider).")
+    openmeter_url: str = Field(description="OpenMeter's base URL, e.g. https://openmeter.cloud.")
+    openmeter_token: SecretStr | None = Field(None, description="Bearer token (OpenMeter Cloud).")
+    source: str = Field("tenantry", min_length=1, description="The CloudEvents source.")
+    event_type: str = Field("tenantry.ai.usage", min_length=1,
+                            description="The CloudEvents type (OpenMeter meters filter on it).")
+    batch_size: int = Field(100, ge=1, le=10000)
+    interval_seconds: float = Field(5.0, gt=0, description="Pause when nothing is left to send.")
+    attempts: int = Field(8, ge=1, description="Tries per batch before the round gives up.")
+    backoff_seconds: float = Field(0.5, gt=0)
+    backoff_max_seconds: float = Field(30.0, gt=0)
+    timeout_seconds: float = Field(10.0, gt=0)
+
+
+class ExportRejected(RuntimeError):
+    """The provider refused a batch for good (4xx other than 429): retrying will not help."""
+
+
+class ProviderUnavailable(RuntimeError):
+    """The provider did not acknowledge a batch within the allowed attempts."""
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    export_xid: str
+    tenant: str
+    request_id: str
+    created_at: datetime
+    model: str
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int
+    cache_read_input_tokens: int
+    cost: Decimal | None
+    currency: str | None
+    price_version: str | None
+
+    @property
+    def position(self) -> tuple[str, str, str, datetime]:
+        return self.export_xid, self.tenant, self.request_id, self.created_at
+
+
+def _rfc3339(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def cloud_event(record: UsageRecord, source: str, event_type: str) -> dict[str, Any]:
+    """Pure: one usage row as a CloudEvents 1.0 event in the shape OpenMeter ingests."""
+    data: dict[str, Any] = {
+        "model": record.model,
+        "input_tokens": record.input_tokens,
+        "output_tokens": record.output_tokens,
+        "cache_creation_input_tokens": record.cache_creation_input_tokens,
+        "cache_read_input_tokens": record.cache_read_input_tokens,
+        "tokens": (record.input_tokens + record.output_tokens
+                   + record.cache_creation_input_tokens + record.cache_read_input_tokens),
+    }
+    if record.cost is not None:
+        # Exact: a decimal string (OpenMeter parses numeric strings), never a float.
+        data["cost"] = f"{record.cost.normalize():f}"
+        data["currency"] = record.currency
+        data["price_version"] = record.price_version
+    return {"specversion": "1.0", "id": record.request_id, "source": source,
+            "type": event_type, "subject": record.tenant, "time": _rfc3339(record.created_at),
+            "datacontenttype": "application/json", "data": data}
+
+
+def _batch_query(schema: str) -> sql.Composed:
+    return sql.SQL("""
+        SELECT export_xid::text, tenant_id, request_id, created_at, model, input_tokens,
+               output_tokens, cache_creation_input_tokens, cache_read_input_tokens, cost,
+               currency, price_version
+        FROM {}.ai_usage_logs
+        WHERE (export_xid, tenant_id, request_id, created_at) > (%s::xid8, %s, %s, %s)
+          AND export_xid < pg_snapshot_xmin(pg_current_snapshot())
+        ORDER BY export_xid, tenant_id, request_id, created_at
+        LIMIT %s""").format(sql.Identifier(validate_identifier(schema)))
+
+
+_CHECKPOINTS = sql.Identifier(PRIVATE_SCHEMA, "usage_export_checkpoints")
+
+
+def read_checkpoint(conn: psycopg.Connection[Any], exporter: str,
+                    schema: str) -> tuple[str, str, str, datetime]:
+    rows = fetch_rows(conn, sql.SQL(
+        "SELECT export_xid::text, tenant_id, request_id, created_at FROM {}"
+        " WHERE exporter = %s AND source_schema = %s").format(_CHECKPOINTS), (exporter, schema))
+    return START if not rows else (rows[0][0], rows[0][1], rows[0][2], rows[0][3])
+
+
+def save_checkpoint(conn: psycopg.Connection[Any], exporter: str, schema: str,
+                    last: UsageRecord, count: int) -> None:
+    """Move the checkpoint to `last`; never backwards (a second exporter of the same name
+    that lags behind only resends, which the provider drops)."""
+    conn.execute(sql.SQL("""
+        INSERT INTO {0} AS c (exporter, source_schema, export_xid, tenant_id, request_id,
+                              created_at, exported)
+        VALUES (%s, %s, %s::xid8, %s, %s, %s, %s)
+        ON CONFLICT (exporter, source_schema) DO UPDATE
+        SET export_xid = EXCLUDED.export_xid, tenant_id = EXCLUDED.tenant_id,
+            request_id = EXCLUDED.request_id, created_at = EXCLUDED.created_at,
+            exported = c.exported + EXCLUDED.exported, updated_at = now()
+        WHERE (c.export_xid, c.tenant_id, c.request_id, c.created_at)
+              < (EXCLUDED.export_xid, EXCLUDED.tenant_id, EXCLUDED.request_id,
+                 EXCLUDED.created_at)""").format(_CHECKPOINTS),
+        (exporter, schema, *last.position, count))
+
+
+def read_batch(conn: psycopg.Connection[Any], schema: str,
+               after: tuple[str, str, str, datetime], limit: int) -> list[UsageRecord]:
+    return [UsageRecord(*row) for row in fetch_rows(conn, _batch_query(schema), (*after, limit))]
+
+
+def require_bypass(conn: psycopg.Connection[Any]) -> None:
+    """Refuse a login that RLS would filter: it would export nothing and look healthy."""
+    allowed = fetch_rows(conn, "SELECT rolsuper OR rolbypassrls FROM pg_roles"
+                               " WHERE rolname = current_user")
+    if not allowed or not allowed[0][0]:
+        raise ExportRejected(
+            "the export login neither is a superuser nor has BYPASSRLS, so row-level security "
+            "would hide every tenant's usage: use the operator's admin DSN")
+
+
+@dataclass
+class OpenMeterSink:
+    """POSTs batches to OpenMeter's ingest API; returns once a batch is acknowledged (2xx)."""
+
+    client: httpx.Client
+    attempts: int
+    backoff_seconds: float
+    backoff_max_seconds: float
+    sleep: Callable[[float], None] = time.sleep
+
+    @classmethod
+    def from_settings(cls, settings: ExportSettings) -> OpenMeterSink:
+        headers = {"content-type": BATCH_CONTENT_TYPE}
+        if settings.openmeter_token is not None:
+            headers["authorization"] = f"Bearer {settings.openmeter_token.get_secret_value()}"
+        client = httpx.Client(base_url=settings.openmeter_url.rstrip("/"), headers=headers,
+                              timeout=settings.timeout_seconds)
+        return cls(client, settings.attempts, settings.backoff_seconds,
+                   settings.backoff_max_seconds)
+
+    def _delay(self, attempt: int, retry_after: str | None) -> float:
+        if retry_after is not None:
+            try:
+                return min(max(float(retry_after), 0.0), self.backoff_max_seconds)
+            except ValueError:
+                pass  # an HTTP date: fall back to our own backoff
+        base = min(self.backoff_max_seconds, self.backoff_seconds * 2 ** attempt)
+        return base * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not a secret
+
+    def send(self, events: Sequence[dict[str, Any]]) -> None:
+        problem = ""
+        for attempt in range(self.attempts):
+            retry_after = None
+            try:
+                response = self.client.post(INGEST_PATH, json=list(events))
+            except httpx.TransportError as error:
+                problem = f"{type(error).__name__}: {error}"
+            else:
+                if response.is_success:
+                    return
+                if response.status_code not in RETRYABLE:
+                    raise ExportRejected(f"OpenMeter refused a batch of {len(events)} events: "
+                                         f"HTTP {response.status_code} {response.text[:500]}")
+                problem = f"HTTP {response.status_code}"
+                retry_after = response.headers.get("retry-after")
+            if attempt + 1 < self.attempts:
+                delay = self._delay(attempt, retry_after)
+                log.warning("OpenMeter did not take the batch (%s); retrying in %.2fs",
+                            problem, delay)
+                self.sleep(delay)
+        raise ProviderUnavailable(f"OpenMeter did not acknowledge a batch after "
+                                  f"{self.attempts} attempts ({problem})")
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@dataclass
+class UsageExporter:
+    conn: psycopg.Connection[Any]
+    sink: OpenMeterSink
+    settings: ExportSettings
+
+    def prepare(self) -> None:
+        require_bypass(self.conn)
+        ensure_private_schema(self.conn)  # creates the checkpoints table when missing
+
+    def export_batch(self) -> int:
+        """Send the next batch and move the checkpoint past it; rows sent (0: none pending)."""
+        schema, name = self.settings.schema_name, self.settings.exporter
+        records = read_batch(self.conn, schema, read_checkpoint(self.conn, name, schema),
+                             self.settings.batch_size)
+        if not records:
+            return 0
+        self.sink.send([cloud_event(r, self.settings.source, self.settings.event_type)
+                        for r in records])
+        save_checkpoint(self.conn, name, schema, records[-1], len(records))
+        return len(records)
+
+    def export_pending(self) -> int:
+        """Batches until nothing is pending; rows sent."""
+        total = 0
+        while sent := self.export_batch():
+            total += sent
+        return total
+
+    def run(self) -> None:
+        while True:
+            try:
+                sent = self.export_pending()
+                if sent:
+                    log.info("exported %d usage events", sent)
+            except ProviderUnavailable as error:
+                log.warning("%s; resuming from the checkpoint", error)
+            time.sleep(self.settings.interval_seconds)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes: 0 done, 1 provider unavailable (retry later), 2 rejected or misconfigured."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tenantry_runtime.export",
+        description="Export ai_usage_logs to OpenMeter as CloudEvents, resumable and "
+                    "idempotent. Settings: TENANTRY_EXPORT_* environment variables.")
+    parser.add_argument("--once", action="store_true",
+                        help="export what is pending, then exit (for a CronJob)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    settings = ExportSettings()  # type: ignore[call-arg]  # from the environment
+    sink = OpenMeterSink.from_settings(settings)
+    try:
+        with psycopg.connect(settings.database_url.get_secret_value(), autocommit=True,
+                             connect_timeout=10) as conn:
+            exporter = UsageExporter(conn, sink, settings)
+            exporter.prepare()
+            if not args.once:
+                exporter.run()
+            sent = exporter.export_pending()
+            log.info("exported %d usage events; nothing pending", sent)
+            return 0
+    except ExportRejected as error:
+        log.error("%s", error)
+        return 2
+    except ProviderUnavailable as error:
+        log.error("%s; the next run resumes from the checkpoint", error)
+        return 1
+    finally:
+        sink.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

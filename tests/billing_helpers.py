@@ -1,0 +1,124 @@
+"""Stand-ins for billing tests: OpenMeter's ingest API, and a tenant's alert webhook receiver.
+
+The OpenMeter stand-in checks each request as OpenMeter does (CloudEvents 1.0 required
+attributes, a subject, the content types of POST /api/v1/events, the bearer token) and, like
+OpenMeter, deduplicates on (source, id): `accepted` lists each event once, in arrival order;
+`duplicates` counts the resent ones it dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+SINGLE = "application/cloudevents+json"
+BATCH = "application/cloudevents-batch+json"
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
+
+
+def cloudevent_problems(event: Any) -> list[str]:
+    """What makes `event` unacceptable to OpenMeter (empty: acceptable)."""
+    if not isinstance(event, dict):
+        return ["an event must be a JSON object"]
+    problems = []
+    if event.get("specversion") != "1.0":
+        problems.append(f"specversion must be '1.0', got {event.get('specversion')!r}")
+    for name in ("id", "source", "type", "subject"):
+        if not isinstance(event.get(name), str) or not event[name]:
+            problems.append(f"{name} must be a non-empty string")
+    time = event.get("time")
+    if time is not None:
+        if not isinstance(time, str) or not _RFC3339.fullmatch(time):
+            problems.append(f"time must be RFC 3339, got {time!r}")
+        else:
+            datetime.fromisoformat(time)
+    if event.get("datacontenttype", "application/json") != "application/json":
+        problems.append("datacontenttype must be application/json")
+    if "data" in event and not isinstance(event["data"], dict):
+        problems.append("data must be a JSON object")
+    return problems
+
+
+@dataclass
+class OpenMeterStandIn:
+    token: str | None = None
+    # Answers to give before accepting anything: (status, retry-after header or None).
+    fail_next: list[tuple[int, str | None]] = field(default_factory=list)
+    # After accepting this many batches, hold the next acknowledgement until `release`.
+    hold_after_batches: int | None = None
+    accepted: list[dict[str, Any]] = field(default_factory=list)
+    duplicates: int = 0
+    batches: int = 0
+    rejected: list[str] = field(default_factory=list)
+    failures_sent: int = 0
+    release: threading.Event = field(default_factory=threading.Event)
+    _seen: set[tuple[str, str]] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def accepted_ids(self) -> list[str]:
+        with self._lock:
+            return [e["id"] for e in self.accepted]
+
+    def _record(self, events: list[dict[str, Any]]) -> int:
+        with self._lock:
+            for event in events:
+                key = (event["source"], event["id"])
+                if key in self._seen:
+                    self.duplicates += 1
+                    continue
+                self._seen.add(key)
+                self.accepted.append(event)
+            self.batches += 1
+            return self.batches
+
+    async def ingest(self, request: Request) -> Response:
+        if self.token is not None and \
+                request.headers.get("authorization") != f"Bearer {self.token}":
+            return JSONResponse({"title": "Unauthorized"}, status_code=401)
+        with self._lock:
+            if self.fail_next:
+                status, retry_after = self.fail_next.pop(0)
+                self.failures_sent += 1
+                headers = {} if retry_after is None else {"retry-after": retry_after}
+                return JSONResponse({"title": "try again"}, status_code=status,
+                                    headers=headers)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip()
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            return self._bad("body is not JSON")
+        if content_type == SINGLE:
+            events = [body]
+        elif content_type == BATCH and isinstance(body, list) and body:
+            events = body
+        else:
+            return self._bad(f"content type {content_type!r} with a "
+                             f"{type(body).__name__} body")
+        problems = [f"event {i}: {p}" for i, e in enumerate(events)
+                    for p in cloudevent_problems(e)]
+        if problems:
+            return self._bad("; ".join(problems))
+        batches = self._record(events)
+        if self.hold_after_batches is not None and batches > self.hold_after_batches:
+            # Recorded, but not acknowledged: the exporter is killed while it waits.
+            while not self.release.is_set():
+                await asyncio.sleep(0.02)
+        return Response(status_code=204)
+
+    def _bad(self, problem: str) -> Response:
+        with self._lock:
+            self.rejected.append(problem)
+        return JSONResponse({"title": "Bad Request", "detail": problem}, status_code=400)
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/api/v1/events", self.ingest, methods=["POST"])])
