@@ -111,8 +111,7 @@ class OpenMeterStandIn:
         batches = self._record(events)
         if self.hold_after_batches is not None and batches > self.hold_after_batches:
             # Recorded, but not acknowledged: the exporter is killed while it waits.
-            while not self.release.is_set():
-                await asyncio.sleep(0.02)
+            await asyncio.to_thread(self.release.wait)
         return Response(status_code=204)
 
     def _bad(self, problem: str) -> Response:
@@ -122,3 +121,33 @@ class OpenMeterStandIn:
 
     def app(self) -> Starlette:
         return Starlette(routes=[Route("/api/v1/events", self.ingest, methods=["POST"])])
+
+
+@dataclass
+class WebhookReceiver:
+    """A tenant's alert endpoint: checks each signature as the docs tell receivers to."""
+
+    secret: bytes
+    fail_first: int = 0
+    # Every attempt: (alert id, signature valid, status answered).
+    attempts: list[tuple[str, bool, int]] = field(default_factory=list)
+    delivered: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def receive(self, request: Request) -> Response:
+        from tenantry_runtime.alerts import ALERT_ID_HEADER, SIGNATURE_HEADER, verify
+
+        body = await request.body()
+        alert_id = request.headers.get(ALERT_ID_HEADER, "")
+        valid = verify(self.secret, request.headers.get(SIGNATURE_HEADER, ""), body)
+        with self._lock:
+            status = 401 if not valid else 500 if self.fail_first > 0 else 204
+            if valid and self.fail_first > 0:
+                self.fail_first -= 1
+            self.attempts.append((alert_id, valid, status))
+            if status == 204 and alert_id not in self.delivered:  # dedupe on the alert id
+                self.delivered[alert_id] = json.loads(body)
+        return Response(status_code=status)
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/hooks/tenantry", self.receive, methods=["POST"])])

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -34,6 +35,7 @@ from tenantry_runtime.export import (
     read_checkpoint,
 )
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = "tenantry"
 TENANTS = ("acme", "globex", "initech")
 T0 = datetime(2026, 11, 3, 12, 0, tzinfo=UTC)
@@ -127,9 +129,8 @@ def test_retries_429_and_5xx_then_exports_each_row_once(usage_db: str) -> None:
 def test_a_refused_batch_stops_the_export_and_keeps_the_checkpoint(usage_db: str) -> None:
     insert_usage(usage_db, 0, 10)
     stand_in = OpenMeterStandIn(token="right")
-    with serve(stand_in.app()) as url:
-        with pytest.raises(ExportRejected, match="HTTP 401"):
-            export_all(usage_db, settings_for(usage_db, url, openmeter_token=SecretStr("wrong")))
+    with serve(stand_in.app()) as url, pytest.raises(ExportRejected, match="HTTP 401"):
+        export_all(usage_db, settings_for(usage_db, url, openmeter_token=SecretStr("wrong")))
     with psycopg.connect(usage_db, autocommit=True) as conn:
         assert read_checkpoint(conn, "openmeter", SCHEMA)[1] == ""  # still before the first row
     assert stand_in.accepted == []
@@ -161,7 +162,10 @@ def test_exporter_killed_midway_resumes_and_the_provider_gets_every_event_once(
     stand_in = OpenMeterStandIn(hold_after_batches=3)
     env = {**os.environ, "TENANTRY_EXPORT_DATABASE_URL": usage_db,
            "TENANTRY_EXPORT_BATCH_SIZE": "50", "TENANTRY_EXPORT_INTERVAL_SECONDS": "0.05",
-           "TENANTRY_EXPORT_BACKOFF_SECONDS": "0.01"}
+           "TENANTRY_EXPORT_BACKOFF_SECONDS": "0.01",
+           # This checkout's packages, whatever the venv has installed.
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "runtime"),
+                                          os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "tenantry_runtime.export"]
     with serve(stand_in.app()) as url:
         env["TENANTRY_EXPORT_OPENMETER_URL"] = url

@@ -34,9 +34,9 @@ from typing import Any
 
 import httpx
 import psycopg
+from psycopg import sql
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from psycopg import sql
 
 from .contracts.database import (
     PRIVATE_SCHEMA,
@@ -214,7 +214,7 @@ class OpenMeterSink:
                 return min(max(float(retry_after), 0.0), self.backoff_max_seconds)
             except ValueError:
                 pass  # an HTTP date: fall back to our own backoff
-        base = min(self.backoff_max_seconds, self.backoff_seconds * 2 ** attempt)
+        base = min(self.backoff_max_seconds, self.backoff_seconds * 2.0 ** attempt)
         return base * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not a secret
 
     def send(self, events: Sequence[dict[str, Any]]) -> None:
@@ -295,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="export what is pending, then exit (for a CronJob)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    settings = ExportSettings()  # type: ignore[call-arg]  # from the environment
+    settings = ExportSettings()  # from the environment
     sink = OpenMeterSink.from_settings(settings)
     try:
         with psycopg.connect(settings.database_url.get_secret_value(), autocommit=True,
