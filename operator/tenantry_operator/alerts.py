@@ -138,6 +138,8 @@ class AlertDispatcher:
         delivered = 0
         async for tenant in self.kube.client.list(Tenant):
             body = as_dict(tenant)
+            if body["metadata"].get("deletionTimestamp"):
+                continue
             try:
                 delivered += await self.dispatch(body)
                 await self.update_condition(body)
@@ -147,9 +149,14 @@ class AlertDispatcher:
         return delivered
 
     async def _entries(self, stream: str) -> list[Entry]:
+        # No stream, no alert: nothing is created for tenants that never reached a threshold
+        # (nor recreated for one whose keys the finalizer just deleted).
+        if not await self.redis.exists(stream):
+            self._groups.discard(stream)
+            return []
         if stream not in self._groups:
             with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
-                await self.redis.xgroup_create(stream, GROUP_NAME, id="0", mkstream=True)
+                await self.redis.xgroup_create(stream, GROUP_NAME, id="0")
             self._groups.add(stream)
         entries: dict[bytes, dict[bytes, bytes]] = {}
         for start in ("0", ">"):  # pending (a failed delivery, a crashed leader), then new
