@@ -27,7 +27,14 @@ import redis
 import redis.asyncio
 from billing_helpers import WebhookReceiver
 from db_helpers import unique
-from kube_helpers import condition, get_json, tenant_status
+from kube_helpers import (
+    apply_tenant,
+    condition,
+    delete_tenant,
+    get_json,
+    tenant_status,
+    wait_ready,
+)
 from lightkube import AsyncClient, KubeConfig
 from pydantic import SecretStr
 from runtime_helpers import MODEL, serve, wait_for, write_limits
@@ -220,3 +227,40 @@ def test_alerts_fire_once_per_period_under_four_replicas(
     status = condition(tenant_status(control_plane, tenant), "BudgetAlert")
     assert (status["status"], status["reason"]) == ("True", "Daily100Percent")
     control_plane.kubectl("delete", "tnt", tenant, "--wait=false")
+
+
+def test_the_running_operator_delivers_alerts_of_a_provisioned_tenant(
+        operator: object, control_plane: ControlPlane, redis_server: Redis) -> None:
+    """The whole path with the operator's own loop: its limits hash (with the plan's
+    allowance), a runtime's check, then Event, condition and webhook from the operator."""
+    tenant = unique("alertop")
+    receiver = WebhookReceiver(SECRET)
+    with serve(receiver.app()) as hook_url:
+        apply_tenant(control_plane, tenant, "free", alerts={"webhook": {
+            "url": f"{hook_url}/hooks/tenantry", "secretRef": {"name": "alert-hook"}}})
+        namespace = wait_ready(control_plane, tenant)["provisioned"]["namespace"]
+        control_plane.kubectl("-n", namespace, "create", "secret", "generic", "alert-hook",
+                              f"--from-literal=hmac-key={SECRET.decode()}")
+        client = redis.Redis.from_url(redis_server.url)
+        keys, now = TenantKeys(tenant), datetime.now(UTC)
+        # The free plan: 20000 a day, 200000 a month, all of it included.
+        assert client.hget(keys.limits, "included_monthly_tokens") == b"200000"
+        client.set(keys.tokens_day(now), 17_000)
+        client.set(keys.tokens_month(now), 170_000)
+        client.close()
+
+        async def runtime_check() -> list[tuple[str, int]]:
+            pipelined = PipelinedRedis(redis_server.url, 5.0)
+            try:
+                return await check_alerts(pipelined, tenant, now)
+            finally:
+                await pipelined.aclose()
+
+        assert sorted(asyncio.run(runtime_check())) == [
+            ("allowance", 80), ("daily", 80), ("monthly", 80)]
+        wait_for(lambda: len(receiver.delivered) == 3, 30, "three webhooks")
+        wait_for(lambda: len(budget_events(control_plane, tenant)) == 3, 30, "three Events")
+        wait_for(lambda: condition(tenant_status(control_plane, tenant), "BudgetAlert").get(
+            "reason") == "Daily80Percent", 30, "the BudgetAlert condition")
+    assert len(receiver.attempts) == 3 and all(valid for _, valid, _ in receiver.attempts)
+    delete_tenant(control_plane, tenant)
