@@ -136,6 +136,20 @@ def test_a_refused_batch_stops_the_export_and_keeps_the_checkpoint(usage_db: str
     assert stand_in.accepted == []
 
 
+def test_transaction_ids_are_ordered_as_numbers_not_text(usage_db: str) -> None:
+    """'10' < '9' as text: ordered so, one-row batches would checkpoint past xid 9."""
+    insert_usage(usage_db, 0, 3, per_transaction=1)
+    with psycopg.connect(usage_db, autocommit=True) as conn:
+        for xid, request_id in (("100", "req_000000"), ("9", "req_000001"),
+                                ("10", "req_000002")):
+            conn.execute("UPDATE tenantry.ai_usage_logs SET export_xid = %s::xid8"
+                         " WHERE request_id = %s", (xid, request_id))
+    stand_in = OpenMeterStandIn()
+    with serve(stand_in.app()) as url:
+        assert export_all(usage_db, settings_for(usage_db, url, batch_size=1)) == 3
+    assert stand_in.accepted_ids() == ["req_000001", "req_000002", "req_000000"]
+
+
 def test_a_row_committed_late_with_an_older_timestamp_is_not_skipped(usage_db: str) -> None:
     """created_at is the request's start; rows arrive later and out of order."""
     stand_in = OpenMeterStandIn()

@@ -133,14 +133,16 @@ def cloud_event(record: UsageRecord, source: str, event_type: str) -> dict[str, 
 
 
 def _batch_query(schema: str) -> sql.Composed:
+    # ORDER BY names the table's columns (u.): the output column export_xid::text would sort
+    # as text ('10' < '9') and the checkpoint would pass rows over. In index order.
     return sql.SQL("""
-        SELECT export_xid::text, tenant_id, request_id, created_at, model, input_tokens,
-               output_tokens, cache_creation_input_tokens, cache_read_input_tokens, cost,
-               currency, price_version
-        FROM {}.ai_usage_logs
-        WHERE (export_xid, tenant_id, request_id, created_at) > (%s::xid8, %s, %s, %s)
-          AND export_xid < pg_snapshot_xmin(pg_current_snapshot())
-        ORDER BY export_xid, tenant_id, request_id, created_at
+        SELECT u.export_xid::text, u.tenant_id, u.request_id, u.created_at, u.model,
+               u.input_tokens, u.output_tokens, u.cache_creation_input_tokens,
+               u.cache_read_input_tokens, u.cost, u.currency, u.price_version
+        FROM {}.ai_usage_logs AS u
+        WHERE (u.export_xid, u.tenant_id, u.request_id, u.created_at) > (%s::xid8, %s, %s, %s)
+          AND u.export_xid < pg_snapshot_xmin(pg_current_snapshot())
+        ORDER BY u.export_xid, u.tenant_id, u.request_id, u.created_at
         LIMIT %s""").format(sql.Identifier(validate_identifier(schema)))
 
 
