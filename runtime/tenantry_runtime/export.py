@@ -71,7 +71,7 @@ class ExportSettings(BaseSettings):
     source: str = Field("tenantry", min_length=1, description="The CloudEvents source.")
     event_type: str = Field("tenantry.ai.usage", min_length=1,
                             description="The CloudEvents type (OpenMeter meters filter on it).")
-    batch_size: int = Field(100, ge=1, le=10000)
+    batch_size: int = Field(500, ge=1, le=10000)
     interval_seconds: float = Field(5.0, gt=0, description="Pause when nothing is left to send.")
     attempts: int = Field(8, ge=1, description="Tries per batch before the round gives up.")
     backoff_seconds: float = Field(0.5, gt=0)
