@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from lightkube import ApiError, codecs
 from lightkube.resources.core_v1 import Secret
+from lightkube.types import PatchType
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 from tenantry_runtime.alerts import (
@@ -253,13 +254,36 @@ class AlertDispatcher:
         """Patch the BudgetAlert condition when it differs from what the claims say."""
         tenant = body["metadata"]["name"]
         wanted = alert_condition(await self.claimed_now(tenant))
-        current = list((body.get("status") or {}).get("conditions") or [])
-        old = next((c for c in current if c.get("type") == CONDITION), None)
-        if old is not None and (old.get("status"), old.get("reason"), old.get("message")) == \
-                (wanted.status, wanted.reason, wanted.message):
+        if _holds(body, wanted):
             return
+        # The list is replaced whole: patch a fresh copy, on the condition that nobody changed
+        # the Tenant since (resourceVersion), so a reconcile's newer conditions are never
+        # overwritten with older ones. A conflict is retried next round.
+        fresh = await self.kube.get(Tenant, tenant)
+        if fresh is None:
+            return
+        body = as_dict(fresh)
+        if _holds(body, wanted):
+            return
+        current = list((body.get("status") or {}).get("conditions") or [])
         merged = merge_conditions(current, [wanted], int(body["metadata"].get("generation", 0)))
-        await self.kube.patch_tenant_status(tenant, {"conditions": merged})
+        try:
+            await self.kube.client.patch(
+                Tenant.Status, tenant,
+                {"metadata": {"resourceVersion": body["metadata"]["resourceVersion"]},
+                 "status": {"conditions": merged}}, patch_type=PatchType.MERGE)
+        except ApiError as error:
+            if error.status.code != 409:
+                raise
+            log.info("BudgetAlert condition of %s: the Tenant changed, next round", tenant)
+
+
+def _holds(body: Mapping[str, Any], wanted: Condition) -> bool:
+    """Whether the Tenant's status already carries `wanted`."""
+    conditions = (body.get("status") or {}).get("conditions") or []
+    old = next((c for c in conditions if c.get("type") == wanted.type), None)
+    return old is not None and (old.get("status"), old.get("reason"), old.get("message")) == (
+        wanted.status, wanted.reason, wanted.message)
 
 
 async def deliver_alerts(kube: Kube, settings: OperatorSettings) -> None:
