@@ -22,6 +22,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from importlib.resources import files
 
 from .contracts.redis_keys import TenantKeys
@@ -55,16 +56,21 @@ async def check_alerts(redis: PipelinedRedis, tenant: str, at: datetime,
                        now: datetime | None = None) -> list[tuple[str, int]]:
     """Claim the thresholds the tenant's spend has crossed in the periods of `at` (the
     request's start, whose counters the settlement charged); returns those claimed now."""
-    keys = TenantKeys(tenant)
-    day, month = periods(at)
+    keys, day, month = _script_keys(tenant, at.astimezone(UTC).toordinal())
     stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
     reply = await redis.run_script(
-        ALERTS, [keys.limits, keys.tokens_day(at), keys.tokens_month(at), keys.alerts,
-                 keys.alert_claims_day(at), keys.alert_claims_month(at)],
-        [day, month, DAY_CLAIMS_TTL_SECONDS, MONTH_CLAIMS_TTL_SECONDS, stamp,
-         STREAM_MAX_LENGTH])
+        ALERTS, keys, [day, month, DAY_CLAIMS_TTL_SECONDS, MONTH_CLAIMS_TTL_SECONDS, stamp,
+                       STREAM_MAX_LENGTH])
     flat = [item.decode() if isinstance(item, bytes) else str(item) for item in reply or []]
     return [(flat[i], int(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+
+@lru_cache(maxsize=4096)
+def _script_keys(tenant: str, day: int) -> tuple[tuple[str, ...], str, str]:
+    """The script's keys and period labels, once per tenant and day (a check per request)."""
+    keys, at = TenantKeys(tenant), datetime.fromordinal(day).replace(tzinfo=UTC)
+    return ((keys.limits, keys.tokens_day(at), keys.tokens_month(at), keys.alerts,
+             keys.alert_claims_day(at), keys.alert_claims_month(at)), *periods(at))
 
 
 @dataclass(frozen=True)
