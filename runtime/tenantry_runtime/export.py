@@ -26,11 +26,12 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from functools import partial
+from typing import Any, Literal, Protocol
 
 import httpx
 import psycopg
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
 INGEST_PATH = "/api/v1/events"
+STRIPE_PATH = "/v1/billing/meter_events"
 # Before the first row: no real row sorts below it (tenant ids are never empty).
 START = ("0", "", "", datetime(1, 1, 1, tzinfo=UTC))
 RETRYABLE = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -66,11 +68,19 @@ class ExportSettings(BaseSettings):
                              description="The schema whose ai_usage_logs are exported.")
     exporter: str = Field("openmeter", pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$",
                           description="This exporter's checkpoint name (one per provider).")
-    openmeter_url: str = Field(description="OpenMeter's base URL, e.g. https://openmeter.cloud.")
+    provider: Literal["openmeter", "stripe"] = Field("openmeter")
+    openmeter_url: str | None = Field(None, description="e.g. https://openmeter.cloud.")
     openmeter_token: SecretStr | None = Field(None, description="Bearer token (OpenMeter Cloud).")
     source: str = Field("tenantry", min_length=1, description="The CloudEvents source.")
     event_type: str = Field("tenantry.ai.usage", min_length=1,
                             description="The CloudEvents type (OpenMeter meters filter on it).")
+    # Stripe meter events (provider=stripe): one event per row, value = billable tokens.
+    stripe_url: str = Field("https://api.stripe.com")
+    stripe_api_key: SecretStr | None = Field(None, description="A secret or restricted key.")
+    stripe_event_name: str = Field("tenantry_tokens", min_length=1, max_length=100,
+                                   description="The event_name of the Stripe meter.")
+    stripe_customers: dict[str, str] = Field(
+        default_factory=dict, description="Tenant id -> Stripe customer id (JSON).")
     batch_size: int = Field(500, ge=1, le=10000)
     interval_seconds: float = Field(5.0, gt=0, description="Pause when nothing is left to send.")
     attempts: int = Field(8, ge=1, description="Tries per batch before the round gives up.")
@@ -191,24 +201,20 @@ def require_bypass(conn: psycopg.Connection[Any]) -> None:
 
 
 @dataclass
-class OpenMeterSink:
-    """POSTs batches to OpenMeter's ingest API; returns once a batch is acknowledged (2xx)."""
+class Retrying:
+    """One provider call retried on 429, 5xx and connection errors, with exponential backoff
+    and jitter, honouring Retry-After; returns the first other answer (success or refusal)."""
 
-    client: httpx.Client
     attempts: int
     backoff_seconds: float
     backoff_max_seconds: float
+    provider: str
     sleep: Callable[[float], None] = time.sleep
 
     @classmethod
-    def from_settings(cls, settings: ExportSettings) -> OpenMeterSink:
-        headers = {"content-type": BATCH_CONTENT_TYPE}
-        if settings.openmeter_token is not None:
-            headers["authorization"] = f"Bearer {settings.openmeter_token.get_secret_value()}"
-        client = httpx.Client(base_url=settings.openmeter_url.rstrip("/"), headers=headers,
-                              timeout=settings.timeout_seconds)
-        return cls(client, settings.attempts, settings.backoff_seconds,
-                   settings.backoff_max_seconds)
+    def from_settings(cls, settings: ExportSettings, provider: str) -> Retrying:
+        return cls(settings.attempts, settings.backoff_seconds, settings.backoff_max_seconds,
+                   provider)
 
     def _delay(self, attempt: int, retry_after: str | None) -> float:
         if retry_after is not None:
@@ -219,38 +225,139 @@ class OpenMeterSink:
         base = min(self.backoff_max_seconds, self.backoff_seconds * 2.0 ** attempt)
         return base * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not a secret
 
-    def send(self, events: Sequence[dict[str, Any]]) -> None:
+    def call(self, request: Callable[[], httpx.Response]) -> httpx.Response:
         problem = ""
         for attempt in range(self.attempts):
             retry_after = None
             try:
-                response = self.client.post(INGEST_PATH, json=list(events))
+                response = request()
             except httpx.TransportError as error:
                 problem = f"{type(error).__name__}: {error}"
             else:
-                if response.is_success:
-                    return
-                if response.status_code not in RETRYABLE:
-                    raise ExportRejected(f"OpenMeter refused a batch of {len(events)} events: "
-                                         f"HTTP {response.status_code} {response.text[:500]}")
+                # Stripe says outright whether a retry can help (e.g. a 409 lock timeout).
+                should_retry = response.headers.get("stripe-should-retry")
+                if should_retry != "true" and (response.status_code not in RETRYABLE
+                                               or should_retry == "false"):
+                    return response
                 problem = f"HTTP {response.status_code}"
                 retry_after = response.headers.get("retry-after")
             if attempt + 1 < self.attempts:
                 delay = self._delay(attempt, retry_after)
-                log.warning("OpenMeter did not take the batch (%s); retrying in %.2fs",
+                log.warning("%s did not take it (%s); retrying in %.2fs", self.provider,
                             problem, delay)
                 self.sleep(delay)
-        raise ProviderUnavailable(f"OpenMeter did not acknowledge a batch after "
+        raise ProviderUnavailable(f"{self.provider} did not acknowledge after "
                                   f"{self.attempts} attempts ({problem})")
+
+
+class Sink(Protocol):
+    def send(self, records: Sequence[UsageRecord]) -> None:
+        """Return once the provider holds every record (or already held it)."""
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class OpenMeterSink:
+    """POSTs a batch as CloudEvents to OpenMeter's ingest API; acknowledged when 2xx."""
+
+    client: httpx.Client
+    retrying: Retrying
+    source: str
+    event_type: str
+
+    @classmethod
+    def from_settings(cls, settings: ExportSettings) -> OpenMeterSink:
+        if settings.openmeter_url is None:
+            raise ExportRejected("TENANTRY_EXPORT_OPENMETER_URL is not set")
+        headers = {"content-type": BATCH_CONTENT_TYPE}
+        if settings.openmeter_token is not None:
+            headers["authorization"] = f"Bearer {settings.openmeter_token.get_secret_value()}"
+        client = httpx.Client(base_url=settings.openmeter_url.rstrip("/"), headers=headers,
+                              timeout=settings.timeout_seconds)
+        return cls(client, Retrying.from_settings(settings, "OpenMeter"), settings.source,
+                   settings.event_type)
+
+    def send(self, records: Sequence[UsageRecord]) -> None:
+        events = [cloud_event(r, self.source, self.event_type) for r in records]
+        response = self.retrying.call(lambda: self.client.post(INGEST_PATH, json=events))
+        if not response.is_success:
+            raise ExportRejected(f"OpenMeter refused a batch of {len(events)} events: "
+                                 f"HTTP {response.status_code} {response.text[:500]}")
 
     def close(self) -> None:
         self.client.close()
 
 
+def stripe_meter_event(record: UsageRecord, event_name: str,
+                       customers: Mapping[str, str]) -> dict[str, str]:
+    """Pure: one usage row as Stripe's meter event form (POST /v1/billing/meter_events)."""
+    customer = customers.get(record.tenant)
+    if customer is None:
+        raise ExportRejected(f"tenant {record.tenant} has no Stripe customer in "
+                             "TENANTRY_EXPORT_STRIPE_CUSTOMERS; add it, the export waits")
+    tokens = (record.input_tokens + record.output_tokens + record.cache_creation_input_tokens
+              + record.cache_read_input_tokens)
+    return {"event_name": event_name, "identifier": record.request_id,
+            "timestamp": str(int(record.created_at.timestamp())),
+            "payload[stripe_customer_id]": customer, "payload[value]": str(tokens)}
+
+
+def _already_recorded(response: httpx.Response) -> bool:
+    """Stripe refuses an identifier it holds (400, "An event already exists with identifier
+    ..."): for a resent row that is the acknowledgement it never got."""
+    if response.status_code != 400:
+        return False
+    try:
+        error = response.json().get("error") or {}
+    except ValueError:
+        return False
+    return "already exists" in str(error.get("message", "")) or \
+        error.get("code") == "duplicate_meter_event"
+
+
+@dataclass
+class StripeSink:
+    """Meter events to Stripe, one POST a row (the v1 API takes no batches); the identifier
+    (the request id) makes a resent row a refusal Stripe keeps for at least 24 hours."""
+
+    client: httpx.Client
+    retrying: Retrying
+    event_name: str
+    customers: Mapping[str, str]
+
+    @classmethod
+    def from_settings(cls, settings: ExportSettings) -> StripeSink:
+        if settings.stripe_api_key is None:
+            raise ExportRejected("TENANTRY_EXPORT_STRIPE_API_KEY is not set")
+        client = httpx.Client(
+            base_url=settings.stripe_url.rstrip("/"), timeout=settings.timeout_seconds,
+            headers={"authorization": f"Bearer {settings.stripe_api_key.get_secret_value()}"})
+        return cls(client, Retrying.from_settings(settings, "Stripe"),
+                   settings.stripe_event_name, settings.stripe_customers)
+
+    def send(self, records: Sequence[UsageRecord]) -> None:
+        for record in records:
+            form = stripe_meter_event(record, self.event_name, self.customers)
+            response = self.retrying.call(partial(self.client.post, STRIPE_PATH, data=form))
+            if not response.is_success and not _already_recorded(response):
+                raise ExportRejected(f"Stripe refused the meter event of {record.request_id}: "
+                                     f"HTTP {response.status_code} {response.text[:500]}")
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def sink_from_settings(settings: ExportSettings) -> Sink:
+    if settings.provider == "stripe":
+        return StripeSink.from_settings(settings)
+    return OpenMeterSink.from_settings(settings)
+
+
 @dataclass
 class UsageExporter:
     conn: psycopg.Connection[Any]
-    sink: OpenMeterSink
+    sink: Sink
     settings: ExportSettings
 
     def prepare(self) -> None:
@@ -264,8 +371,7 @@ class UsageExporter:
                              self.settings.batch_size)
         if not records:
             return 0
-        self.sink.send([cloud_event(r, self.settings.source, self.settings.event_type)
-                        for r in records])
+        self.sink.send(records)
         save_checkpoint(self.conn, name, schema, records[-1], len(records))
         return len(records)
 
@@ -298,7 +404,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     settings = ExportSettings()  # from the environment
-    sink = OpenMeterSink.from_settings(settings)
+    try:
+        sink = sink_from_settings(settings)
+    except ExportRejected as error:
+        log.error("%s", error)
+        return 2
     try:
         with psycopg.connect(settings.database_url.get_secret_value(), autocommit=True,
                              connect_timeout=10) as conn:
