@@ -151,3 +151,75 @@ class WebhookReceiver:
 
     def app(self) -> Starlette:
         return Starlette(routes=[Route("/hooks/tenantry", self.receive, methods=["POST"])])
+
+
+@dataclass
+class StripeStandIn:
+    """Stripe's POST /v1/billing/meter_events as documented: a form with event_name,
+    identifier, timestamp (the last 35 days, at most 5 minutes ahead), payload[...]; an
+    identifier it holds is refused with 400 (as Stripe does), not silently dropped."""
+
+    api_key: str
+    hold_after_events: int | None = None
+    accepted: list[dict[str, str]] = field(default_factory=list)
+    duplicates: int = 0
+    rejected: list[str] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def accepted_ids(self) -> list[str]:
+        with self._lock:
+            return [e["identifier"] for e in self.accepted]
+
+    def problems(self, form: dict[str, str]) -> list[str]:
+        import time as clock
+
+        problems = []
+        if not 0 < len(form.get("event_name", "")) <= 100:
+            problems.append("event_name")
+        if not 0 < len(form.get("identifier", "")) <= 100:
+            problems.append("identifier")
+        if not form.get("payload[stripe_customer_id]", "").startswith("cus_"):
+            problems.append("payload[stripe_customer_id]")
+        if not form.get("payload[value]", "").isdigit():
+            problems.append("payload[value]")
+        stamp = form.get("timestamp", "")
+        if not stamp.isdigit() or not clock.time() - 35 * 86400 <= int(stamp) \
+                <= clock.time() + 300:
+            problems.append("timestamp")
+        return problems
+
+    async def create(self, request: Request) -> Response:
+        from urllib.parse import parse_qsl
+
+        if request.headers.get("authorization") != f"Bearer {self.api_key}":
+            return JSONResponse({"error": {"type": "invalid_request_error",
+                                           "message": "Invalid API Key provided"}}, 401)
+        if request.headers.get("content-type", "") != "application/x-www-form-urlencoded":
+            return self._bad("content type")
+        form = dict(parse_qsl((await request.body()).decode(), strict_parsing=True))
+        if problems := self.problems(form):
+            return self._bad(", ".join(problems))
+        with self._lock:
+            if any(e["identifier"] == form["identifier"] for e in self.accepted):
+                self.duplicates += 1
+                return JSONResponse({"error": {
+                    "type": "invalid_request_error",
+                    "message": f"An event already exists with identifier "
+                               f"{form['identifier']}."}}, 400,
+                    headers={"stripe-should-retry": "false"})
+            self.accepted.append(form)
+            held = self.hold_after_events is not None and \
+                len(self.accepted) > self.hold_after_events
+        if held:  # recorded, but the answer never reaches the exporter
+            await asyncio.to_thread(self.release.wait)
+        return JSONResponse({"object": "billing.meter_event", **form})
+
+    def _bad(self, problem: str) -> Response:
+        with self._lock:
+            self.rejected.append(problem)
+        return JSONResponse({"error": {"type": "invalid_request_error", "message": problem}}, 400)
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/v1/billing/meter_events", self.create,
+                                       methods=["POST"])])

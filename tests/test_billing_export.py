@@ -7,11 +7,12 @@ under uvicorn that validates every request and deduplicates on (source, id) as O
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from billing_helpers import OpenMeterStandIn, cloudevent_problems
+from billing_helpers import OpenMeterStandIn, StripeStandIn, cloudevent_problems
 from db_helpers import scratch_database
 from pydantic import SecretStr
 from runtime_helpers import serve, wait_for
@@ -33,9 +34,11 @@ from tenantry_runtime.export import (
     UsageRecord,
     cloud_event,
     read_checkpoint,
+    stripe_meter_event,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+EXPORTER = [sys.executable, "-m", "tenantry_runtime.export"]
 SCHEMA = "tenantry"
 TENANTS = ("acme", "globex", "initech")
 T0 = datetime(2026, 11, 3, 12, 0, tzinfo=UTC)
@@ -168,51 +171,117 @@ def test_a_row_committed_late_with_an_older_timestamp_is_not_skipped(usage_db: s
         f"req_{n:06d}" for n in range(1, 6)])
 
 
+def exporter_env(usage_db: str, **settings: str) -> dict[str, str]:
+    return {**os.environ, "TENANTRY_EXPORT_DATABASE_URL": usage_db,
+            "TENANTRY_EXPORT_BATCH_SIZE": "50", "TENANTRY_EXPORT_INTERVAL_SECONDS": "0.05",
+            "TENANTRY_EXPORT_BACKOFF_SECONDS": "0.01",
+            # This checkout's packages, whatever the venv has installed.
+            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "runtime"),
+                                           os.environ.get("PYTHONPATH", "")]),
+            **{f"TENANTRY_EXPORT_{k.upper()}": v for k, v in settings.items()}}
+
+
+def kill_midway(env: dict[str, str], reached: Callable[[], bool]) -> None:
+    """Run the exporter until `reached`, then SIGKILL it: no chance to clean up."""
+    exporter = subprocess.Popen(EXPORTER, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: reached() or exporter.poll() is not None, 60, "the exporter midway")
+        assert exporter.poll() is None, exporter.communicate()[0].decode()
+        exporter.send_signal(signal.SIGKILL)
+        exporter.wait(10)
+    finally:
+        if exporter.poll() is None:
+            exporter.kill()
+
+
+def resume_once(env: dict[str, str]) -> None:
+    done = subprocess.run([*EXPORTER, "--once"], env=env, capture_output=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+
+
+def exported_count(usage_db: str) -> int:
+    with psycopg.connect(usage_db, autocommit=True) as conn:
+        row = conn.execute("SELECT exported FROM tenantry_private.usage_export_checkpoints"
+                           ).fetchone()
+    return 0 if row is None else int(row[0])
+
+
 def test_exporter_killed_midway_resumes_and_the_provider_gets_every_event_once(
         usage_db: str) -> None:
     ids = insert_usage(usage_db, 0, 500)
     # After 3 acknowledged batches the 4th is recorded but its acknowledgement held: the kill
     # lands between the provider taking a batch and the checkpoint moving, the worst moment.
     stand_in = OpenMeterStandIn(hold_after_batches=3)
-    env = {**os.environ, "TENANTRY_EXPORT_DATABASE_URL": usage_db,
-           "TENANTRY_EXPORT_BATCH_SIZE": "50", "TENANTRY_EXPORT_INTERVAL_SECONDS": "0.05",
-           "TENANTRY_EXPORT_BACKOFF_SECONDS": "0.01",
-           # This checkout's packages, whatever the venv has installed.
-           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "runtime"),
-                                          os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "tenantry_runtime.export"]
     with serve(stand_in.app()) as url:
-        env["TENANTRY_EXPORT_OPENMETER_URL"] = url
-        first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT)
-        try:
-            wait_for(lambda: stand_in.batches >= 4 or first.poll() is not None, 60,
-                     "the exporter to send 4 batches")
-            assert first.poll() is None, first.communicate()[0].decode()
-            first.send_signal(signal.SIGKILL)
-            first.wait(10)
-        finally:
-            if first.poll() is None:
-                first.kill()
+        env = exporter_env(usage_db, openmeter_url=url)
+        kill_midway(env, lambda: stand_in.batches >= 4)
+        assert exported_count(usage_db) == 150  # three acknowledged batches, not the held one
         with psycopg.connect(usage_db, autocommit=True) as conn:
-            checkpoint = read_checkpoint(conn, "openmeter", SCHEMA)
-            exported = conn.execute("SELECT exported FROM tenantry_private."
-                                    "usage_export_checkpoints").fetchone()
-        assert exported == (150,)  # three acknowledged batches, not the held one
-        assert checkpoint[0] != "0"
+            assert read_checkpoint(conn, "openmeter", SCHEMA)[0] != "0"
         assert len(stand_in.accepted_ids()) == 200  # the provider has the 4th batch already
         # Usage keeps arriving while the exporter is down.
         ids += insert_usage(usage_db, 500, 40)
         stand_in.hold_after_batches = None
         stand_in.release.set()
-        second = subprocess.run([*command, "--once"], env=env, capture_output=True,
-                                timeout=120, check=False)
-        assert second.returncode == 0, second.stdout.decode() + second.stderr.decode()
+        resume_once(env)
     accepted = stand_in.accepted_ids()
     assert sorted(accepted) == sorted(ids)  # every event, once, nothing skipped
     assert len(set(accepted)) == len(accepted) == 540
     assert stand_in.duplicates == 50  # the held batch was resent and dropped by id
     assert stand_in.rejected == []
-    with psycopg.connect(usage_db, autocommit=True) as conn:
-        assert conn.execute("SELECT exported FROM tenantry_private.usage_export_checkpoints"
-                            ).fetchone() == (540,)
+    assert exported_count(usage_db) == 540
+
+
+STRIPE_KEY = "sk_test_tenantry"
+CUSTOMERS = json.dumps({t: f"cus_{t}" for t in TENANTS})
+
+
+def test_stripe_meter_event_shape() -> None:
+    record = UsageRecord("42", "acme", "req_1", T0, "m", 10, 5, 2, 3, None, None, None)
+    assert stripe_meter_event(record, "tenantry_tokens", {"acme": "cus_A"}) == {
+        "event_name": "tenantry_tokens", "identifier": "req_1",
+        "timestamp": str(int(T0.timestamp())), "payload[stripe_customer_id]": "cus_A",
+        "payload[value]": "20"}
+    with pytest.raises(ExportRejected, match="no Stripe customer"):
+        stripe_meter_event(record, "tenantry_tokens", {})
+
+
+def test_stripe_exporter_killed_mid_batch_resumes_and_stripe_gets_each_event_once(
+        usage_db: str) -> None:
+    recent = datetime.now(UTC) - timedelta(hours=2)  # Stripe takes the last 35 days only
+    ids = insert_usage(usage_db, 0, 200, created_at=recent)
+    # Stripe takes one event per request: the kill lands in the middle of the 3rd batch,
+    # after Stripe recorded its 21st event and before the exporter heard so.
+    stand_in = StripeStandIn(STRIPE_KEY, hold_after_events=120)
+    with serve(stand_in.app()) as url:
+        env = exporter_env(usage_db, provider="stripe", stripe_url=url,
+                           stripe_api_key=STRIPE_KEY, stripe_customers=CUSTOMERS)
+        kill_midway(env, lambda: len(stand_in.accepted_ids()) > 120)
+        assert exported_count(usage_db) == 100
+        ids += insert_usage(usage_db, 200, 20, created_at=recent)
+        stand_in.hold_after_events = None
+        stand_in.release.set()
+        resume_once(env)
+    accepted = stand_in.accepted_ids()
+    assert sorted(accepted) == sorted(ids) and len(set(accepted)) == len(accepted) == 220
+    assert stand_in.duplicates == 21  # the 3rd batch's first 21, refused by identifier
+    assert stand_in.rejected == []
+    assert {e["payload[stripe_customer_id]"] for e in stand_in.accepted} == {
+        f"cus_{t}" for t in TENANTS}
+    assert exported_count(usage_db) == 220
+
+
+def test_stripe_tenant_without_a_customer_stops_the_export_before_anything_moves(
+        usage_db: str) -> None:
+    insert_usage(usage_db, 0, 5, created_at=datetime.now(UTC))
+    stand_in = StripeStandIn(STRIPE_KEY)
+    with serve(stand_in.app()) as url:
+        done = subprocess.run([*EXPORTER, "--once"], env=exporter_env(
+            usage_db, provider="stripe", stripe_url=url, stripe_api_key=STRIPE_KEY,
+            stripe_customers=json.dumps({"acme": "cus_acme"})), capture_output=True,
+            timeout=120, check=False)
+    assert done.returncode == 2
+    assert b"has no Stripe customer" in done.stdout + done.stderr
+    assert exported_count(usage_db) == 0
