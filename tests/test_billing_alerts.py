@@ -25,7 +25,7 @@ import anthropic
 import pytest
 import redis
 import redis.asyncio
-from billing_helpers import WebhookReceiver
+from billing_standins import WebhookReceiver
 from db_helpers import unique
 from kube_helpers import (
     apply_tenant,

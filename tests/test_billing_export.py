@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from billing_helpers import OpenMeterStandIn, StripeStandIn, cloudevent_problems
+from billing_standins import OpenMeterStandIn, StripeStandIn, cloudevent_problems
 from db_helpers import scratch_database
 from pydantic import SecretStr
 from runtime_helpers import serve, wait_for

@@ -375,11 +375,24 @@ class UsageExporter:
         save_checkpoint(self.conn, name, schema, records[-1], len(records))
         return len(records)
 
-    def export_pending(self) -> int:
-        """Batches until nothing is pending; rows sent."""
+    def pending(self) -> int:
+        """Rows past the checkpoint that could be sent now."""
+        schema, name = self.settings.schema_name, self.settings.exporter
+        return int(fetch_rows(self.conn, sql.SQL("""
+            SELECT count(*) FROM {}.ai_usage_logs AS u
+            WHERE (u.export_xid, u.tenant_id, u.request_id, u.created_at)
+                  > (%s::xid8, %s, %s, %s)
+              AND u.export_xid < pg_snapshot_xmin(pg_current_snapshot())""").format(
+            sql.Identifier(validate_identifier(schema))),
+            read_checkpoint(self.conn, name, schema))[0][0])
+
+    def export_pending(self, progress: Callable[[int], None] | None = None) -> int:
+        """Batches until nothing is pending; rows sent. `progress` hears the running total."""
         total = 0
         while sent := self.export_batch():
             total += sent
+            if progress is not None:
+                progress(total)
         return total
 
     def run(self) -> None:
@@ -391,6 +404,20 @@ class UsageExporter:
             except ProviderUnavailable as error:
                 log.warning("%s; resuming from the checkpoint", error)
             time.sleep(self.settings.interval_seconds)
+
+
+def _progress_log(expected: int) -> Callable[[int], None]:
+    """A progress line at most every 5 seconds (a CLI can pass its own progress bar)."""
+    last = time.monotonic()
+
+    def report(done: int) -> None:
+        nonlocal last
+        if time.monotonic() - last >= 5:
+            last = time.monotonic()
+            share = f" ({100 * done // expected}%)" if expected and done <= expected else ""
+            log.info("exported %d of ~%d usage events%s", done, expected, share)
+
+    return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -416,7 +443,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             exporter.prepare()
             if not args.once:
                 exporter.run()
-            sent = exporter.export_pending()
+            expected = exporter.pending()
+            log.info("%d usage events to export", expected)
+            sent = exporter.export_pending(progress=_progress_log(expected))
             log.info("exported %d usage events; nothing pending", sent)
             return 0
     except ExportRejected as error:
