@@ -22,10 +22,11 @@ import psycopg
 import pytest
 from billing_standins import OpenMeterStandIn, StripeStandIn, cloudevent_problems
 from db_helpers import scratch_database
+from psycopg import sql
 from pydantic import SecretStr
 from runtime_helpers import serve, wait_for
 from tenantry_devenv.services import Postgres
-from tenantry_runtime.contracts.database import migrate
+from tenantry_runtime.contracts.database import bridge_schema, migrate
 from tenantry_runtime.export import (
     ExportRejected,
     ExportSettings,
@@ -54,7 +55,8 @@ def usage_db(postgres: Postgres) -> Iterator[str]:
 
 
 def insert_usage(dsn: str, first: int, count: int, per_transaction: int = 37,
-                 created_at: datetime = T0) -> list[str]:
+                 created_at: datetime = T0, schema: str = SCHEMA,
+                 tenants: tuple[str, ...] = TENANTS) -> list[str]:
     """`count` usage rows spread over tenants and several transactions; their request ids."""
     ids = []
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -63,15 +65,16 @@ def insert_usage(dsn: str, first: int, count: int, per_transaction: int = 37,
             for n in range(start, min(start + per_transaction, first + count)):
                 request_id = f"req_{n:06d}"
                 ids.append(request_id)
-                rows.append((TENANTS[n % 3], request_id, created_at + timedelta(seconds=n),
-                             "claude-sonnet-4-5", 100 + n, 20, n % 2, 0,
-                             Decimal("0.000123") * n, "USD", "2026-11-01"))
+                rows.append((tenants[n % len(tenants)], request_id,
+                             created_at + timedelta(seconds=n), "claude-sonnet-4-5", 100 + n,
+                             20, n % 2, 0, Decimal("0.000123") * n, "USD", "2026-11-01"))
             with conn.transaction(), conn.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO tenantry.ai_usage_logs (tenant_id, request_id, created_at,"
+                cur.executemany(sql.SQL(
+                    "INSERT INTO {}.ai_usage_logs (tenant_id, request_id, created_at,"
                     " model, input_tokens, output_tokens, cache_creation_input_tokens,"
                     " cache_read_input_tokens, cost, currency, price_version)"
-                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)", rows)
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)").format(
+                    sql.Identifier(schema)), rows)
     return ids
 
 
@@ -127,6 +130,28 @@ def test_retries_429_and_5xx_then_exports_each_row_once(usage_db: str) -> None:
         assert export_all(usage_db, settings_for(usage_db, url,
                                                  openmeter_token=SecretStr("om-secret"))) == 0
         assert stand_in.batches == 3 and stand_in.duplicates == 0
+
+
+def test_every_schema_with_usage_is_exported_with_its_own_checkpoint(usage_db: str) -> None:
+    """The default "*": the shared schema's pool tenants and each bridge tenant's schema."""
+    bridge = bridge_schema("umbrella")
+    with psycopg.connect(usage_db, autocommit=True) as conn:
+        migrate(conn, bridge)
+    ids = insert_usage(usage_db, 0, 60) + insert_usage(usage_db, 100, 30, schema=bridge,
+                                                       tenants=("umbrella",))
+    stand_in = OpenMeterStandIn()
+    with serve(stand_in.app()) as url:
+        assert export_all(usage_db, settings_for(usage_db, url)) == 90
+        more = insert_usage(usage_db, 200, 5, schema=bridge, tenants=("umbrella",))
+        assert export_all(usage_db, settings_for(usage_db, url)) == 5
+        # One schema only, when asked: its checkpoint is the same one.
+        assert export_all(usage_db, settings_for(usage_db, url, schema_name=bridge)) == 0
+    assert sorted(stand_in.accepted_ids()) == sorted(ids + more)
+    assert stand_in.duplicates == 0
+    with psycopg.connect(usage_db, autocommit=True) as conn:
+        assert sorted(conn.execute(
+            "SELECT source_schema, exported FROM tenantry_private.usage_export_checkpoints"
+        ).fetchall()) == sorted([(SCHEMA, 60), (bridge, 35)])
 
 
 def test_a_refused_batch_stops_the_export_and_keeps_the_checkpoint(usage_db: str) -> None:
@@ -203,9 +228,10 @@ def resume_once(env: dict[str, str]) -> None:
 
 def exported_count(usage_db: str) -> int:
     with psycopg.connect(usage_db, autocommit=True) as conn:
-        row = conn.execute("SELECT exported FROM tenantry_private.usage_export_checkpoints"
-                           ).fetchone()
-    return 0 if row is None else int(row[0])
+        row = conn.execute("SELECT coalesce(sum(exported), 0) FROM"
+                           " tenantry_private.usage_export_checkpoints").fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def test_exporter_killed_midway_resumes_and_the_provider_gets_every_event_once(

@@ -41,7 +41,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .contracts.database import (
     PRIVATE_SCHEMA,
-    SHARED_SCHEMA,
     ensure_private_schema,
     fetch_rows,
     validate_identifier,
@@ -52,6 +51,7 @@ log = logging.getLogger(__name__)
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
 INGEST_PATH = "/api/v1/events"
 STRIPE_PATH = "/v1/billing/meter_events"
+ALL_SCHEMAS = "*"
 # Before the first row: no real row sorts below it (tenant ids are never empty).
 START = ("0", "", "", datetime(1, 1, 1, tzinfo=UTC))
 RETRYABLE = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -64,8 +64,8 @@ class ExportSettings(BaseSettings):
 
     database_url: SecretStr = Field(
         description="Admin DSN of the shared database (bypasses RLS, owns the private schema).")
-    schema_name: str = Field(SHARED_SCHEMA, pattern=r"^[a-z_][a-z0-9_]{0,62}$",
-                             description="The schema whose ai_usage_logs are exported.")
+    schema_name: str = Field(ALL_SCHEMAS, pattern=r"^(\*|[a-z_][a-z0-9_]{0,62})$",
+                             description='The schema to export; "*": every schema with usage.')
     exporter: str = Field("openmeter", pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$",
                           description="This exporter's checkpoint name (one per provider).")
     provider: Literal["openmeter", "stripe"] = Field("openmeter")
@@ -364,9 +364,19 @@ class UsageExporter:
         require_bypass(self.conn)
         ensure_private_schema(self.conn)  # creates the checkpoints table when missing
 
-    def export_batch(self) -> int:
-        """Send the next batch and move the checkpoint past it; rows sent (0: none pending)."""
-        schema, name = self.settings.schema_name, self.settings.exporter
+    def schemas(self) -> list[str]:
+        """The schemas to export: the one configured, or with "*" every schema of this
+        database that has usage (the shared one and each bridge tenant's)."""
+        if self.settings.schema_name != ALL_SCHEMAS:
+            return [self.settings.schema_name]
+        return [str(row[0]) for row in fetch_rows(self.conn, """
+            SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE c.relname = 'ai_usage_logs' AND c.relkind = 'p' ORDER BY 1""")]
+
+    def export_batch(self, schema: str) -> int:
+        """Send the schema's next batch and move its checkpoint past it; rows sent (0: none
+        pending)."""
+        name = self.settings.exporter
         records = read_batch(self.conn, schema, read_checkpoint(self.conn, name, schema),
                              self.settings.batch_size)
         if not records:
@@ -376,23 +386,24 @@ class UsageExporter:
         return len(records)
 
     def pending(self) -> int:
-        """Rows past the checkpoint that could be sent now."""
-        schema, name = self.settings.schema_name, self.settings.exporter
-        return int(fetch_rows(self.conn, sql.SQL("""
+        """Rows past the checkpoints that could be sent now."""
+        return sum(int(fetch_rows(self.conn, sql.SQL("""
             SELECT count(*) FROM {}.ai_usage_logs AS u
             WHERE (u.export_xid, u.tenant_id, u.request_id, u.created_at)
                   > (%s::xid8, %s, %s, %s)
               AND u.export_xid < pg_snapshot_xmin(pg_current_snapshot())""").format(
             sql.Identifier(validate_identifier(schema))),
-            read_checkpoint(self.conn, name, schema))[0][0])
+            read_checkpoint(self.conn, self.settings.exporter, schema))[0][0])
+            for schema in self.schemas())
 
     def export_pending(self, progress: Callable[[int], None] | None = None) -> int:
         """Batches until nothing is pending; rows sent. `progress` hears the running total."""
         total = 0
-        while sent := self.export_batch():
-            total += sent
-            if progress is not None:
-                progress(total)
+        for schema in self.schemas():
+            while sent := self.export_batch(schema):
+                total += sent
+                if progress is not None:
+                    progress(total)
         return total
 
     def run(self) -> None:
