@@ -1,15 +1,18 @@
-"""Usage export to a billing provider: `ai_usage_logs` rows as CloudEvents to OpenMeter.
+"""Usage export to a billing provider: `ai_usage_logs` rows to OpenMeter or Stripe.
 
-`python -m tenantry_runtime.export [--once]` reads the rows of one schema (the shared one by
-default) in batches and POSTs each batch to OpenMeter's ingest API (`POST /api/v1/events`,
-`application/cloudevents-batch+json`). One event per usage row: id = the request id (the
-provider deduplicates on source + id), subject = the tenant, data = model, tokens and cost.
+`python -m tenantry_runtime.export [--once]` reads the rows of every schema with usage (the
+shared one and each bridge tenant's; or the one configured) in batches and sends them:
+- OpenMeter (default): each batch as CloudEvents to its ingest API (`POST /api/v1/events`,
+  `application/cloudevents-batch+json`). One event per row: id = the request id (OpenMeter
+  deduplicates on source + id), subject = the tenant, data = model, tokens and cost.
+- Stripe: one meter event per row (`POST /v1/billing/meter_events`), identifier = the request
+  id; Stripe refuses an identifier it holds, which for a resent row means "already sent".
 
 Exactly once, as the provider sees it:
 - Rows are read in (export_xid, tenant_id, request_id, created_at) order, only below the
   oldest running transaction (migration 0009 says why): a late row is never passed over.
 - The checkpoint (the last row of a batch, per exporter and schema, in the operator's private
-  schema) moves only after the provider acknowledged the batch. A crash in between resends
+  schema) moves only after the provider acknowledged the whole batch. A crash in between resends
   the batch; the provider drops the ids it already has. A crash never skips.
 - 429 and 5xx (and connection errors) are retried with exponential backoff, honouring
   Retry-After; other 4xx stop the exporter with the provider's answer (a bad token or payload
