@@ -69,8 +69,10 @@ class ExportSettings(BaseSettings):
         description="Admin DSN of the shared database (bypasses RLS, owns the private schema).")
     schema_name: str = Field(ALL_SCHEMAS, pattern=r"^(\*|[a-z_][a-z0-9_]{0,62})$",
                              description='The schema to export; "*": every schema with usage.')
-    exporter: str = Field("openmeter", pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$",
-                          description="This exporter's checkpoint name (one per provider).")
+    exporter: str | None = Field(
+        None, pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$",
+        description="This exporter's checkpoint name; the provider's name when unset, so a "
+                    "second provider starts from the first row, not from the other's place.")
     provider: Literal["openmeter", "stripe"] = Field("openmeter")
     openmeter_url: str | None = Field(None, description="e.g. https://openmeter.cloud.")
     openmeter_token: SecretStr | None = Field(None, description="Bearer token (OpenMeter Cloud).")
@@ -90,6 +92,10 @@ class ExportSettings(BaseSettings):
     backoff_seconds: float = Field(0.5, gt=0)
     backoff_max_seconds: float = Field(30.0, gt=0)
     timeout_seconds: float = Field(10.0, gt=0)
+
+    @property
+    def checkpoint_name(self) -> str:
+        return self.exporter or self.provider
 
 
 class ExportRejected(RuntimeError):
@@ -379,7 +385,7 @@ class UsageExporter:
     def export_batch(self, schema: str) -> int:
         """Send the schema's next batch and move its checkpoint past it; rows sent (0: none
         pending)."""
-        name = self.settings.exporter
+        name = self.settings.checkpoint_name
         records = read_batch(self.conn, schema, read_checkpoint(self.conn, name, schema),
                              self.settings.batch_size)
         if not records:
@@ -396,7 +402,7 @@ class UsageExporter:
                   > (%s::xid8, %s, %s, %s)
               AND u.export_xid < pg_snapshot_xmin(pg_current_snapshot())""").format(
             sql.Identifier(validate_identifier(schema))),
-            read_checkpoint(self.conn, self.settings.exporter, schema))[0][0])
+            read_checkpoint(self.conn, self.settings.checkpoint_name, schema))[0][0])
             for schema in self.schemas())
 
     def export_pending(self, progress: Callable[[int], None] | None = None) -> int:
