@@ -113,6 +113,9 @@ def operator(
         "TENANTRY_DATABASE_URL": shared_database,
         "TENANTRY_REDIS_URL": redis_server.url,
         "TENANTRY_RECONCILE_INTERVAL_SECONDS": "3",
+        # Budget alerts (issue 10): delivered each second, to the tests' local receivers.
+        "TENANTRY_ALERTS_INTERVAL_SECONDS": "1",
+        "TENANTRY_ALERTS_WEBHOOK_ALLOW_PRIVATE": "true",
         "TENANTRY_CREDENTIALS_NAMESPACE": CREDENTIALS_NAMESPACE,
         "TENANTRY_RUNTIME_NAMESPACE": RUNTIME_NAMESPACE,
         "TENANTRY_SILO_DSN_OVERRIDES": json.dumps(

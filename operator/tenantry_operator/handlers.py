@@ -9,8 +9,8 @@ from typing import Any
 
 import kopf
 
+from . import alerts, maintenance
 from . import finalize as finalizer
-from . import maintenance
 from .conditions import Condition, merge_conditions
 from .kube import Kube
 from .model import GROUP, VERSION
@@ -41,13 +41,15 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo["kube"] = Kube.from_env()
     await maintenance.on_startup(ours)
     memo["maintenance"] = asyncio.create_task(maintenance.keep_partitions_ahead(ours))
+    memo["alerts"] = asyncio.create_task(alerts.deliver_alerts(memo["kube"], ours))
 
 
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
-    task = memo.get("maintenance")
-    if task is not None:
-        task.cancel()
+    for name in ("maintenance", "alerts"):
+        task = memo.get(name)
+        if task is not None:
+            task.cancel()
     kube = memo.get("kube")
     if kube is not None:
         await kube.close()

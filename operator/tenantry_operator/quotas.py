@@ -31,6 +31,8 @@ def limits_of(spec: EffectiveSpec, revision: int) -> dict[str, str]:
         "tokens_per_minute": str(ai.tokens_per_minute),
         "max_tokens_per_request": str(ai.max_tokens_per_request),
         "suspended": "1" if spec.suspended else "0",
+        # Alerted on, never enforced (the plan bills overage past it).
+        "included_monthly_tokens": str(spec.billing.included_monthly_tokens),
     }
 
 

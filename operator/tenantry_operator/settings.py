@@ -96,6 +96,19 @@ class OperatorSettings(BaseSettings):
         "shared", description="Pool collections: one shared HNSW index, or one partial per tenant."
     )
 
+    # Budget alerts (issue 10, tenantry_operator.alerts): delivery of the alerts the runtime
+    # records in Redis, by the leader.
+    alerts_interval_seconds: float = Field(
+        10.0, ge=0, description="How often recorded budget alerts are delivered; 0 turns it off."
+    )
+    alerts_webhook_timeout_seconds: float = Field(5.0, gt=0)
+    alerts_webhook_allow_private: bool = Field(
+        False, description="Let webhooks reach private, loopback and link-local addresses."
+    )
+    alerts_webhook_give_up_seconds: float = Field(
+        86400.0, gt=0, description="Stop retrying a webhook this long after its alert."
+    )
+
     @model_validator(mode="after")
     def _lease_timings_leave_no_overlap(self) -> Self:
         # The leader gives up before a standby may take over (deadline < duration), and tries

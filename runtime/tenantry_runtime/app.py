@@ -20,6 +20,7 @@ from redis.asyncio import Redis as StreamRedis
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from .alerts import check_alerts
 from .asgi import (
     EVENT_STREAM,
     JSON,
@@ -158,6 +159,21 @@ class Admitted:
         except REDIS_ERRORS as error:
             self.runtime.failures["settle_redis_error"] += 1
             await self._spool(settlement, error)
+            return
+        if usage.charged > 0:
+            self.runtime.spawn(self._check_alerts())
+
+    async def _check_alerts(self) -> None:
+        """Budget alerts (issue 10): off the response path; a miss is caught next request."""
+        tenant = self.caller.config.tenant
+        try:
+            fired = await check_alerts(self.runtime.redis, tenant, self.at)
+        except REDIS_ERRORS:
+            self.runtime.failures["alert_check_redis_error"] += 1
+            return
+        for budget, threshold in fired:
+            self.runtime.metrics.alert(tenant, budget, threshold)
+            log.info("tenant %s reached %d%% of its %s budget", tenant, threshold, budget)
 
     async def _spool(self, settlement: Settlement, error: Exception) -> None:
         spool = self.runtime.spool

@@ -141,8 +141,12 @@ class Metrics:
                                       "Upstream 429/5xx, failures (502) and timeouts (504).")
         self.fallback = Family("tenantry_runtime_limits_fallback_total",
                                "Admissions decided without Redis, by outcome.")
+        # Budget alerts claimed by this worker (issue 10): summed over replicas, one per
+        # tenant, budget, threshold and period.
+        self.alerts = Family("tenantry_runtime_budget_alerts_total",
+                             "Budget alerts (80%, 100%) this worker claimed and recorded.")
         self._families = [self.requests, self.cost, self.rejections, self.upstream_errors,
-                          self.fallback]
+                          self.fallback, self.alerts]
         # (tenant label, model) -> the label sets of its token and duration series, built once
         # (as many as the series themselves: labels are capped, models checked per tenant).
         self._series: dict[tuple[str, str], tuple[tuple[Labels, ...], Labels]] = {}
@@ -168,6 +172,9 @@ class Metrics:
         # client that left, nor the upstream's 4xx about the request itself).
         if status == 429 or status >= 500:
             self.upstream_errors.add(tenant=label, status=str(status))
+
+    def alert(self, tenant: str, budget: str, threshold: int) -> None:
+        self.alerts.add(tenant=self.tenant(tenant), budget=budget, threshold=str(threshold))
 
     def rejected(self, tenant: str, reason: str, status: int) -> None:
         label = self.tenant(tenant)

@@ -157,6 +157,13 @@ _PRIVATE_TABLES: dict[str, sql.SQL] = {
         " target text, rows bigint NOT NULL, digest text NOT NULL,"
         " verified_at timestamptz NOT NULL DEFAULT now(),"
         " PRIMARY KEY (tenant_id, source_schema, source_table)"),
+    # Usage export (tenantry_runtime.export): the last row a provider acknowledged, per
+    # exporter and source schema; moved only after the acknowledgement.
+    "usage_export_checkpoints": sql.SQL(
+        "exporter text NOT NULL, source_schema text NOT NULL, export_xid xid8 NOT NULL,"
+        " tenant_id text NOT NULL, request_id text NOT NULL, created_at timestamptz NOT NULL,"
+        " exported bigint NOT NULL DEFAULT 0, updated_at timestamptz NOT NULL DEFAULT now(),"
+        " PRIMARY KEY (exporter, source_schema)"),
 }
 # Concurrent CREATE ... IF NOT EXISTS can still collide on the catalogs' unique indexes.
 _CREATE_RACES = (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateSchema,

@@ -25,6 +25,8 @@ LIMIT_FIELDS = (
     "tokens_per_minute",
     "max_tokens_per_request",
     "suspended",
+    # Billing alerts (issue 10): the plan's monthly allowance, alerted at 80% and 100%.
+    "included_monthly_tokens",
 )
 
 
@@ -59,3 +61,15 @@ class TenantKeys:
 
     def tokens_minute(self, at: datetime) -> str:
         return self.prefix + at.strftime("rate:tok:%Y%m%d%H%M")
+
+    # Budget alerts (issue 10): the runtime records each alert once in `alerts`; the claims
+    # of a period say which thresholds have fired.
+    @property
+    def alerts(self) -> str:
+        return self.prefix + "alerts"
+
+    def alert_claims_day(self, at: datetime) -> str:
+        return self.prefix + at.strftime("alerts:claimed:day:%Y%m%d")
+
+    def alert_claims_month(self, at: datetime) -> str:
+        return self.prefix + at.strftime("alerts:claimed:month:%Y%m")

@@ -1,0 +1,298 @@
+"""Delivery of budget alerts: an Event on the Tenant, the BudgetAlert condition, the webhook.
+
+The runtime claims each alert once per period and records it in the tenant's `alerts` stream
+(tenantry_runtime.alerts). The operator's leader reads the streams through a consumer group
+and, per alert: creates an Event whose name derives from the alert id (a second attempt gets
+409 and changes nothing), POSTs the signed webhook when the Tenant asks for one, and only then
+acknowledges the entry. A failed delivery stays pending and is retried next round, until
+`alerts_webhook_give_up_seconds` after the alert (then a Warning Event says so). Receivers
+deduplicate on the Tenantry-Alert-Id header: a crash between the POST and the acknowledgement
+sends once more. The condition is level-based: recomputed every round from the current
+periods' claims, so it clears when a new day or month begins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import ipaddress
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+import aiohttp
+from lightkube import ApiError, codecs
+from lightkube.resources.core_v1 import Secret
+from lightkube.types import PatchType
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+from tenantry_runtime.alerts import (
+    ALERT_ID_HEADER,
+    BUDGETS,
+    SIGNATURE_HEADER,
+    THRESHOLDS,
+    BudgetAlert,
+    sign,
+)
+from tenantry_runtime.contracts.redis_keys import TenantKeys
+
+from .conditions import Condition, merge_conditions
+from .kube import Kube, Tenant, as_dict
+from .model import GROUP, VERSION
+from .names import MANAGER, namespace_name
+from .settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+
+GROUP_NAME = "operator-alerts"
+# One consumer name for every replica: a new leader reads the pending entries of the last.
+CONSUMER = "operator"
+CONDITION = "BudgetAlert"
+# Events about a cluster-scoped object live in `default` (as kopf posts them).
+EVENTS_NAMESPACE = "default"
+WEBHOOK_SECRET_KEY = "hmac-key"  # noqa: S105 - the data key's name, not a secret
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+class WebhookFailed(RuntimeError):
+    """The alert could not be delivered now; it stays pending."""
+
+
+def alert_condition(claimed: Sequence[tuple[str, int]]) -> Condition:
+    """Pure: the BudgetAlert condition from the (budget, threshold) pairs of this period."""
+    if not claimed:
+        return Condition(CONDITION, False, "WithinBudgets",
+                         "under 80% of every budget and allowance this period")
+    reached = {budget: max(t for b, t in claimed if b == budget)
+               for budget in BUDGETS if any(b == budget for b, _ in claimed)}
+    worst_budget, worst = max(reached.items(), key=lambda item: item[1])
+    message = "; ".join(f"{budget} {threshold}%" for budget, threshold in reached.items())
+    return Condition(CONDITION, True, f"{worst_budget.capitalize()}{worst}Percent",
+                     f"reached this period: {message}")
+
+
+def event_manifest(alert: BudgetAlert, uid: str | None, reason: str = "BudgetAlert",
+                   message: str | None = None) -> dict[str, Any]:
+    """Pure: the Event about `alert`; its name is a function of the alert id and reason."""
+    digest = hashlib.sha256(f"{reason}/{alert.id}".encode()).hexdigest()[:20]
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    involved = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Tenant", "name": alert.tenant}
+    if uid:
+        involved["uid"] = uid
+    warning = alert.threshold >= 100 or reason != "BudgetAlert"
+    return {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"name": f"{alert.tenant}.{digest}", "namespace": EVENTS_NAMESPACE},
+        "involvedObject": involved, "reason": reason,
+        "message": message or alert.describe(), "type": "Warning" if warning else "Normal",
+        "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
+        "source": {"component": MANAGER}, "reportingComponent": MANAGER,
+    }
+
+
+def webhook_spec(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    webhook = ((body.get("spec") or {}).get("alerts") or {}).get("webhook")
+    return cast(Mapping[str, Any], webhook) if webhook else None
+
+
+async def public_address_only(url: str) -> None:
+    """Refuse a URL whose host resolves to a private, loopback or link-local address: the
+    operator runs inside the cluster, and a tenant's URL must not reach its services."""
+    host = urlsplit(url).hostname
+    if not host:
+        raise WebhookFailed(f"webhook URL {url!r} has no host")
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None)
+    except OSError as error:
+        raise WebhookFailed(f"webhook host {host!r} does not resolve: {error}") from None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0])
+        if not address.is_global:
+            raise WebhookFailed(f"webhook host {host!r} resolves to the non-public address "
+                                f"{address}; refused (alerts_webhook_allow_private)")
+
+
+class AlertDispatcher:
+    def __init__(self, kube: Kube, redis: Redis, settings: OperatorSettings,
+                 http: aiohttp.ClientSession) -> None:
+        self.kube = kube
+        self.redis = redis
+        self.settings = settings
+        self.http = http
+        self._groups: set[str] = set()
+
+    async def run(self) -> None:
+        """For the operator's lifetime; a failed round is logged and retried next round."""
+        while True:
+            try:
+                await self.run_round()
+            except Exception:
+                log.exception("delivering budget alerts failed; retrying next round")
+            await asyncio.sleep(self.settings.alerts_interval_seconds)
+
+    async def run_round(self) -> int:
+        """Deliver every recorded alert of every Tenant; returns alerts delivered."""
+        delivered = 0
+        async for tenant in self.kube.client.list(Tenant):
+            body = as_dict(tenant)
+            if body["metadata"].get("deletionTimestamp"):
+                continue
+            try:
+                delivered += await self.dispatch(body)
+                await self.update_condition(body)
+            except (RedisError, ApiError, aiohttp.ClientError, OSError):
+                log.exception("alerts of tenant %s: retrying next round",
+                              body["metadata"]["name"])
+        return delivered
+
+    async def _entries(self, stream: str) -> list[Entry]:
+        # No stream, no alert: nothing is created for tenants that never reached a threshold
+        # (nor recreated for one whose keys the finalizer just deleted).
+        if not await self.redis.exists(stream):
+            self._groups.discard(stream)
+            return []
+        if stream not in self._groups:
+            with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
+                await self.redis.xgroup_create(stream, GROUP_NAME, id="0")
+            self._groups.add(stream)
+        entries: dict[bytes, dict[bytes, bytes]] = {}
+        for start in ("0", ">"):  # pending (a failed delivery, a crashed leader), then new
+            read = cast(list[tuple[bytes, list[Entry]]], await self.redis.xreadgroup(
+                GROUP_NAME, CONSUMER, {stream: start}, count=100) or [])
+            for _, found in read:
+                entries.update(found)
+        return list(entries.items())
+
+    async def dispatch(self, body: Mapping[str, Any]) -> int:
+        tenant = body["metadata"]["name"]
+        stream = TenantKeys(tenant).alerts
+        delivered = 0
+        for entry_id, fields in await self._entries(stream):
+            try:
+                alert = BudgetAlert.from_stream(tenant, fields)
+            except (KeyError, ValueError):
+                log.error("malformed alert %s of %s dropped: %r", entry_id, tenant, fields)
+                await self.redis.xack(stream, GROUP_NAME, entry_id)
+                continue
+            if await self.deliver(body, alert):
+                await self.redis.xack(stream, GROUP_NAME, entry_id)
+                delivered += 1
+        return delivered
+
+    async def deliver(self, body: Mapping[str, Any], alert: BudgetAlert) -> bool:
+        """True when done with `alert` (delivered, or given up on)."""
+        uid = body["metadata"].get("uid")
+        await self._post_event(event_manifest(alert, uid))
+        webhook = webhook_spec(body)
+        if webhook is None:
+            return True
+        try:
+            await self._send_webhook(body, webhook, alert)
+            return True
+        except WebhookFailed as error:
+            age = datetime.now(UTC) - datetime.fromisoformat(alert.at.replace("Z", "+00:00"))
+            if age.total_seconds() < self.settings.alerts_webhook_give_up_seconds:
+                log.warning("alert %s not delivered yet: %s", alert.id, error)
+                return False
+            await self._post_event(event_manifest(
+                alert, uid, "BudgetAlertUndelivered",
+                f"webhook for {alert.describe()} given up: {error}"))
+            return True
+
+    async def _post_event(self, manifest: dict[str, Any]) -> None:
+        try:
+            await self.kube.client.create(codecs.from_dict(manifest))
+        except ApiError as error:
+            if error.status.code != 409:  # 409: this alert's Event is there already
+                raise
+
+    async def _secret(self, body: Mapping[str, Any], webhook: Mapping[str, Any]) -> bytes:
+        ref = webhook.get("secretRef") or {}
+        namespace = ((body.get("status") or {}).get("provisioned") or {}).get("namespace") \
+            or namespace_name(body["metadata"]["name"], self.settings.namespace_prefix)
+        name, key = ref.get("name", ""), ref.get("key") or WEBHOOK_SECRET_KEY
+        secret = await self.kube.get(Secret, name, namespace)
+        value = (secret.data or {}).get(key) if secret is not None else None
+        if not value:
+            raise WebhookFailed(f"Secret {namespace}/{name} with key {key!r} not found")
+        return base64.b64decode(value)
+
+    async def _send_webhook(self, body: Mapping[str, Any], webhook: Mapping[str, Any],
+                            alert: BudgetAlert) -> None:
+        url = str(webhook.get("url", ""))
+        if not self.settings.alerts_webhook_allow_private:
+            await public_address_only(url)
+        payload = alert.body()
+        headers = {"content-type": "application/json", "user-agent": "tenantry-alerts/1",
+                   SIGNATURE_HEADER: sign(await self._secret(body, webhook), payload),
+                   ALERT_ID_HEADER: alert.id}
+        timeout = aiohttp.ClientTimeout(total=self.settings.alerts_webhook_timeout_seconds)
+        try:
+            async with self.http.post(url, data=payload, headers=headers, timeout=timeout,
+                                      allow_redirects=False) as response:
+                if response.status >= 300:
+                    raise WebhookFailed(f"{url} answered HTTP {response.status}")
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise WebhookFailed(f"{url}: {type(error).__name__} {error}") from None
+
+    async def claimed_now(self, tenant: str) -> list[tuple[str, int]]:
+        keys, now = TenantKeys(tenant), datetime.now(UTC)
+        claims: list[tuple[str, int]] = []
+        for key in (keys.alert_claims_day(now), keys.alert_claims_month(now)):
+            for field in await self.redis.hkeys(key):
+                text = field.decode() if isinstance(field, bytes) else str(field)
+                budget, threshold = text.split(":")
+                if budget in BUDGETS and int(threshold) in THRESHOLDS:
+                    claims.append((budget, int(threshold)))
+        return claims
+
+    async def update_condition(self, body: Mapping[str, Any]) -> None:
+        """Patch the BudgetAlert condition when it differs from what the claims say."""
+        tenant = body["metadata"]["name"]
+        wanted = alert_condition(await self.claimed_now(tenant))
+        if _holds(body, wanted):
+            return
+        # The list is replaced whole: patch a fresh copy, on the condition that nobody changed
+        # the Tenant since (resourceVersion), so a reconcile's newer conditions are never
+        # overwritten with older ones. A conflict is retried next round.
+        fresh = await self.kube.get(Tenant, tenant)
+        if fresh is None:
+            return
+        body = as_dict(fresh)
+        if _holds(body, wanted):
+            return
+        current = list((body.get("status") or {}).get("conditions") or [])
+        merged = merge_conditions(current, [wanted], int(body["metadata"].get("generation", 0)))
+        try:
+            await self.kube.client.patch(
+                Tenant.Status, tenant,
+                {"metadata": {"resourceVersion": body["metadata"]["resourceVersion"]},
+                 "status": {"conditions": merged}}, patch_type=PatchType.MERGE)
+        except ApiError as error:
+            if error.status.code != 409:
+                raise
+            log.info("BudgetAlert condition of %s: the Tenant changed, next round", tenant)
+
+
+def _holds(body: Mapping[str, Any], wanted: Condition) -> bool:
+    """Whether the Tenant's status already carries `wanted`."""
+    conditions = (body.get("status") or {}).get("conditions") or []
+    old = next((c for c in conditions if c.get("type") == wanted.type), None)
+    return old is not None and (old.get("status"), old.get("reason"), old.get("message")) == (
+        wanted.status, wanted.reason, wanted.message)
+
+
+async def deliver_alerts(kube: Kube, settings: OperatorSettings) -> None:
+    """The operator's alert loop (handlers.configure starts it on the leader)."""
+    if settings.redis_url is None or settings.alerts_interval_seconds <= 0:
+        return
+    redis = Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        async with aiohttp.ClientSession() as http:
+            await AlertDispatcher(kube, redis, settings, http).run()
+    finally:
+        await redis.aclose()
