@@ -311,3 +311,31 @@ def test_stripe_tenant_without_a_customer_stops_the_export_before_anything_moves
     assert done.returncode == 2
     assert b"has no Stripe customer" in done.stdout + done.stderr
     assert exported_count(usage_db) == 0
+
+
+def test_the_tenantry_cli_exports_what_is_pending_and_says_what_is_misconfigured(
+        usage_db: str) -> None:
+    ids = insert_usage(usage_db, 0, 120)
+    stand_in = OpenMeterStandIn()
+    cli = [sys.executable, "-m", "tenantry_cli", "export"]
+    with serve(stand_in.app()) as url:
+        done = subprocess.run(cli, env=exporter_env(usage_db, openmeter_url=url),
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert sorted(stand_in.accepted_ids()) == sorted(ids)
+        again = subprocess.run(cli, env=exporter_env(usage_db, openmeter_url=url),
+                               capture_output=True, text=True, timeout=120, check=False)
+        assert again.returncode == 0 and stand_in.duplicates == 0  # nothing sent twice
+    # No provider address: refused before anything moves, in words (exit 6, "refused").
+    unset = {k: v for k, v in exporter_env(usage_db).items()
+             if k != "TENANTRY_EXPORT_OPENMETER_URL"}
+    refused = subprocess.run(cli, env=unset, capture_output=True, text=True, timeout=120,
+                             check=False)
+    assert refused.returncode == 6, refused.stdout + refused.stderr
+    assert "OPENMETER_URL" in refused.stderr.upper()
+    # The database away: exit 4 (unreachable), and the next run resumes.
+    away = exporter_env(usage_db, openmeter_url="http://127.0.0.1:9",
+                        database_url="postgresql://nobody@127.0.0.1:9/none")
+    unreachable = subprocess.run(cli, env=away, capture_output=True, text=True, timeout=120,
+                                 check=False)
+    assert unreachable.returncode == 4, unreachable.stdout + unreachable.stderr

@@ -293,6 +293,21 @@ def parser() -> argparse.ArgumentParser:
                     "cost from the usage logs.")
     output_options(tenants, ("table", "json", "csv"))
 
+    export = commands.add_parser(
+        "export", formatter_class=formatter, help="send metered usage to the billing provider",
+        description="Exports ai_usage_logs to OpenMeter (CloudEvents) or Stripe (meter "
+                    "events), each request once: the request id is the event id, and a "
+                    "checkpoint in Postgres moves only past what the provider acknowledged, so "
+                    "a crash resumes without a gap or a double send. Settings: the "
+                    "TENANTRY_EXPORT_* environment variables (docs/billing-export-alerts.md). "
+                    "Exit 4 when the provider or database is unreachable (the next run "
+                    "resumes), 6 when the provider refused a batch or the settings are wrong.",
+        epilog="Example: TENANTRY_EXPORT_OPENMETER_URL=https://openmeter.example "
+               "tenantry export")
+    export.add_argument("--follow", action="store_true",
+                        help="keep exporting as usage arrives (default: what is pending, then "
+                             "exit, as a CronJob would)")
+
     check = commands.add_parser(
         "doctor", formatter_class=formatter, help="check connections and configuration",
         description="Checks what the operator and runtime need (Kubernetes, CRDs, the runtime "
@@ -309,6 +324,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "invoice":
             return cmd_invoice(src, args)
+        if args.command == "export":
+            from tenantry_runtime import export
+
+            # export's own codes (1 unavailable, 2 refused) in the CLI's documented ones.
+            code = export.main([] if args.follow else ["--once"])
+            return {0: 0, 1: 4, 2: 6}.get(code, 1)
         if args.command == "doctor":
             checks = doctor.run(src)
             if args.output == "json":

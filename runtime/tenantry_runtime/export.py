@@ -39,7 +39,7 @@ from typing import Any, Literal, Protocol
 import httpx
 import psycopg
 from psycopg import sql
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .contracts.database import (
@@ -450,9 +450,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="export what is pending, then exit (for a CronJob)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    settings = ExportSettings()  # from the environment
     try:
+        settings = ExportSettings()  # from the environment
         sink = sink_from_settings(settings)
+    except ValidationError as error:
+        problems = "; ".join(f"TENANTRY_EXPORT_{'_'.join(map(str, e['loc'])).upper()}: "
+                             f"{e['msg']}" for e in error.errors())
+        log.error("the export is not configured: %s", problems)
+        return 2
     except ExportRejected as error:
         log.error("%s", error)
         return 2
@@ -471,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ExportRejected as error:
         log.error("%s", error)
         return 2
-    except ProviderUnavailable as error:
+    except (ProviderUnavailable, psycopg.OperationalError) as error:
         log.error("%s; the next run resumes from the checkpoint", error)
         return 1
     finally:
