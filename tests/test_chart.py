@@ -459,6 +459,8 @@ def test_service_account_can_do_what_the_operator_does(helm: list[str],
         assert not can("create", "pods", "-n", "tenant-x")
         assert not can("update", "secrets", "-n", "tenant-x")
         assert not can("create", "clusterroles.rbac.authorization.k8s.io")
+        # Guardrails: no Role or RoleBinding is ever created for the tenant's ServiceAccount.
+        assert not can("create", "rolebindings.rbac.authorization.k8s.io", "-n", "tenant-x")
         # Leader election: its own Lease in the release namespace, nothing else.
         own_role = [d for d in docs if d["kind"] == "Role"
                     and d["metadata"]["namespace"] == namespace]
@@ -482,6 +484,15 @@ def test_service_account_can_do_what_the_operator_does(helm: list[str],
             {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
              "metadata": {"name": "probe", "namespace": namespace},
              "spec": {"minAvailable": 1, "selector": {"matchLabels": labels}}},
+            # The guardrails of a tenant namespace (guardrails.py).
+            *({"apiVersion": api, "kind": kind, "metadata": {"name": "probe",
+                                                             "namespace": namespace}, **body}
+              for api, kind, body in (
+                  ("v1", "ResourceQuota", {"spec": {"hard": {"pods": "1"}}}),
+                  ("v1", "LimitRange", {"spec": {"limits": [
+                      {"type": "Container", "max": {"cpu": "1"}}]}}),
+                  ("v1", "ServiceAccount", {"automountServiceAccountToken": False}),
+                  ("networking.k8s.io/v1", "NetworkPolicy", {"spec": {"podSelector": {}}}))),
         ]
         result = control_plane.kubectl("apply", "--server-side", "--dry-run=server",
                                        "--field-manager=tenantry-operator", f"--as={account}",
