@@ -172,9 +172,10 @@ def test_ci_values_render_the_settings(helm: list[str], values_file: Path) -> No
     # Every TENANTRY_* variable is a real operator setting, and the literal ones parse.
     fields = {f"TENANTRY_{name.upper()}" for name in OperatorSettings.model_fields}
     assert {n for n in env if n.startswith("TENANTRY_")} <= fields
-    parsed = OperatorSettings.model_validate(
-        {name.removeprefix("TENANTRY_").lower(): value for name, value in literal.items()
-         if name.startswith("TENANTRY_")})
+    parsed = OperatorSettings.model_validate(  # a list setting is JSON, as pydantic reads env
+        {name.removeprefix("TENANTRY_").lower(): json.loads(value) if value[:1] == "[" else value
+         for name, value in literal.items() if name.startswith("TENANTRY_")})
+    assert list(parsed.cluster_cidrs) == values["clusterCIDRs"]
     assert parsed.silo_image == literal["TENANTRY_SILO_IMAGE"]
     assert parsed.worker_limit == values["workerLimit"]
     assert parsed.reconcile_interval_seconds == values["reconcileIntervalSeconds"]
