@@ -172,9 +172,10 @@ def test_ci_values_render_the_settings(helm: list[str], values_file: Path) -> No
     # Every TENANTRY_* variable is a real operator setting, and the literal ones parse.
     fields = {f"TENANTRY_{name.upper()}" for name in OperatorSettings.model_fields}
     assert {n for n in env if n.startswith("TENANTRY_")} <= fields
-    parsed = OperatorSettings.model_validate(
-        {name.removeprefix("TENANTRY_").lower(): value for name, value in literal.items()
-         if name.startswith("TENANTRY_")})
+    parsed = OperatorSettings.model_validate(  # a list setting is JSON, as pydantic reads env
+        {name.removeprefix("TENANTRY_").lower(): json.loads(value) if value[:1] == "[" else value
+         for name, value in literal.items() if name.startswith("TENANTRY_")})
+    assert list(parsed.cluster_cidrs) == values["clusterCIDRs"]
     assert parsed.silo_image == literal["TENANTRY_SILO_IMAGE"]
     assert parsed.worker_limit == values["workerLimit"]
     assert parsed.reconcile_interval_seconds == values["reconcileIntervalSeconds"]
@@ -459,6 +460,8 @@ def test_service_account_can_do_what_the_operator_does(helm: list[str],
         assert not can("create", "pods", "-n", "tenant-x")
         assert not can("update", "secrets", "-n", "tenant-x")
         assert not can("create", "clusterroles.rbac.authorization.k8s.io")
+        # Guardrails: no Role or RoleBinding is ever created for the tenant's ServiceAccount.
+        assert not can("create", "rolebindings.rbac.authorization.k8s.io", "-n", "tenant-x")
         # Leader election: its own Lease in the release namespace, nothing else.
         own_role = [d for d in docs if d["kind"] == "Role"
                     and d["metadata"]["namespace"] == namespace]
@@ -482,6 +485,15 @@ def test_service_account_can_do_what_the_operator_does(helm: list[str],
             {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
              "metadata": {"name": "probe", "namespace": namespace},
              "spec": {"minAvailable": 1, "selector": {"matchLabels": labels}}},
+            # The guardrails of a tenant namespace (guardrails.py).
+            *({"apiVersion": api, "kind": kind, "metadata": {"name": "probe",
+                                                             "namespace": namespace}, **body}
+              for api, kind, body in (
+                  ("v1", "ResourceQuota", {"spec": {"hard": {"pods": "1"}}}),
+                  ("v1", "LimitRange", {"spec": {"limits": [
+                      {"type": "Container", "max": {"cpu": "1"}}]}}),
+                  ("v1", "ServiceAccount", {"automountServiceAccountToken": False}),
+                  ("networking.k8s.io/v1", "NetworkPolicy", {"spec": {"podSelector": {}}}))),
         ]
         result = control_plane.kubectl("apply", "--server-side", "--dry-run=server",
                                        "--field-manager=tenantry-operator", f"--as={account}",

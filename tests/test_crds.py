@@ -177,6 +177,13 @@ def test_minimal_plan_gets_server_side_defaults(objects: Objects) -> None:
         "allowedIsolation": ["pool"],
         "billing": {"includedMonthlyTokens": 0, "overagePricePerMillionTokens": "0",
                     "currency": "USD"},
+        # Guardrails of each tenant namespace (tests/test_guardrails.py).
+        "namespaceQuota": {"requests": {"cpu": "2", "memory": "4Gi", "storage": "20Gi"},
+                           "limits": {"cpu": "4", "memory": "8Gi"}, "pods": 20,
+                           "services": 10, "persistentVolumeClaims": 5},
+        "containerLimits": {"defaultRequest": {"cpu": "100m", "memory": "128Mi"},
+                            "default": {"cpu": "500m", "memory": "512Mi"},
+                            "max": {"cpu": "2", "memory": "4Gi"}},
     }
     assert created["spec"] == expected_spec
     assert objects.get("tenantplan", name)["spec"] == expected_spec

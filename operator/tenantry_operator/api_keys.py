@@ -79,11 +79,14 @@ async def ensure_runtime_record(ctx: StepContext) -> Condition:
     problem: str | None = None
     ref = ctx.spec.ai.endpoint.secret_ref
     if config.endpoint.type == "dedicated" and ref is not None:
-        endpoint_key = await dataplane.secret_value(ctx.kube, ns, ref.name, ref.key)
+        secret = await live_secret(ctx.kube, ns, ref.name)
+        endpoint_key = (decoded(secret).get(ref.key) if secret is not None else None) or None
         if endpoint_key is None:
-            problem = (f"Secret {ns}/{ref.name} (spec.ai.endpoint.secretRef) has no key"
-                       f" {ref.key!r}; the runtime answers the tenant's requests with 503 until"
-                       " it has one")
+            missing = (f"has no key {ref.key!r}" if secret is not None else
+                       f"does not exist; create it with the endpoint's API key under {ref.key!r}")
+            problem = (f"Secret {ns}/{ref.name} (spec.ai.endpoint.secretRef) {missing}; the"
+                       " runtime answers the tenant's requests with 503 until it has one (it"
+                       " never falls back to the shared endpoint)")
     dsn: str | None = None
     if config.database.credentials_secret:
         credentials = await live_secret(ctx.kube, ns, config.database.credentials_secret)

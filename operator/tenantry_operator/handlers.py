@@ -59,9 +59,9 @@ async def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> Non
     async with tenant_lock(body["metadata"]["name"]):
         outcome = await reconcile(body, memo["kube"], get_settings(), reconcile_steps())
     patch.status.update(outcome.status)
-    if outcome.permanent_error:
-        kopf.warn(body, reason="PlanViolation", message=outcome.permanent_error)
-    elif outcome.retry_after is not None:
+    for failure in outcome.warnings:  # `kubectl describe tnt` tells what a person must fix
+        kopf.warn(body, reason=failure.reason, message=f"{failure.type}: {failure.message}")
+    if outcome.retry_after is not None:
         raise kopf.TemporaryError(outcome.status["phase"], delay=outcome.retry_after)
 
 

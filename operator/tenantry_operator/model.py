@@ -133,6 +133,47 @@ class PlanRateLimits(_Camel):
     tokens_per_minute: int = Field(100_000, alias="tokensPerMinute")
 
 
+# --- guardrails of each tenant namespace (ResourceQuota, LimitRange; guardrails.py) ----------
+
+
+Quantity = str | int  # a Kubernetes quantity: "500m", "4Gi", 2
+
+
+class CpuMemory(_Camel):
+    cpu: Quantity
+    memory: Quantity
+
+
+class QuotaRequests(_Camel):
+    cpu: Quantity = "2"
+    memory: Quantity = "4Gi"
+    storage: Quantity = "20Gi"
+
+
+class QuotaLimits(_Camel):
+    cpu: Quantity = "4"
+    memory: Quantity = "8Gi"
+
+
+class NamespaceQuota(_Camel):
+    """The tenant's own workloads; a silo's database is added on top (guardrails.py)."""
+
+    requests: QuotaRequests = QuotaRequests()
+    limits: QuotaLimits = QuotaLimits()
+    pods: int = 20
+    services: int = 10
+    persistent_volume_claims: int = Field(5, alias="persistentVolumeClaims")
+
+
+class ContainerLimits(_Camel):
+    """LimitRange of each container: defaults for what a container leaves unset, and a max."""
+
+    default_request: CpuMemory = Field(CpuMemory(cpu="100m", memory="128Mi"),
+                                       alias="defaultRequest")
+    default: CpuMemory = CpuMemory(cpu="500m", memory="512Mi")
+    max: CpuMemory = CpuMemory(cpu="2", memory="4Gi")
+
+
 class PlanSpec(_Camel):
     model: str
     # Admission priority under saturation (0-100, higher first).
@@ -144,6 +185,8 @@ class PlanSpec(_Camel):
     rate_limits: PlanRateLimits = Field(PlanRateLimits(), alias="rateLimits")
     allowed_isolation: tuple[Isolation, ...] = Field((Isolation.POOL,), alias="allowedIsolation")
     billing: PlanBilling = PlanBilling()
+    namespace_quota: NamespaceQuota = Field(NamespaceQuota(), alias="namespaceQuota")
+    container_limits: ContainerLimits = Field(ContainerLimits(), alias="containerLimits")
 
 
 class EffectiveAi(BaseModel):
@@ -182,14 +225,25 @@ class EffectiveSpec(BaseModel):
     suspended: bool
     billing: PlanBilling
     api_keys: tuple[ApiKeySpec, ...] = ()
+    # From the plan only: the namespace's ResourceQuota and LimitRange (guardrails.py).
+    namespace_quota: NamespaceQuota = NamespaceQuota()
+    container_limits: ContainerLimits = ContainerLimits()
 
 
 class PlanViolation(ValueError):
-    """The Tenant asks for something its plan does not allow."""
+    """The Tenant asks for something its plan does not allow; `reason` names the condition."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def _first(*values: Any) -> Any:
     return next(v for v in values if v is not None)
+
+
+def _source(tenant_value: int | None, plan: str) -> str:
+    return "set on the Tenant" if tenant_value is not None else f"from plan {plan!r}"
 
 
 def effective_spec(
@@ -199,10 +253,23 @@ def effective_spec(
     if tenant.isolation not in plan.allowed_isolation:
         allowed = ", ".join(i.value for i in plan.allowed_isolation)
         raise PlanViolation(
+            "IsolationNotAllowed",
             f"plan {tenant.plan!r} allows isolation {allowed}; the Tenant asks for "
             f"{tenant.isolation.value}"
         )
     ai = tenant.ai
+    max_tokens = _first(ai.max_tokens_per_request, plan.max_tokens_per_request)
+    tokens_per_minute = _first(ai.rate_limits.tokens_per_minute,
+                               plan.rate_limits.tokens_per_minute)
+    if max_tokens > tokens_per_minute:
+        # The CRD checks this only when the Tenant sets both; one of them may come from the plan.
+        raise PlanViolation(
+            "MaxTokensAboveRateLimit",
+            f"maxTokensPerRequest {max_tokens} ({_source(ai.max_tokens_per_request, tenant.plan)})"
+            f" exceeds rateLimits.tokensPerMinute {tokens_per_minute}"
+            f" ({_source(ai.rate_limits.tokens_per_minute, tenant.plan)}): no request"
+            " asking for that many tokens could ever be admitted. Lower spec.ai."
+            "maxTokensPerRequest or raise spec.ai.rateLimits.tokensPerMinute")
     return EffectiveSpec(
         name=name,
         uid=uid,
@@ -213,16 +280,14 @@ def effective_spec(
         ai=EffectiveAi(
             model=_first(ai.model, plan.model),
             endpoint=ai.endpoint,
-            max_tokens_per_request=_first(ai.max_tokens_per_request, plan.max_tokens_per_request),
+            max_tokens_per_request=max_tokens,
             daily_tokens=_first(ai.budgets.daily_tokens, plan.budgets.daily_tokens),
             monthly_tokens=_first(ai.budgets.monthly_tokens, plan.budgets.monthly_tokens),
             overage_allowed=_first(ai.budgets.overage_allowed, plan.budgets.overage_allowed),
             requests_per_minute=_first(
                 ai.rate_limits.requests_per_minute, plan.rate_limits.requests_per_minute
             ),
-            tokens_per_minute=_first(
-                ai.rate_limits.tokens_per_minute, plan.rate_limits.tokens_per_minute
-            ),
+            tokens_per_minute=tokens_per_minute,
             plan_tier=plan.tier,
             budget_fail_open=plan.budgets.fail_open,
             max_concurrent_requests=plan.max_concurrent_requests,
@@ -234,4 +299,6 @@ def effective_spec(
         suspended=tenant.suspended,
         billing=plan.billing,
         api_keys=tenant.api_keys,
+        namespace_quota=plan.namespace_quota,
+        container_limits=plan.container_limits,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -32,7 +32,9 @@ class Outcome:
 
     status: dict[str, Any]
     retry_after: float | None = None
-    permanent_error: str | None = None
+    # Conditions that just turned into a reason a person must act on: each becomes a Warning
+    # Event on the Tenant, once per transition (not on every resync).
+    warnings: list[Condition] = field(default_factory=list)
 
 
 async def resolve_spec(
@@ -49,7 +51,7 @@ async def resolve_spec(
         plan = PlanSpec.model_validate(as_dict(plan_obj).get("spec", {}))
         spec = effective_spec(meta["name"], meta["uid"], meta.get("generation", 0), tenant, plan)
     except PlanViolation as err:
-        return None, Condition("PlanResolved", False, "IsolationNotAllowed", str(err)), False
+        return None, Condition("PlanResolved", False, err.reason, str(err)), False
     except ValidationError as err:
         return None, Condition("PlanResolved", False, "InvalidPlan", str(err)), True
     return spec, Condition("PlanResolved", True, "Resolved", f"plan {tenant.plan}"), False
@@ -65,7 +67,17 @@ def condition_type(step: Step) -> str:
 FAILED_REASONS = frozenset({
     "IsolationNotAllowed", "IsolationLowered", "NamespaceConflict", "ResourceConflict",
     "CredentialsLost", "VolumeExpansionNotAllowed", "VolumeShrinkNotSupported",
+    "MaxTokensAboveRateLimit", "EndpointKeyMissing",
 })
+
+
+def new_failures(previous: Sequence[Mapping[str, Any]],
+                 observed: Sequence[Condition]) -> list[Condition]:
+    """Observed conditions with a reason in FAILED_REASONS that the previous status did not
+    already report (same type, status and reason): the ones to announce with an Event."""
+    before = {c.get("type"): (c.get("status"), c.get("reason")) for c in previous}
+    return [c for c in observed if c.reason in FAILED_REASONS and not c.ok
+            and before.get(c.type) != (c.status, c.reason)]
 
 
 def phase_of(spec: EffectiveSpec | None, conditions: Sequence[Condition]) -> str:
@@ -87,7 +99,6 @@ async def reconcile(
     spec, plan_cond, retryable = await resolve_spec(body, kube)
     observed = [plan_cond]
     retry: float | None = 30.0 if retryable else None
-    permanent = None if retryable or plan_cond.ok else plan_cond.message
     provisioned: dict[str, str] = dict(status.get("provisioned") or {})
     if spec is not None:
         ctx = StepContext(spec=spec, kube=kube, settings=settings, status=status,
@@ -120,4 +131,5 @@ async def reconcile(
     }
     if spec is not None:
         new_status.update(ctx.status_updates)
-    return Outcome(status=new_status, retry_after=retry, permanent_error=permanent)
+    return Outcome(status=new_status, retry_after=retry,
+                   warnings=new_failures(status.get("conditions") or [], observed))

@@ -73,6 +73,17 @@ class OperatorSettings(BaseSettings):
         ),
     )
 
+    # Guardrails of tenant namespaces (guardrails.py)
+    cluster_cidrs: tuple[str, ...] = Field(
+        (),
+        description=(
+            "The cluster's Pod and Service CIDRs, cut out of every tenant's allowEgressCIDRs:"
+            " a tenant's 0.0.0.0/0 then reaches the outside but no Pod of the cluster (CNIs"
+            " that match ipBlocks against Pod IPs would let it reach every namespace without"
+            " policies of its own)."
+        ),
+    )
+
     # Data plane
     database_url: SecretStr | None = Field(
         None, description="Admin DSN of the shared Postgres (pool and bridge tenants)."

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok and helm
+# Builds kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok, helm and
+# cyclonus (a NetworkPolicy analyzer)
 # from Go modules into a cache directory keyed by version; prints that directory.
 # A second run finds the binaries and builds nothing.
 set -euo pipefail
@@ -46,7 +47,7 @@ if [[ ! -s "$bin_dir/kwok-stages.yaml" ]]; then
 fi
 # helm renders and lints charts/tenantry in tests/test_chart.py; its version comes from helm/go.mod,
 # and the binary is named by it so a bump rebuilds instead of reusing a stale helm.
-gomod_version() { sed -n "s|^\(require \)\?[[:space:]]*$1 \(v[^ ]*\).*|\2|p" "$here/helm/go.mod"; }
+gomod_version() { sed -n "s|^\(require \)\?[[:space:]]*$1 \(v[^ ]*\).*|\2|p" "$here/${2:-helm}/go.mod"; }
 helm_version="$(gomod_version helm.sh/helm/v3)"
 # Like helm's Makefile: the Kubernetes version `helm template` assumes follows client-go (v0.N -> 1.N).
 client_go_minor="$(gomod_version k8s.io/client-go | cut -d. -f2)"
@@ -57,4 +58,9 @@ for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
 done
 build helm helm.sh/helm/v3/cmd/helm "helm-${helm_version}" "$helm_ldflags"
 ln -sfn "helm-${helm_version}" "$bin_dir/helm"
+# cyclonus evaluates the NetworkPolicies rendered for tenant namespaces offline
+# (tests/test_network_policies.py); named by its version like helm.
+cyclonus_version="$(gomod_version github.com/mattfenwick/cyclonus netpol)"
+build netpol github.com/mattfenwick/cyclonus/cmd/cyclonus "cyclonus-${cyclonus_version}"
+ln -sfn "cyclonus-${cyclonus_version}" "$bin_dir/cyclonus"
 echo "$bin_dir"
