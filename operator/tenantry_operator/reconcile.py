@@ -33,6 +33,7 @@ class Outcome:
     status: dict[str, Any]
     retry_after: float | None = None
     permanent_error: str | None = None
+    spec: EffectiveSpec | None = None  # the plan-merged spec, when the plan resolved (metrics)
 
 
 async def resolve_spec(
@@ -120,4 +121,4 @@ async def reconcile(
     }
     if spec is not None:
         new_status.update(ctx.status_updates)
-    return Outcome(status=new_status, retry_after=retry, permanent_error=permanent)
+    return Outcome(status=new_status, retry_after=retry, permanent_error=permanent, spec=spec)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok and helm
-# from Go modules into a cache directory keyed by version; prints that directory.
+# Builds kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok, helm and
+# promtool from Go modules into a cache directory keyed by version; prints that directory.
 # A second run finds the binaries and builds nothing.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -57,4 +57,18 @@ for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
 done
 build helm helm.sh/helm/v3/cmd/helm "helm-${helm_version}" "$helm_ldflags"
 ln -sfn "helm-${helm_version}" "$bin_dir/helm"
+# promtool checks and unit-tests the chart's PrometheusRules (tests/test_monitoring.py); named by
+# its module version like helm. The module's v0.3MM.P is Prometheus v3.MM.P.
+prom_module="$(sed -n "s|^\(require \)\?[[:space:]]*github.com/prometheus/prometheus \(v[^ ]*\).*|\2|p" \
+  "$here/promtool/go.mod")"
+prom_minor="${prom_module#v0.}"
+prom_version="3.$((10#${prom_minor%%.*} - 300)).${prom_minor#*.}"
+build promtool github.com/prometheus/prometheus/cmd/promtool "promtool-${prom_module}" \
+  "-X github.com/prometheus/common/version.Version=${prom_version}"
+ln -sfn "promtool-${prom_module}" "$bin_dir/promtool"
+# promql-names lists the metric names PromQL expressions read, with the same parser; named by a
+# hash of its source and go.mod, so an edit rebuilds it.
+names_hash="$(cat "$here/promtool/promql-names/main.go" "$here/promtool/go.mod" | sha1sum | cut -c1-12)"
+build promtool ./promql-names "promql-names-${names_hash}"
+ln -sfn "promql-names-${names_hash}" "$bin_dir/promql-names"
 echo "$bin_dir"
