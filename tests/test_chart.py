@@ -31,8 +31,9 @@ Proc = subprocess.CompletedProcess[str]
 # --------------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="module")
-def helm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+# Named by `name=` so that other chart test modules can import it without shadowing warnings.
+@pytest.fixture(scope="module", name="helm")
+def helm_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
     """The helm command from the control-plane cache, with its home dirs in a temp dir."""
     built = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True,
                            check=False)

@@ -31,7 +31,7 @@ from tenantry_devenv.controlplane import ControlPlane, start_control_plane
 from tenantry_devenv.processes import free_port
 from tenantry_devenv.services import Postgres, Redis
 from tenantry_runtime.contracts.database import APP_ROLE
-from test_chart import CHART, REPO_ROOT, Manifest, helm, render  # noqa: F401 - helm: fixture
+from test_chart import CHART, REPO_ROOT, Manifest, helm_fixture, render  # noqa: F401 - a fixture
 
 RELEASE_NAMESPACE = "tenantry-system"
 RUNTIME_NAMESPACE = "tenantry-runtime"
@@ -74,7 +74,7 @@ class Installed:
 
 
 @pytest.fixture(scope="module")
-def installed(helm: list[str], plane: ControlPlane) -> Installed:  # noqa: F811
+def installed(helm: list[str], plane: ControlPlane) -> Installed:
     """The chart applied for real: CRDs first (Helm's order), then every rendered object."""
     plane.kubectl("apply", "--server-side", "-f", str(CHART / "crds"))
     plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
