@@ -5,10 +5,13 @@ the evaluation mode's Postgres and Redis, and what the schema and the templates 
 from __future__ import annotations
 
 import json
+import textwrap
+import uuid
 from pathlib import Path
 
 import pytest
 import yaml
+from tenantry_devenv.controlplane import ControlPlane
 from tenantry_runtime.pricing import load_price_table
 from tenantry_runtime.settings import RuntimeSettings
 from test_chart import (  # noqa: F401 - helm_fixture: the `helm` fixture
@@ -388,3 +391,40 @@ def test_redis_secret_is_shared_when_the_runtime_shares_the_namespace(helm: list
                   f"runtimeNamespace.name={NAMESPACE}")
     env = env_of(only(docs, "Deployment", "runtime")["spec"]["template"]["spec"]["containers"][0])
     assert secret_ref(env["TENANTRY_RUNTIME_REDIS_URL"]) == ("r", "redis-url")
+
+
+# --------------------------------------------------------------------------------- NOTES
+
+
+@pytest.mark.parametrize(("values_file", "model"), [
+    (CHART / "ci" / "evaluation-values.yaml", "claude-haiku-4-5"),
+    (CHART / "ci" / "minimal-values.yaml", None)], ids=["evaluation", "operator-only"])
+def test_notes_walk_through_a_first_tenant(helm: list[str], control_plane: ControlPlane,
+                                           values_file: Path, model: str | None) -> None:
+    namespace = f"notes-{uuid.uuid4().hex[:8]}"
+    control_plane.kubectl("create", "namespace", namespace)
+    try:
+        result = run_helm(helm, "install", "tenantry", str(CHART), "--dry-run=server",
+                          f"--kubeconfig={control_plane.kubeconfig}", "--namespace", namespace,
+                          "-f", str(values_file), "--set",
+                          f"runtimeNamespace.name={namespace}-rt")
+        assert result.returncode == 0, result.stderr
+        notes = result.stdout.split("NOTES:", 1)[1]
+    finally:
+        control_plane.kubectl("delete", "namespace", namespace, "--wait=false")
+    if model is None:
+        assert "kind: Tenant" not in notes and "Anthropic(" not in notes
+        assert "No plans installed" in notes
+        return
+    # The Tenant, its key, and an SDK call with the plan's model, through the runtime Service.
+    tenant = yaml.safe_load(textwrap.dedent(
+        notes.split("cat <<'YAML' | kubectl apply -f -\n", 1)[1].split("  YAML\n", 1)[0]))
+    assert tenant["kind"] == "Tenant" and tenant["spec"]["planRef"] == {"name": "free"}
+    assert tenant["spec"]["apiKeys"] == [{"name": "web"}]
+    assert "kubectl -n tenant-acme get secret tenantry-api-keys -o jsonpath='{.data.web}'" in notes
+    assert "port-forward service/tenantry-runtime 8000:80" in notes
+    assert f'model="{model}"' in notes
+    assert 'Anthropic(base_url="http://127.0.0.1:8000", api_key=os.environ["TENANT_KEY"])' in notes
+    assert "EVALUATION MODE - NOT FOR PRODUCTION" in notes
+    assert "WARNING: no model API key" not in notes  # the ci file gives one
+    assert "/metrics is open" in notes
