@@ -12,7 +12,7 @@ IMAGE_REGISTRY ?= ghcr.io/tenantry
 IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 CONTAINER_ENGINE ?= $(shell for e in docker podman; do $$e info >/dev/null 2>&1 && { echo $$e; break; }; done)
 
-.PHONY: help venv controlplane test lint demo cluster-up cluster-down bench images clean
+.PHONY: help venv controlplane test lint demo cluster-up cluster-down bench images e2e-kind clean
 
 help:
 	@echo "make test          - install everything, build/reuse the control plane, run all tests"
@@ -21,6 +21,7 @@ help:
 	@echo "make cluster-up    - start a local control plane (KUBECONFIG printed); cluster-down stops it"
 	@echo "make bench         - retrieval benchmark (see bench/README.md)"
 	@echo "make images        - build the operator and runtime images (needs docker or podman)"
+	@echo "make e2e-kind      - the whole platform in a kind cluster: images, chart, tenants, SDK calls"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -70,6 +71,10 @@ images:
 	    --build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) \
 	    --build-arg CREATED=$$(date -u +%Y-%m-%dT%H:%M:%SZ) . || exit 1; \
 	done
+
+# Needs a container engine (none runs where the tests run): tools/e2e-kind.sh, docs/gitops.md.
+e2e-kind: venv
+	bash tools/e2e-kind.sh
 
 clean:
 	rm -rf $(VENV) .tenantry-dev .mypy_cache .ruff_cache .pytest_cache

@@ -24,7 +24,7 @@ from tenantry_operator.metrics import METRICS, OperatorMetrics
 from tenantry_operator.reconcile import Outcome
 from tenantry_runtime.limits import Usage
 from tenantry_runtime.metrics import Metrics
-from test_chart import BUILD_SCRIPT, CHART, NAMESPACE, render
+from test_chart import BUILD_SCRIPT, CHART, render
 
 MONITORING = ["--set", "monitoring.serviceMonitor.enabled=true",
               "--set", "monitoring.prometheusRule.enabled=true",
@@ -263,39 +263,61 @@ def test_thresholds_come_from_values(tools: Path) -> None:
 
 
 def test_monitoring_is_off_by_default(tools: Path) -> None:
-    kinds = {d["kind"] for d in render([str(tools / "helm")])}
-    assert not kinds & {"ServiceMonitor", "PrometheusRule", "ConfigMap"}
+    docs = render([str(tools / "helm")])
+    assert not {d["kind"] for d in docs} & {"ServiceMonitor", "PrometheusRule"}
+    assert not [d for d in docs if d["metadata"]["name"].endswith(("-dashboard",
+                                                                   "-operator-metrics"))]
+
+
+def component(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind
+             and d["metadata"]["labels"].get("app.kubernetes.io/component") == name]
+    assert len(found) == 1, [d["metadata"]["name"] for d in found]
+    return found[0]
 
 
 def test_service_monitors_select_the_metrics_endpoints(rendered: list[dict[str, Any]]) -> None:
-    deployment = one(rendered, "Deployment")
-    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
-    service = one(rendered, "Service", "-operator-metrics")
-    # The Service reaches the operator Pods' named /healthz port, which also serves /metrics.
-    assert service["spec"]["selector"].items() <= pod_labels.items()
-    assert service["spec"]["ports"][0]["targetPort"] in {p["name"] for p in container["ports"]}
-    monitor = one(rendered, "ServiceMonitor", "-operator")
-    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"][
-        "labels"].items()
-    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
-    assert [e["port"] for e in monitor["spec"]["endpoints"]] == [
-        service["spec"]["ports"][0]["name"]]
-    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
-    runtime = one(rendered, "ServiceMonitor", "-runtime")
-    assert runtime["spec"]["selector"]["matchLabels"][
-        "app.kubernetes.io/component"] == "runtime"
-    assert "authorization" not in runtime["spec"]["endpoints"][0]
+    for name, service in (("operator", one(rendered, "Service", "-operator-metrics")),
+                          ("runtime", component(rendered, "Service", "runtime"))):
+        deployment = component(rendered, "Deployment", name)
+        pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        # The Service reaches the Pods' named port that serves /metrics.
+        assert service["spec"]["selector"].items() <= pod_labels.items(), name
+        port = service["spec"]["ports"][0]
+        assert port["targetPort"] in {p["name"] for p in container["ports"]}, name
+        monitor = component(rendered, "ServiceMonitor", name)
+        assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"][
+            "labels"].items(), name
+        assert monitor["spec"]["namespaceSelector"] == {
+            "matchNames": [service["metadata"]["namespace"]]}
+        assert [e["port"] for e in monitor["spec"]["endpoints"]] == [port["name"]]
+        assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+        assert "authorization" not in monitor["spec"]["endpoints"][0]
+        # No other Service of the chart is selected by it (the operator's metrics only once).
+        others = [d for d in rendered if d["kind"] == "Service" and d is not service
+                  and monitor["spec"]["selector"]["matchLabels"].items()
+                  <= d["metadata"]["labels"].items()]
+        assert others == [], name
 
 
-def test_runtime_scrape_uses_the_token_secret(tools: Path) -> None:
+def test_runtime_scrape_uses_the_metrics_token(tools: Path) -> None:
     docs = render([str(tools / "helm")], *MONITORING,
-                  "--set", "monitoring.serviceMonitor.runtime.tokenSecret.name=rt-metrics",
+                  "--set", "runtime.metricsToken.existingSecret=rt-metrics",
                   "--set", "monitoring.serviceMonitor.labels.release=kps")
-    monitor = one(docs, "ServiceMonitor", "-runtime")
+    monitor = component(docs, "ServiceMonitor", "runtime")
     assert monitor["metadata"]["labels"]["release"] == "kps"
     assert monitor["spec"]["endpoints"][0]["authorization"] == {
-        "type": "Bearer", "credentials": {"name": "rt-metrics", "key": "token"}}
+        "type": "Bearer", "credentials": {"name": "rt-metrics", "key": "metrics-token"}}
+    # The runtime reads the same Secret and key as its token.
+    env = {e["name"]: e for e in component(docs, "Deployment", "runtime")["spec"]["template"][
+        "spec"]["containers"][0]["env"]}
+    assert env["TENANTRY_RUNTIME_METRICS_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "rt-metrics", "key": "metrics-token"}
+    no_runtime = render([str(tools / "helm")], *MONITORING, "--set", "runtime.enabled=false")
+    assert [d["metadata"]["name"] for d in no_runtime if d["kind"] == "ServiceMonitor"] == [
+        "tenantry-operator"]
 
 
 def test_dashboard_configmap_for_the_grafana_sidecar(tools: Path) -> None:

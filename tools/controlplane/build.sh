@@ -71,4 +71,10 @@ ln -sfn "promtool-${prom_module}" "$bin_dir/promtool"
 names_hash="$(cat "$here/promtool/promql-names/main.go" "$here/promtool/go.mod" | sha1sum | cut -c1-12)"
 build promtool ./promql-names "promql-names-${names_hash}"
 ln -sfn "promql-names-${names_hash}" "$bin_dir/promql-names"
+# kind runs the whole platform in Docker for `make e2e-kind` only (no container engine here).
+if [[ "${TENANTRY_WITH_KIND:-}" == 1 ]]; then
+  kind_version="$(sed -n "s|^require sigs.k8s.io/kind \(v[^ ]*\)|\1|p" "$here/kind/go.mod")"
+  build kind sigs.k8s.io/kind "kind-${kind_version}"
+  ln -sfn "kind-${kind_version}" "$bin_dir/kind"
+fi
 echo "$bin_dir"
