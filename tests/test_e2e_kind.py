@@ -31,7 +31,7 @@ STUB = REPO_ROOT / "tools" / "e2e" / "upstream-stub.yaml"
 
 def script_value(name: str) -> str:
     """A `name=value` assignment of the script."""
-    match = re.search(rf"^{name}=(\S+)$", SCRIPT.read_text(), re.M)
+    match = re.search(rf"^{name}=(.+)$", SCRIPT.read_text(), re.M)
     assert match, name
     return match.group(1)
 
