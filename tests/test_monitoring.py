@@ -8,6 +8,7 @@ import asyncio
 import json
 import re
 import subprocess
+import threading
 import types
 import urllib.request
 from collections.abc import Iterator
@@ -19,7 +20,6 @@ import pytest
 import yaml
 from kube_helpers import apply_tenant, wait_for, wait_ready
 from tenantry_devenv.controlplane import ControlPlane
-from tenantry_operator.__main__ import serve_health
 from tenantry_operator.metrics import METRICS, OperatorMetrics
 from tenantry_operator.reconcile import Outcome
 from tenantry_runtime.limits import Usage
@@ -429,14 +429,16 @@ def test_upgrades_in_progress_and_their_start() -> None:
 
 
 @pytest.fixture
-def health_server() -> Iterator[int]:
+def health_server(operator: object) -> Iterator[int]:
     """serve_health on a free port, as `python -m tenantry_operator` runs it (leader)."""
+    # Imported only now: __main__ imports the handlers, whose resync timer reads its interval
+    # at import, which must come after the operator fixture set it.
+    from tenantry_operator.__main__ import serve_health
+
     loop = asyncio.new_event_loop()
     elector = types.SimpleNamespace(is_leader=True)
     runner = loop.run_until_complete(serve_health(0, elector))  # type: ignore[arg-type]
     port = runner.addresses[0][1]
-    import threading
-
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
@@ -448,7 +450,6 @@ def health_server() -> Iterator[int]:
         loop.close()
 
 
-@pytest.mark.usefixtures("operator")
 def test_operator_serves_what_it_reconciled(control_plane: ControlPlane,
                                             health_server: int) -> None:
     """The in-process operator records real reconciles; GET /metrics serves them."""
