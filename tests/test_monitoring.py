@@ -251,7 +251,7 @@ def test_expositions_pass_promtool_check_metrics(tools: Path, exposition: Any) -
 def test_thresholds_come_from_values(tools: Path) -> None:
     docs = render([str(tools / "helm")], *MONITORING,
                   "--set", "monitoring.prometheusRule.stuckUpgradeMinutes=90",
-                  "--set", "monitoring.prometheusRule.rejectionRatio=0.5",
+                  "--set-json", "monitoring.prometheusRule.rejectionRatio=0.5",
                   "--set", "monitoring.prometheusRule.reconcileFailingMinutes=45")
     assert "> 5400" in one_rule(docs, "TenantryUpgradeStuck")["expr"]
     assert ") > 0.5" in one_rule(docs, "TenantryRejectionsSpike")["expr"]
