@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -51,8 +52,9 @@ def script_helm_args() -> list[str]:
                  "$namespace": script_value("namespace")}
     for name, value in variables.items():
         install = install.replace(name, value)
-    args = re.findall(r'(-f|--set) (\S+)', install)
-    return [part.strip('"') for pair in args for part in pair]
+    words = shlex.split(install)
+    return [part for flag, value in zip(words, words[1:], strict=False)
+            if flag in ("-f", "--set", "--set-json") for part in (flag, value)]
 
 
 def test_script_parses_and_passes_shellcheck() -> None:
@@ -111,8 +113,13 @@ def test_chart_installs_as_the_script_expects() -> None:
         f"http://upstream-stub.{script_value('namespace')}.svc:8001")
     service = next(d for d in docs if d["kind"] == "Service"
                    and d["metadata"]["name"] == f"{release}-runtime")
-    assert service["metadata"]["namespace"] == script_value("namespace")
+    assert service["metadata"]["namespace"] == script_value("runtime_namespace").split()[0]
     assert service["spec"]["ports"][0]["port"] == 80
+    # The runtime's NetworkPolicy lets it reach the stub's port.
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy"
+                  and d["metadata"]["name"] == f"{release}-runtime")
+    assert {"port": 8001, "protocol": "TCP"} in [
+        port for rule in policy["spec"]["egress"] for port in rule.get("ports", ())]
     # Evaluation mode: the bundled Postgres and Redis.
     assert {d["kind"] for d in docs} >= {"StatefulSet"}
 

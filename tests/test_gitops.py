@@ -170,6 +170,8 @@ def test_platform_values_render_with_the_chart(tmp_path: Path) -> None:
     docs = render(helm, "-f", str(path))
     kinds = {d["kind"] for d in docs}
     assert {"Deployment", "ServiceMonitor", "PrometheusRule", "ConfigMap"} <= kinds
+    # The plans have one owner: the tenants' Application, not the chart.
+    assert "TenantPlan" not in kinds
 
 
 def helm_command() -> list[str]:
@@ -233,12 +235,14 @@ def test_operator_never_writes_a_tenant_spec(control_plane: ControlPlane) -> Non
         and s.get("phase") == "Ready"), timeout=120)
     # Let the resync timer re-apply everything a few times.
     time.sleep(3 * get_settings().reconcile_interval_seconds)
-    live = get_json(control_plane, "tnt", name) or {}
+    live = get_json(control_plane, "tnt", name, "--show-managed-fields") or {}
     assert live["metadata"]["generation"] == 2
     expected = json.loads(json.dumps(applied["spec"]))
     expected["ai"]["budgets"]["dailyTokens"] = 600000
     assert live["spec"] == expected
     assert spec_owners(live) == {"argocd-controller"}
+    # The operator's writes are there, only elsewhere: status and metadata.
+    assert len(live["metadata"]["managedFields"]) > 1
     # What Argo CD's server-side diff runs: no difference, and a re-sync changes nothing.
     diff = control_plane.kubectl("diff", "--server-side", "--field-manager=argocd-controller",
                                  "-f", "-", input_text=raised, check=False)

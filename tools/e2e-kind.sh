@@ -23,6 +23,7 @@ registry=tenantry.local
 tag=e2e
 release=tenantry
 namespace=tenantry-system
+runtime_namespace=tenantry-runtime  # the chart's runtimeNamespace.name
 runtime_port=18080
 tenants=(e2epool e2ebridge e2esilo)
 state="$(mktemp -d)"
@@ -46,7 +47,7 @@ cleanup() {
     "${kubectl[@]}" get tenants -o wide >&2 || true
     "${kubectl[@]}" get pods -A >&2 || true
     "${kubectl[@]}" -n "$namespace" logs "deployment/$release" --tail=80 >&2 || true
-    "${kubectl[@]}" -n "$namespace" logs "deployment/$release-runtime" --tail=80 >&2 || true
+    "${kubectl[@]}" -n "$runtime_namespace" logs "deployment/$release-runtime" --tail=80 >&2 || true
   fi
   if [[ "${E2E_KEEP:-}" != 1 ]]; then
     KIND_EXPERIMENTAL_PROVIDER="$engine" "$kind" delete cluster --name "$cluster" >/dev/null 2>&1 || true
@@ -78,7 +79,8 @@ step "helm install in evaluation mode (charts/tenantry/ci/evaluation-values.yaml
   --timeout "$timeout" -f charts/tenantry/ci/evaluation-values.yaml \
   --set image.repository="$registry/operator" --set image.tag="$tag" \
   --set runtime.image.repository="$registry/runtime" --set runtime.image.tag="$tag" \
-  --set runtime.upstream.url="http://upstream-stub.$namespace.svc:8001"
+  --set runtime.upstream.url="http://upstream-stub.$namespace.svc:8001" \
+  --set-json 'runtime.networkPolicy.extraEgress=[{"ports":[{"port":8001,"protocol":"TCP"}]}]'
 
 step "pool, bridge and silo tenants (tools/e2e/tenants.yaml), until Ready"
 "${kubectl[@]}" apply -f tools/e2e/tenants.yaml
@@ -88,7 +90,7 @@ done
 "${kubectl[@]}" get tenants
 
 step "each tenant's app calls the runtime with the anthropic SDK; its usage rows appear"
-"${kubectl[@]}" -n "$namespace" port-forward "service/$release-runtime" "$runtime_port:80" \
+"${kubectl[@]}" -n "$runtime_namespace" port-forward "service/$release-runtime" "$runtime_port:80" \
   >"$state/port-forward.log" 2>&1 &
 forward_pid=$!
 for _ in $(seq 1 60); do
