@@ -5,6 +5,7 @@ real runtime and operator."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -53,7 +54,7 @@ def script_helm_args() -> list[str]:
     for name, value in variables.items():
         install = install.replace(name, value)
     words = shlex.split(install)
-    return [part for flag, value in zip(words, words[1:], strict=False)
+    return [part for flag, value in itertools.pairwise(words)
             if flag in ("-f", "--set", "--set-json") for part in (flag, value)]
 
 
