@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -30,8 +31,9 @@ Proc = subprocess.CompletedProcess[str]
 # --------------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="module")
-def helm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+# Named by `name=` so that other chart test modules can import it without shadowing warnings.
+@pytest.fixture(scope="module", name="helm")
+def helm_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
     """The helm command from the control-plane cache, with its home dirs in a temp dir."""
     built = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True,
                            check=False)
@@ -63,6 +65,23 @@ def render(helm: list[str], *args: str, release: str = RELEASE,
     result = run_helm(helm, "template", release, str(CHART), "--namespace", namespace, *args)
     assert result.returncode == 0, f"helm template {' '.join(args)} failed:\n{result.stderr}"
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+# The runtime, the evaluation mode's data stores and the TenantPlans have tests of their own
+# (tests/test_chart_platform.py); the tests here look at the operator's objects.
+NOT_OPERATOR_COMPONENTS = {"runtime", "postgres", "redis"}
+
+
+def operator_part(docs: list[Manifest]) -> list[Manifest]:
+    return [d for d in docs if d["kind"] != "TenantPlan"
+            and (d["metadata"].get("labels") or {}).get("app.kubernetes.io/component")
+            not in NOT_OPERATOR_COMPONENTS
+            and "tenantry.dev/evaluation-only" not in (d["metadata"].get("labels") or {})]
+
+
+def render_operator(helm: list[str], *args: str, release: str = RELEASE,
+                    namespace: str = NAMESPACE) -> list[Manifest]:
+    return operator_part(render(helm, *args, release=release, namespace=namespace))
 
 
 def effective_values(values_file: Path | None) -> Manifest:
@@ -97,7 +116,7 @@ def secret_ref(entry: Manifest) -> tuple[str, str]:
 
 
 def fullname(docs: list[Manifest]) -> str:
-    name: str = one(docs, "Deployment")["metadata"]["name"]
+    name: str = one(operator_part(docs), "Deployment")["metadata"]["name"]
     return name
 
 
@@ -114,20 +133,26 @@ def test_chart_crds_match_repository_crds() -> None:
 
 
 def test_schema_closes_every_object() -> None:
-    """additionalProperties: false everywhere, except string maps (labels) and Helm's global."""
+    """additionalProperties: false everywhere, except string maps (labels), maps of a closed
+    definition (plans, prices) and Helm's global."""
 
     def walk(node: Manifest, path: str) -> Iterator[str]:
-        if node.get("type") == "object" and path != "$.global":
-            extra = node.get("additionalProperties")
-            if extra is not False and extra != {"type": "string"}:
-                yield path
+        extra = node.get("additionalProperties")
+        closed = extra is False or extra == {"type": "string"} or (
+            isinstance(extra, dict) and set(extra) == {"$ref"})
+        if node.get("type") == "object" and path != "$.global" and not closed:
+            yield path
         for key, child in (node.get("properties") or {}).items():
             yield from walk(child, f"{path}.{key}")
+        for key, child in (node.get("definitions") or {}).items():
+            yield from walk(child, f"#/definitions/{key}")
         if isinstance(node.get("items"), dict):
             yield from walk(node["items"], f"{path}[]")
 
     schema = json.loads((CHART / "values.schema.json").read_text())
     assert list(walk(schema, "$")) == []
+    refs = set(re.findall(r'"\$ref": "#/definitions/([A-Za-z]+)"', json.dumps(schema)))
+    assert refs == set(schema["definitions"])  # each definition is used, and exists
     # Every value in values.yaml is described by the schema (and the other way around).
     assert set(schema["properties"]) - {"global"} == set(effective_values(None))
 
@@ -155,7 +180,7 @@ def test_lint_is_clean(helm: list[str], values_file: Path | None) -> None:
 
 @pytest.mark.parametrize("values_file", CI_VALUES, ids=lambda p: p.stem)
 def test_ci_values_render_the_settings(helm: list[str], values_file: Path) -> None:
-    docs = render(helm, "-f", str(values_file))
+    docs = render_operator(helm, "-f", str(values_file))
     values = effective_values(values_file)
     container = operator_container(docs)
     env = env_of(container)
@@ -168,7 +193,10 @@ def test_ci_values_render_the_settings(helm: list[str], values_file: Path) -> No
     assert literal["TENANTRY_NAMESPACE_PREFIX"] == values["namespacePrefix"]
     assert literal["TENANTRY_RUNTIME_NAMESPACE"] == values["runtimeNamespace"]["name"]
     assert literal["TENANTRY_POOL_INDEX_STRATEGY"] == values["poolIndexStrategy"]
-    assert literal["TENANTRY_DATABASE_HOST_FOR_RUNTIME"] == values["database"]["hostForRuntime"]
+    # Evaluation mode: the bundled Postgres's Service, whatever hostForRuntime says.
+    host = (f"{fullname(docs)}-postgres.{NAMESPACE}.svc:5432" if values["evaluation"]["enabled"]
+            else values["database"]["hostForRuntime"])
+    assert literal["TENANTRY_DATABASE_HOST_FOR_RUNTIME"] == host
     # Every TENANTRY_* variable is a real operator setting, and the literal ones parse.
     fields = {f"TENANTRY_{name.upper()}" for name in OperatorSettings.model_fields}
     assert {n for n in env if n.startswith("TENANTRY_")} <= fields
@@ -191,13 +219,15 @@ def test_ci_values_render_the_settings(helm: list[str], values_file: Path) -> No
 
 @pytest.mark.parametrize("values_file", CI_VALUES, ids=lambda p: p.stem)
 def test_connection_strings_come_from_secrets(helm: list[str], values_file: Path) -> None:
-    docs = render(helm, "-f", str(values_file))
+    docs = render_operator(helm, "-f", str(values_file))
     values = effective_values(values_file)
     env = env_of(operator_container(docs))
     chart_secret = [d for d in docs if d["kind"] == "Secret"]
     for setting, conn, chart_key in (("TENANTRY_DATABASE_URL", values["database"], "database-url"),
                                      ("TENANTRY_REDIS_URL", values["redis"], "redis-url")):
-        if conn["existingSecret"]:
+        if values["evaluation"]["enabled"]:
+            assert secret_ref(env[setting]) == (f"{fullname(docs)}-evaluation", chart_key)
+        elif conn["existingSecret"]:
             assert secret_ref(env[setting]) == (conn["existingSecret"], conn["existingSecretKey"])
         else:
             assert secret_ref(env[setting]) == (fullname(docs), chart_key)
@@ -218,7 +248,7 @@ def test_connection_strings_come_from_secrets(helm: list[str], values_file: Path
 
 
 def test_existing_secrets_create_no_secret(helm: list[str]) -> None:
-    docs = render(helm, "-f", str(CHART / "ci" / "existing-secrets-values.yaml"))
+    docs = render_operator(helm, "-f", str(CHART / "ci" / "existing-secrets-values.yaml"))
     assert not [d for d in docs if d["kind"] == "Secret"]
     env = env_of(operator_container(docs))
     assert secret_ref(env["TENANTRY_DATABASE_URL"]) == ("tenantry-connections", "postgres-dsn")
@@ -227,7 +257,7 @@ def test_existing_secrets_create_no_secret(helm: list[str]) -> None:
 
 def test_defaults_render_without_connection_strings(helm: list[str]) -> None:
     """No database configured: no Secret and no URL env; the operator reports the condition."""
-    docs = render(helm)
+    docs = render_operator(helm)
     env = env_of(operator_container(docs))
     assert "TENANTRY_DATABASE_URL" not in env and "TENANTRY_REDIS_URL" not in env
     assert env["TENANTRY_SILO_IMAGE"]["value"] == "pgvector/pgvector:0.8.1-pg18"
@@ -238,15 +268,16 @@ def test_defaults_render_without_connection_strings(helm: list[str]) -> None:
     # The Lease, not the rollout strategy, keeps an old and a new Pod from reconciling at once.
     assert deployment["spec"]["strategy"] == {
         "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
-    # The runtime namespace is the release namespace here, so the chart does not create it.
-    assert not [d for d in docs if d["kind"] == "Namespace"]
-    other = render(helm, namespace="operators")
-    assert one(other, "Namespace")["metadata"]["name"] == "tenantry-system"
+    # The runtime has a namespace of its own (it may read every Secret there), which the chart
+    # creates; not when it is the release namespace.
+    assert one(docs, "Namespace")["metadata"]["name"] == "tenantry-runtime"
+    assert not [d for d in render_operator(helm, namespace="tenantry-runtime")
+                if d["kind"] == "Namespace"]
 
 
 @pytest.mark.parametrize("values_file", CI_VALUES, ids=lambda p: p.stem)
 def test_pod_is_restricted_and_probed(helm: list[str], values_file: Path) -> None:
-    docs = render(helm, "-f", str(values_file))
+    docs = render_operator(helm, "-f", str(values_file))
     values = effective_values(values_file)
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     container = operator_container(docs)
@@ -276,7 +307,7 @@ def test_pod_is_restricted_and_probed(helm: list[str], values_file: Path) -> Non
 
 @pytest.mark.parametrize("values_file", CI_VALUES, ids=lambda p: p.stem)
 def test_cluster_role_is_least_privilege(helm: list[str], values_file: Path) -> None:
-    docs = render(helm, "-f", str(values_file))
+    docs = render_operator(helm, "-f", str(values_file))
     role = one(docs, "ClusterRole")
     grants: dict[tuple[str, str], set[str]] = {}
     for rule in role["rules"]:
@@ -320,18 +351,19 @@ def test_long_release_name_is_truncated_to_63(helm: list[str], name: str, length
         assert len(meta["name"]) <= 63, meta["name"]
         for value in (meta.get("labels") or {}).values():
             assert len(value) <= 63, (meta["name"], value)
-    deployment = one(docs, "Deployment")
+    deployment = one(operator_part(docs), "Deployment")
     selector = deployment["spec"]["selector"]["matchLabels"]
     assert selector == {"app.kubernetes.io/name": name,
                         "app.kubernetes.io/instance": release}
     assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
-    assert one(docs, "ClusterRoleBinding")["subjects"][0]["name"] == expected
+    assert one(operator_part(docs), "ClusterRoleBinding")["subjects"][0]["name"] == expected
 
 
 def test_two_replicas_elect_a_leader_through_a_lease(helm: list[str]) -> None:
     """replicaCount 2 is the documented HA setup: Lease RBAC, and no kopf peering anywhere."""
-    docs = render(helm, "--set", "replicaCount=2", "-f",
-                  str(CHART / "ci" / "default-values.yaml"))
+    docs = render_operator(helm, "--set", "replicaCount=2", "--set",
+                           f"runtimeNamespace.name={NAMESPACE}", "-f",
+                           str(CHART / "ci" / "default-values.yaml"))
     name = fullname(docs)
     assert one(docs, "Deployment")["spec"]["replicas"] == 2
     role = one(docs, "Role")
@@ -430,9 +462,9 @@ def test_service_account_can_do_what_the_operator_does(helm: list[str],
     runtime_namespace = f"{namespace}-rt"
     control_plane.kubectl("create", "namespace", namespace)
     control_plane.kubectl("create", "namespace", runtime_namespace)
-    docs = render(helm, "-f", str(CHART / "ci" / "default-values.yaml"), "--set",
-                  f"runtimeNamespace.name={runtime_namespace}", release=namespace,
-                  namespace=namespace)
+    docs = render_operator(helm, "-f", str(CHART / "ci" / "default-values.yaml"), "--set",
+                           f"runtimeNamespace.name={runtime_namespace}", release=namespace,
+                           namespace=namespace)
     rbac = [d for d in docs if d["kind"] in {"ServiceAccount", "ClusterRole",
                                              "ClusterRoleBinding", "Role", "RoleBinding"}]
     control_plane.kubectl("apply", "--server-side", "-f", "-", input_text=kubectl_input(rbac))

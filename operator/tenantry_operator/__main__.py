@@ -19,19 +19,26 @@ from aiohttp import web
 from . import handlers  # noqa: F401 - registers the handlers
 from .kube import Kube
 from .leader import LeaderElector
+from .metrics import CONTENT_TYPE, METRICS
 from .settings import OperatorSettings, get_settings
 
 log = logging.getLogger(__name__)
 
 
 async def serve_health(port: int, elector: LeaderElector) -> web.AppRunner:
-    """GET /healthz: 200 from leader and standby alike (a standby is healthy, only idle)."""
+    """GET /healthz: 200 from leader and standby alike (a standby is healthy, only idle).
+    GET /metrics: the operator's Prometheus metrics (metrics.py) on the same port."""
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"role": "leader" if elector.is_leader else "standby"})
 
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=METRICS.render(leader=elector.is_leader),
+                            headers={"Content-Type": CONTENT_TYPE})
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", port).start()  # noqa: S104 - probed by the kubelet

@@ -13,6 +13,7 @@ from . import alerts, maintenance
 from . import finalize as finalizer
 from .conditions import Condition, merge_conditions
 from .kube import Kube
+from .metrics import METRICS
 from .model import GROUP, VERSION
 from .names import ANNOTATION_FORCE_FINALIZE
 from .pipeline import reconcile_steps
@@ -56,8 +57,11 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
 
 
 async def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
-    async with tenant_lock(body["metadata"]["name"]):
-        outcome = await reconcile(body, memo["kube"], get_settings(), reconcile_steps())
+    name = body["metadata"]["name"]
+    async with tenant_lock(name):
+        with METRICS.reconciling(name, body) as recorded:
+            outcome = await reconcile(body, memo["kube"], get_settings(), reconcile_steps())
+            recorded(outcome)
     patch.status.update(outcome.status)
     for failure in outcome.warnings:  # `kubectl describe tnt` tells what a person must fix
         kopf.warn(body, reason=failure.reason, message=f"{failure.type}: {failure.message}")
@@ -85,6 +89,7 @@ async def tenant_resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_
 async def tenant_deleted(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, retry: int,
                          **_: Any) -> None:
     name = body["metadata"]["name"]
+    METRICS.deleting(name)
     async with tenant_lock(name):
         try:
             done = await finalizer.finalize(body, memo["kube"], get_settings())
@@ -106,3 +111,4 @@ async def tenant_deleted(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, re
     patch.status["phase"] = "Deleting"
     patch.status["retained"] = {"location": done.summary}
     kopf.info(body, reason="Finalized", message=done.summary)
+    METRICS.forget(name)

@@ -35,6 +35,7 @@ class Outcome:
     # Conditions that just turned into a reason a person must act on: each becomes a Warning
     # Event on the Tenant, once per transition (not on every resync).
     warnings: list[Condition] = field(default_factory=list)
+    spec: EffectiveSpec | None = None  # the plan-merged spec, when the plan resolved (metrics)
 
 
 async def resolve_spec(
@@ -132,4 +133,4 @@ async def reconcile(
     if spec is not None:
         new_status.update(ctx.status_updates)
     return Outcome(status=new_status, retry_after=retry,
-                   warnings=new_failures(status.get("conditions") or [], observed))
+                   warnings=new_failures(status.get("conditions") or [], observed), spec=spec)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok, helm and
-# cyclonus (a NetworkPolicy analyzer)
-# from Go modules into a cache directory keyed by version; prints that directory.
+# cyclonus (a NetworkPolicy analyzer) and promtool from Go modules into a cache directory keyed by
+# version; prints that directory.
 # A second run finds the binaries and builds nothing.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -63,4 +63,24 @@ ln -sfn "helm-${helm_version}" "$bin_dir/helm"
 cyclonus_version="$(gomod_version github.com/mattfenwick/cyclonus netpol)"
 build netpol github.com/mattfenwick/cyclonus/cmd/cyclonus "cyclonus-${cyclonus_version}"
 ln -sfn "cyclonus-${cyclonus_version}" "$bin_dir/cyclonus"
+# promtool checks and unit-tests the chart's PrometheusRules (tests/test_monitoring.py); named by
+# its module version like helm. The module's v0.3MM.P is Prometheus v3.MM.P.
+prom_module="$(sed -n "s|^\(require \)\?[[:space:]]*github.com/prometheus/prometheus \(v[^ ]*\).*|\2|p" \
+  "$here/promtool/go.mod")"
+prom_minor="${prom_module#v0.}"
+prom_version="3.$((10#${prom_minor%%.*} - 300)).${prom_minor#*.}"
+build promtool github.com/prometheus/prometheus/cmd/promtool "promtool-${prom_module}" \
+  "-X github.com/prometheus/common/version.Version=${prom_version}"
+ln -sfn "promtool-${prom_module}" "$bin_dir/promtool"
+# promql-names lists the metric names PromQL expressions read, with the same parser; named by a
+# hash of its source and go.mod, so an edit rebuilds it.
+names_hash="$(cat "$here/promtool/promql-names/main.go" "$here/promtool/go.mod" | sha1sum | cut -c1-12)"
+build promtool ./promql-names "promql-names-${names_hash}"
+ln -sfn "promql-names-${names_hash}" "$bin_dir/promql-names"
+# kind runs the whole platform in Docker for `make e2e-kind` only (no container engine here).
+if [[ "${TENANTRY_WITH_KIND:-}" == 1 ]]; then
+  kind_version="$(sed -n "s|^require sigs.k8s.io/kind \(v[^ ]*\)|\1|p" "$here/kind/go.mod")"
+  build kind sigs.k8s.io/kind "kind-${kind_version}"
+  ln -sfn "kind-${kind_version}" "$bin_dir/kind"
+fi
 echo "$bin_dir"

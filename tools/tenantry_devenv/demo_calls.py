@@ -11,13 +11,14 @@ from __future__ import annotations
 import base64
 import json
 import re
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anthropic
 import httpx
@@ -107,7 +108,14 @@ def poll(what: str, attempt: Callable[[], T | None], timeout: float) -> T:
         time.sleep(0.5)
 
 
-def key_name(plane: ControlPlane, tenant: str) -> str:
+class Cluster(Protocol):
+    """What the calls need of a cluster: kubectl (the local ControlPlane, or kind's)."""
+
+    def kubectl(self, *args: str, input_text: str | None = None,
+                check: bool = True) -> subprocess.CompletedProcess[str]: ...
+
+
+def key_name(plane: Cluster, tenant: str) -> str:
     """The first of the Tenant's spec.apiKeys (examples/tenants.yaml declares them)."""
     names = plane.kubectl("get", "tnt", tenant, "-o", "jsonpath={.spec.apiKeys[*].name}").stdout
     if not names.split():
@@ -115,7 +123,7 @@ def key_name(plane: ControlPlane, tenant: str) -> str:
     return names.split()[0]
 
 
-def read_key(plane: ControlPlane, tenant: str, name: str) -> str:
+def read_key(plane: Cluster, tenant: str, name: str) -> str:
     """The tenant's plaintext key from the Secret the operator wrote, as its app reads it."""
     found = plane.kubectl("get", "secret", KEYS_SECRET, "-n", f"tenant-{tenant}", "-o",
                           f"jsonpath={{.data.{name}}}", check=False)
@@ -130,7 +138,7 @@ def shown(key: str) -> str:
     return f"sk-tnt-{prefix_of(key)}-…"
 
 
-def connect(plane: ControlPlane, tenant: str, runtime_url: str) -> TenantApp:
+def connect(plane: Cluster, tenant: str, runtime_url: str) -> TenantApp:
     name = key_name(plane, tenant)
     app = TenantApp(tenant, read_key(plane, tenant, name), runtime_url)
     say(f"key {shown(app.key)} read with kubectl from Secret tenant-{tenant}/{KEYS_SECRET}"
