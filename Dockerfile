@@ -15,7 +15,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY operator/ operator/
 COPY runtime/ runtime/
-COPY tools/ tools/
+# tools/ (the development environment) stays out: the wheel then has no tenantry_devenv.
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
 
 # --- one virtualenv per image: the base dependencies plus that image's group --------------------

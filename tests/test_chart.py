@@ -443,6 +443,10 @@ def test_rendered_manifests_pass_server_dry_run(helm: list[str], control_plane: 
     # it. A name of this test's own, so no other test (helm install) finds it in its way.
     runtime_namespace = f"{namespace}-rt"
     control_plane.kubectl("create", "namespace", runtime_namespace)
+    # The runtime's Pods run there: the same Pod Security check as the chart's Namespace asks.
+    control_plane.kubectl("label", "namespace", runtime_namespace,
+                          "pod-security.kubernetes.io/enforce=restricted",
+                          "pod-security.kubernetes.io/warn=restricted")
     try:
         docs = render(helm, "-f", str(values_file), "--set",
                       f"runtimeNamespace.name={runtime_namespace}", release=namespace,

@@ -141,12 +141,13 @@ def test_runtime_renders_per_values_file(helm: list[str], values_file: Path) -> 
     assert container["resources"] == rt["resources"]
     assert "cpu" not in container["resources"].get("limits", {})
     assert container["image"].startswith(rt["image"]["repository"] + ":")
-    # Probes on the API port: liveness /healthz, readiness /readyz (records, Redis, Postgres).
+    # Probes on the API port: liveness /healthz, readiness /readyz on the tenant records only
+    # (tests/test_runtime_readiness.py: what the runtime answers there).
     [port] = container["ports"]
     assert (port["name"], port["containerPort"]) == ("http", rt["port"])
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz/local", "port": "http"}
     # Restricted Pod Security, read-only root filesystem with writable /tmp and spool.
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["runAsUser"] == rt["podSecurityContext"]["runAsUser"] != 0

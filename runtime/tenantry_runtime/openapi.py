@@ -86,7 +86,7 @@ PARAMETERS: dict[tuple[str, str], list[Schema]] = {
          "description": "Last day (UTC), default today."}],
 }
 # Routes anyone may call: the probes. /metrics has its own optional token.
-OPEN = {"/healthz", "/readyz", "/metrics"}
+OPEN = {"/healthz", "/readyz", "/readyz/local", "/metrics"}
 
 
 def describe(schema: Schema) -> Schema:
