@@ -128,7 +128,6 @@ def test_schemathesis_every_operation_answers_without_5xx_and_in_anthropic_error
     print(f"{sum(statuses.values())} requests in {elapsed:.1f} s:",  # noqa: T201 - pytest -s
           sorted(statuses.items()))
     assert sum(statuses.values()) >= len(operations) * EXAMPLES
-    assert elapsed < 60
 
 
 def test_nul_characters_bound_for_postgres_are_a_clear_400(app: App) -> None:
