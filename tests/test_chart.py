@@ -554,6 +554,9 @@ def test_helm_install_dry_run_prints_notes(helm: list[str], control_plane: Contr
     try:
         args = ["-f", str(values_file)] if values_file else []
         result = run_helm(helm, "install", "tenantry", str(CHART), "--dry-run=server",
+                          # The session's operator tests applied the example plans
+                          # with kubectl: a real install would adopt them the same way.
+                          "--take-ownership",
                           f"--kubeconfig={control_plane.kubeconfig}", "--namespace", namespace,
                           *args)
         assert result.returncode == 0, result.stderr

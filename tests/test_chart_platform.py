@@ -406,6 +406,9 @@ def test_notes_walk_through_a_first_tenant(helm: list[str], control_plane: Contr
     control_plane.kubectl("create", "namespace", namespace)
     try:
         result = run_helm(helm, "install", "tenantry", str(CHART), "--dry-run=server",
+                          # The session's operator tests applied the example plans
+                          # with kubectl: a real install would adopt them the same way.
+                          "--take-ownership",
                           f"--kubeconfig={control_plane.kubeconfig}", "--namespace", namespace,
                           "-f", str(values_file), "--set",
                           f"runtimeNamespace.name={namespace}-rt")

@@ -341,8 +341,14 @@ def test_the_charts_service_account_may_elect_and_reconcile(
     docs = [d for d in yaml.safe_load_all(rendered.stdout) if d]
     rbac = [d for d in docs if d["kind"] in {"ServiceAccount", "ClusterRole",
                                              "ClusterRoleBinding", "Role", "RoleBinding"}]
+    # The runtime's namespace (its own ServiceAccount and Role live there) exists first.
+    for other in {d["metadata"].get("namespace") for d in rbac} - {None, namespace}:
+        plane.kubectl("create", "namespace", other)
     plane.kubectl("apply", "--server-side", "-f", "-", input_text=yaml.safe_dump_all(rbac))
-    account = next(d for d in docs if d["kind"] == "ServiceAccount")["metadata"]["name"]
+    deployment = next(d for d in docs if d["kind"] == "Deployment"
+                      and d["spec"]["template"]["spec"]["containers"][0]["command"]
+                      == ["python", "-m", "tenantry_operator"])
+    account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
     token = plane.kubectl("create", "token", account, "-n", namespace).stdout.strip()
     kubeconfig = tmp_path / "service-account.kubeconfig"
     kubeconfig.write_text(yaml.safe_dump({
@@ -352,9 +358,7 @@ def test_the_charts_service_account_may_elect_and_reconcile(
             "certificate-authority": str(plane.workdir / "pki" / "ca.crt")}}],
         "users": [{"name": "sa", "user": {"token": token}}],
         "contexts": [{"name": "sa", "context": {"cluster": "c", "user": "sa"}}]}))
-    deployment = next(d for d in docs if d["kind"] == "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"] == ["python", "-m", "tenantry_operator"]
     chart_env = {e["name"]: e["value"] for e in container["env"]
                  if "value" in e and e["name"].startswith("TENANTRY_")
                  and e["name"] != "TENANTRY_HEALTH_PORT"}  # a free port here instead
