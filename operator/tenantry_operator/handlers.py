@@ -5,18 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
+from . import database, maintenance, plans, quotas
 from . import finalize as finalizer
-from . import maintenance
 from .conditions import Condition, merge_conditions
-from .kube import Kube
+from .kube import Kube, Tenant, as_dict
 from .model import GROUP, VERSION
 from .names import ANNOTATION_FORCE_FINALIZE
 from .pipeline import reconcile_steps
-from .reconcile import reconcile, tenant_lock
+from .reconcile import Settled, reconcile_tenant, tenant_lock
 from .settings import get_settings
 
 FINALIZER = f"{GROUP}/cleanup"
@@ -51,15 +51,22 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
     kube = memo.get("kube")
     if kube is not None:
         await kube.close()
+    await quotas.close_clients()
+    await asyncio.to_thread(database.close_pools)
+
+
+def post_events(body: kopf.Body, settled: Settled) -> None:
+    for event in settled.events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
 
 async def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
-    async with tenant_lock(body["metadata"]["name"]):
-        outcome = await reconcile(body, memo["kube"], get_settings(), reconcile_steps())
-    patch.status.update(outcome.status)
-    if outcome.permanent_error:
-        kopf.warn(body, reason="PlanViolation", message=outcome.permanent_error)
-    elif outcome.retry_after is not None:
+    settled = await reconcile_tenant(body, memo["kube"], get_settings(), reconcile_steps())
+    # Only what changed: kopf sends no request for an empty patch.
+    patch.status.update(settled.status_patch)
+    post_events(body, settled)
+    outcome = settled.outcome
+    if outcome.retry_after is not None and not outcome.permanent_error:
         raise kopf.TemporaryError(outcome.status["phase"], delay=outcome.retry_after)
 
 
@@ -77,6 +84,44 @@ async def tenant_resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_
     # The next tick retries; a timer that raises would back off for a minute instead.
     with contextlib.suppress(kopf.TemporaryError):
         await _reconcile(body, patch, memo)
+
+
+@kopf.index(GROUP, VERSION, "tenants")
+async def tenants_by_plan(name: str, spec: kopf.Spec, **_: Any) -> dict[str, str]:
+    """Which tenants use which plan (kept by kopf from the watch: no list per plan edit)."""
+    return {str((spec.get("planRef") or {}).get("name", "")): name}
+
+
+@kopf.on.create(GROUP, VERSION, "tenantplans")
+@kopf.on.update(GROUP, VERSION, "tenantplans", field="spec")
+async def plan_changed(name: str, memo: kopf.Memo, **kwargs: Any) -> None:
+    """Re-reconcile the plan's tenants now: limits and runtime config follow within seconds."""
+    tenants_by_plan: kopf.Index[str, str] = kwargs["tenants_by_plan"]
+    kube: Kube = memo["kube"]
+    ours = get_settings()
+
+    async def reconcile_one(tenant: str) -> None:
+        live = await kube.get(Tenant, tenant)
+        if live is None:
+            return
+        body = kopf.Body(cast(kopf.RawBody, as_dict(live)))
+        if (body.metadata.get("deletionTimestamp")
+                or (body.spec.get("planRef") or {}).get("name") != name):
+            return
+        settled = await reconcile_tenant(body, kube, ours, reconcile_steps())
+        if settled.status_patch:
+            await kube.patch_tenant_status(tenant, settled.status_patch)
+        post_events(body, settled)
+        revision = (settled.outcome.status.get("runtimeConfig") or {}).get("revision")
+        kopf.info(body, reason="PlanChanged",
+                  message=f"plan {name} changed: reconciled, phase"
+                          f" {settled.outcome.status['phase']}, config revision {revision}")
+
+    tenants = list(tenants_by_plan.get(name, []))
+    failed = await plans.roll_out(name, tenants, reconcile_one, ours.plan_rollout_per_second,
+                                  ours.worker_limit)
+    log.info("plan %s: %d tenant(s) reconciled, %d failed (their resync retries)", name,
+             len(tenants) - len(failed), len(failed))
 
 
 @kopf.on.delete(GROUP, VERSION, "tenants")

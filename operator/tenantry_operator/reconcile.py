@@ -10,7 +10,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .conditions import Condition, merge_conditions, ready_condition
+from .conditions import (
+    Condition,
+    Transition,
+    merge_conditions,
+    ready_condition,
+    status_changes,
+    transitions,
+)
 from .kube import ForeignObject, Kube, TenantPlan, as_dict
 from .model import EffectiveSpec, PlanSpec, PlanViolation, TenantSpec, effective_spec
 from .settings import OperatorSettings
@@ -121,3 +128,25 @@ async def reconcile(
     if spec is not None:
         new_status.update(ctx.status_updates)
     return Outcome(status=new_status, retry_after=retry, permanent_error=permanent)
+
+
+@dataclass
+class Settled:
+    """One reconcile of a Tenant, as writes: a status patch and Events, both empty when the
+    Tenant was already settled."""
+
+    outcome: Outcome
+    status_patch: dict[str, Any]
+    events: list[Transition]
+
+
+async def reconcile_tenant(
+    body: Mapping[str, Any], kube: Kube, settings: OperatorSettings, steps: Sequence[Step]
+) -> Settled:
+    """Reconcile under the tenant's lock; compare the result with the status it had."""
+    async with tenant_lock(body["metadata"]["name"]):
+        outcome = await reconcile(body, kube, settings, steps)
+    current: Mapping[str, Any] = body.get("status") or {}
+    return Settled(outcome=outcome, status_patch=status_changes(current, outcome.status),
+                   events=transitions(current.get("conditions") or [],
+                                      outcome.status["conditions"]))

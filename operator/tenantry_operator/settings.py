@@ -37,6 +37,12 @@ class OperatorSettings(BaseSettings):
         120.0, gt=0, description="Level-based resync: how often a timer re-applies every Tenant."
     )
 
+    # Quiet, prompt and clear (issue 8): a TenantPlan edit re-reconciles its tenants at once,
+    # paced so that a plan of thousands of tenants does not starve the rest.
+    plan_rollout_per_second: float = Field(
+        50.0, gt=0, description="Tenants of a changed TenantPlan reconciled per second at most."
+    )
+
     maintenance_interval_seconds: float = Field(
         3600.0, gt=0, description="How often monthly partitions are created ahead."
     )
