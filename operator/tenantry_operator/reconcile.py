@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,12 +26,14 @@ from .steps import Step, StepContext, StepFailed
 
 log = logging.getLogger(__name__)
 
-_locks: dict[str, asyncio.Lock] = {}
+# Per event loop: an asyncio.Lock belongs to one loop (tests reconcile from a second one).
+_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = (
+    weakref.WeakKeyDictionary())
 
 
 def tenant_lock(name: str) -> asyncio.Lock:
     """Event handlers and the resync timer may fire together; one reconcile per tenant at once."""
-    return _locks.setdefault(name, asyncio.Lock())
+    return _locks.setdefault(asyncio.get_running_loop(), {}).setdefault(name, asyncio.Lock())
 
 
 @dataclass
