@@ -86,17 +86,10 @@ async def tenant_resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_
         await _reconcile(body, patch, memo)
 
 
-@kopf.index(GROUP, VERSION, "tenants")
-async def tenants_by_plan(name: str, spec: kopf.Spec, **_: Any) -> dict[str, str]:
-    """Which tenants use which plan (kept by kopf from the watch: no list per plan edit)."""
-    return {str((spec.get("planRef") or {}).get("name", "")): name}
-
-
 @kopf.on.create(GROUP, VERSION, "tenantplans")
 @kopf.on.update(GROUP, VERSION, "tenantplans", field="spec")
-async def plan_changed(name: str, memo: kopf.Memo, **kwargs: Any) -> None:
+async def plan_changed(name: str, memo: kopf.Memo, **_: Any) -> None:
     """Re-reconcile the plan's tenants now: limits and runtime config follow within seconds."""
-    tenants_by_plan: kopf.Index[str, str] = kwargs["tenants_by_plan"]
     kube: Kube = memo["kube"]
     ours = get_settings()
 
@@ -117,7 +110,10 @@ async def plan_changed(name: str, memo: kopf.Memo, **kwargs: Any) -> None:
                   message=f"plan {name} changed: reconciled, phase"
                           f" {settled.outcome.status['phase']}, config revision {revision}")
 
-    tenants = list(tenants_by_plan.get(name, []))
+    # One list per plan edit. Not a kopf index: with worker_limit, kopf's wait for every
+    # index to fill before handling deadlocks a restart with more tenants than workers.
+    tenants = [as_dict(t)["metadata"]["name"] async for t in kube.client.list(Tenant)
+               if (as_dict(t).get("spec") or {}).get("planRef", {}).get("name") == name]
     failed = await plans.roll_out(name, tenants, reconcile_one, ours.plan_rollout_per_second,
                                   ours.worker_limit)
     log.info("plan %s: %d tenant(s) reconciled, %d failed (their resync retries)", name,

@@ -155,6 +155,19 @@ class ControlPlane:
                 found.append(entry)
         return found
 
+    def write_requests_total(self) -> int:
+        """Write requests (POST, PUT, PATCH, DELETE) the API server has served since it started,
+        from every client, as its /metrics counts them (apiserver_request_total)."""
+        status, text = self._get("/metrics")
+        if status != 200:
+            raise RuntimeError(f"GET /metrics answered {status}")
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("apiserver_request_total{") and any(
+                    f'verb="{verb}"' in line for verb in ("POST", "PUT", "PATCH", "DELETE")):
+                total += float(line.rsplit(" ", 1)[1])
+        return int(total)
+
     def _get(self, path: str) -> tuple[int, str]:
         pki = self.workdir / "pki"
         ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
