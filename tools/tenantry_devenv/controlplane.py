@@ -26,6 +26,7 @@ FAKE_NODE = "kwok-node-0"
 LOCAL_STORAGE_CLASS = "local-fake"
 # Audit verbs that change state (the API server's requests POST, PUT, PATCH, DELETE).
 WRITE_VERBS = frozenset({"create", "update", "patch", "delete", "deletecollection"})
+_METRIC_WRITE_VERBS = ("POST", "PUT", "PATCH", "APPLY", "DELETE")  # as /metrics names them
 
 
 def control_plane_binaries() -> Path:
@@ -156,15 +157,15 @@ class ControlPlane:
         return found
 
     def write_requests_total(self) -> int:
-        """Write requests (POST, PUT, PATCH, DELETE) the API server has served since it started,
-        from every client, as its /metrics counts them (apiserver_request_total)."""
+        """Write requests (POST, PUT, PATCH, server-side APPLY, DELETE) the API server has served
+        since it started, from every client, as its /metrics counts them."""
         status, text = self._get("/metrics")
         if status != 200:
             raise RuntimeError(f"GET /metrics answered {status}")
         total = 0.0
         for line in text.splitlines():
             if line.startswith("apiserver_request_total{") and any(
-                    f'verb="{verb}"' in line for verb in ("POST", "PUT", "PATCH", "DELETE")):
+                    f'verb="{verb}"' in line for verb in _METRIC_WRITE_VERBS):
                 total += float(line.rsplit(" ", 1)[1])
         return int(total)
 
