@@ -360,7 +360,8 @@ async def settle_revision(ctx: StepContext) -> int:
     digest = content_hash(config, limits_of(ctx.spec, config.revision),
                           builders.plan_settings(ctx.spec))
     recorded: list[tuple[int, str | None]] = []
-    live = await ctx.kube.get(ConfigMap, builders.RUNTIME_CONFIGMAP, ctx.namespace)
+    live = ctx.live_config_map = await ctx.kube.get(ConfigMap, builders.RUNTIME_CONFIGMAP,
+                                                     ctx.namespace)
     if live is not None and owned_by(as_dict(live)["metadata"].get("labels"), ctx.spec.name):
         live_dict = as_dict(live)
         try:
@@ -389,6 +390,7 @@ async def settled_config(ctx: StepContext) -> tuple[TenantRuntimeConfig, str]:
 async def ensure_runtime_config(ctx: StepContext) -> Condition:
     config, digest = await settled_config(ctx)
     await ctx.kube.apply(builders.runtime_configmap(ctx.namespace, ctx.spec.name,
-                                                    config.model_dump_json(indent=2), digest))
+                                                    config.model_dump_json(indent=2), digest),
+                         live=ctx.live_config_map)
     ctx.provisioned["configMap"] = builders.RUNTIME_CONFIGMAP
     return Condition("RuntimeConfigReady", True, "Applied", f"revision {config.revision}")

@@ -107,6 +107,9 @@ def _decoded_or_empty(data: Mapping[str, str]) -> dict[str, str]:
     return _decoded(data) or {}
 
 
+NOT_READ: Any = object()  # Kube.apply: the caller has not read the live object
+
+
 def _not_found(err: ApiError) -> bool:
     return err.status.code == 404
 
@@ -137,19 +140,21 @@ class Kube:
         """In-cluster service account, or $KUBECONFIG / ~/.kube/config outside the cluster."""
         return cls(AsyncClient(config=KubeConfig.from_env(), field_manager=FIELD_MANAGER))
 
-    async def apply(self, manifest: Manifest) -> Any:
+    async def apply(self, manifest: Manifest, live: Any = NOT_READ) -> Any:
         """Create or converge an object; force takes ownership of fields a human changed.
 
         Read first, write only when something differs (`up_to_date`): a settled reconcile
         makes no write. A manifest labelled for a tenant is applied only over an object that
         is already that tenant's (or none): forcing would silently adopt a namespace or Secret
-        made by someone else, and deletion would later remove it.
+        made by someone else, and deletion would later remove it. `live`: the object as the
+        caller just read it (None: absent), to spare a second read.
         """
         desired = stamped(manifest)
         obj = codecs.from_dict(desired)
         meta = manifest["metadata"]
         tenant = (meta.get("labels") or {}).get(LABEL_TENANT)
-        existing = await self.get(type(obj), meta["name"], meta.get("namespace"))
+        existing = (await self.get(type(obj), meta["name"], meta.get("namespace"))
+                    if live is NOT_READ else live)
         if existing is not None:
             if tenant is not None and not owned_by(labels_of(existing), tenant):
                 raise ForeignObject(manifest["kind"], meta["name"], meta.get("namespace"), tenant)
