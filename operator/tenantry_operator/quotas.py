@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from datetime import UTC, datetime
 
 from redis.asyncio import Redis
 from tenantry_runtime.contracts.redis_keys import TenantKeys
@@ -83,8 +84,7 @@ async def read_limits(redis: Redis, tenant: str) -> dict[str, str]:
 
 
 async def delete_tenant_keys(redis: Redis, tenant: str) -> int:
-    """Remove every key of the tenant (limits and counters); returns how many were deleted."""
-    deleted = 0
-    async for key in redis.scan_iter(match=TenantKeys(tenant).pattern, count=500):
-        deleted += int(await redis.delete(key))
-    return deleted
+    """Remove the tenant's keys (limits, counters, holds, usage stream); returns how many
+    were deleted. One DEL of the known names (TenantKeys.known_keys): a SCAN of the keyspace
+    cost 1.2 s per deletion at 100,000 keys (bench/README.md)."""
+    return int(await redis.delete(*TenantKeys(tenant).known_keys(datetime.now(UTC))))
