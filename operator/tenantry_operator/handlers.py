@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import kopf
@@ -86,10 +87,27 @@ async def tenant_resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_
         await _reconcile(body, patch, memo)
 
 
+async def plan_users(kube: Kube, plan: str) -> AsyncIterator[dict[str, Any]]:
+    async for obj in kube.client.list(Tenant):
+        body = as_dict(obj)
+        if (body.get("spec") or {}).get("planRef", {}).get("name") == plan:
+            yield body
+
+
+def plan_resolved(body: dict[str, Any]) -> bool:
+    conditions = (body.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "PlanResolved" and c.get("status") == "True"
+               for c in conditions)
+
+
 @kopf.on.create(GROUP, VERSION, "tenantplans")
 @kopf.on.update(GROUP, VERSION, "tenantplans", field="spec")
-async def plan_changed(name: str, memo: kopf.Memo, **_: Any) -> None:
-    """Re-reconcile the plan's tenants now: limits and runtime config follow within seconds."""
+async def plan_changed(name: str, reason: str, memo: kopf.Memo, **_: Any) -> None:
+    """Re-reconcile the plan's tenants now: limits and runtime config follow within seconds.
+
+    A plan just created (or first seen by this operator) concerns only the tenants that
+    wait for it; the others are reconciled by their own handlers already.
+    """
     kube: Kube = memo["kube"]
     ours = get_settings()
 
@@ -112,8 +130,8 @@ async def plan_changed(name: str, memo: kopf.Memo, **_: Any) -> None:
 
     # One list per plan edit. Not a kopf index: with worker_limit, kopf's wait for every
     # index to fill before handling deadlocks a restart with more tenants than workers.
-    tenants = [as_dict(t)["metadata"]["name"] async for t in kube.client.list(Tenant)
-               if (as_dict(t).get("spec") or {}).get("planRef", {}).get("name") == name]
+    tenants = [body["metadata"]["name"] async for body in plan_users(kube, name)
+               if reason != "create" or not plan_resolved(body)]
     failed = await plans.roll_out(name, tenants, reconcile_one, ours.plan_rollout_per_second,
                                   ours.worker_limit)
     log.info("plan %s: %d tenant(s) reconciled, %d failed (their resync retries)", name,
