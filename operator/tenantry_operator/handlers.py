@@ -94,9 +94,9 @@ async def plan_users(kube: Kube, plan: str) -> AsyncIterator[dict[str, Any]]:
             yield body
 
 
-def plan_resolved(body: dict[str, Any]) -> bool:
+def waits_for_plan(body: dict[str, Any]) -> bool:
     conditions = (body.get("status") or {}).get("conditions") or []
-    return any(c.get("type") == "PlanResolved" and c.get("status") == "True"
+    return any(c.get("type") == "PlanResolved" and c.get("reason") == "PlanNotFound"
                for c in conditions)
 
 
@@ -106,7 +106,7 @@ async def plan_changed(name: str, reason: str, memo: kopf.Memo, **_: Any) -> Non
     """Re-reconcile the plan's tenants now: limits and runtime config follow within seconds.
 
     A plan just created (or first seen by this operator) concerns only the tenants that
-    wait for it; the others are reconciled by their own handlers already.
+    found it missing; the others (new ones included) have their own handlers.
     """
     kube: Kube = memo["kube"]
     ours = get_settings()
@@ -131,7 +131,7 @@ async def plan_changed(name: str, reason: str, memo: kopf.Memo, **_: Any) -> Non
     # One list per plan edit. Not a kopf index: with worker_limit, kopf's wait for every
     # index to fill before handling deadlocks a restart with more tenants than workers.
     tenants = [body["metadata"]["name"] async for body in plan_users(kube, name)
-               if reason != "create" or not plan_resolved(body)]
+               if reason != "create" or waits_for_plan(body)]
     failed = await plans.roll_out(name, tenants, reconcile_one, ours.plan_rollout_per_second,
                                   ours.worker_limit)
     log.info("plan %s: %d tenant(s) reconciled, %d failed (their resync retries)", name,
