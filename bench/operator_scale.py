@@ -162,25 +162,38 @@ async def create_and_wait(plane: ControlPlane, bodies: list[dict[str, Any]], con
     created: dict[str, float] = {}
     ready: dict[str, float] = {}
     async with api_client(plane) as client:
-        listed = await client.get(TENANTS)
-        while listed.status_code != 200:  # e.g. 429 while the CRD's storage initialises
-            await asyncio.sleep(0.5)
+        async def list_ready() -> str:
+            """Record the Ready ones; the list's resourceVersion to watch from."""
             listed = await client.get(TENANTS)
-        version = listed.json()["metadata"]["resourceVersion"]
+            while listed.status_code != 200:  # e.g. 429 while the CRD's storage initialises
+                await asyncio.sleep(0.5)
+                listed = await client.get(TENANTS)
+            for obj in listed.json()["items"]:
+                seen(obj)
+            return str(listed.json()["metadata"]["resourceVersion"])
+
+        def seen(obj: dict[str, Any]) -> None:
+            name = obj["metadata"]["name"]
+            if (name in names and name not in ready
+                    and (obj.get("status") or {}).get("phase") == "Ready"):
+                ready[name] = time.monotonic()
 
         async def watch() -> None:
-            params = {"watch": "1", "resourceVersion": version, "allowWatchBookmarks": "false"}
-            async with client.stream("GET", TENANTS, params=params, timeout=None) as stream:
-                async for line in stream.aiter_lines():
-                    if not line:
-                        continue
-                    obj = json.loads(line)["object"]
-                    name = obj["metadata"]["name"]
-                    phase = (obj.get("status") or {}).get("phase")
-                    if name in names and phase == "Ready" and name not in ready:
-                        ready[name] = time.monotonic()
-                        if len(ready) == len(names):
-                            return
+            # The API server ends a watch now and then (or answers 410 Gone): list again.
+            while len(ready) < len(names):
+                version = await list_ready()
+                params = {"watch": "1", "resourceVersion": version}
+                try:
+                    async with client.stream("GET", TENANTS, params=params,
+                                             timeout=None) as stream:
+                        async for line in stream.aiter_lines():
+                            event = json.loads(line) if line else {}
+                            if event.get("type") in ("ADDED", "MODIFIED"):
+                                seen(event["object"])
+                            if len(ready) == len(names) or event.get("type") == "ERROR":
+                                break
+                except httpx.HTTPError:
+                    await asyncio.sleep(0.5)
 
         watcher = asyncio.create_task(watch())
         gate = asyncio.Semaphore(concurrency)
