@@ -100,14 +100,28 @@ def waits_for_plan(body: dict[str, Any]) -> bool:
                for c in conditions)
 
 
-@kopf.on.create(GROUP, VERSION, "tenantplans")
-@kopf.on.update(GROUP, VERSION, "tenantplans", field="spec")
-async def plan_changed(name: str, reason: str, memo: kopf.Memo, **_: Any) -> None:
+# The last spec seen of each plan: a watch event whose spec is unchanged (status, labels, a
+# relist) rolls nothing out. In memory on purpose: kopf's change handlers would store their
+# diff base on each TenantPlan, a write the platform team's objects should not get.
+_plan_specs: dict[str, Any] = {}
+
+
+@kopf.on.event(GROUP, VERSION, "tenantplans")
+async def plan_changed(name: str, type: str | None, spec: kopf.Spec, memo: kopf.Memo,
+                       **_: Any) -> None:
     """Re-reconcile the plan's tenants now: limits and runtime config follow within seconds.
 
-    A plan just created (or first seen by this operator) concerns only the tenants that
-    found it missing; the others (new ones included) have their own handlers.
+    A plan first seen (created, or listed when this operator starts) concerns only the
+    tenants that found it missing; the others have their own handlers.
     """
+    if type == "DELETED":
+        _plan_specs.pop(name, None)
+        return
+    current, previous = dict(spec), _plan_specs.get(name)
+    _plan_specs[name] = current
+    if previous == current:
+        return
+    first_seen = previous is None
     kube: Kube = memo["kube"]
     ours = get_settings()
 
@@ -131,7 +145,7 @@ async def plan_changed(name: str, reason: str, memo: kopf.Memo, **_: Any) -> Non
     # One list per plan edit. Not a kopf index: with worker_limit, kopf's wait for every
     # index to fill before handling deadlocks a restart with more tenants than workers.
     tenants = [body["metadata"]["name"] async for body in plan_users(kube, name)
-               if reason != "create" or waits_for_plan(body)]
+               if not first_seen or waits_for_plan(body)]
     failed = await plans.roll_out(name, tenants, reconcile_one, ours.plan_rollout_per_second,
                                   ours.worker_limit)
     log.info("plan %s: %d tenant(s) reconciled, %d failed (their resync retries)", name,
