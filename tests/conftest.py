@@ -74,7 +74,8 @@ def shared_database(postgres: Postgres) -> str:
 # so the operator reaches each silo's database through TENANTRY_SILO_DSN_OVERRIDES: one
 # database per silo in a second embedded Postgres, the setting a user needs when the operator
 # runs outside the cluster.
-SILO_TENANTS = ("silo1", "upsilo", "silodel", "poolsilo", "silogrow", "silofixed", "silocreds")
+SILO_TENANTS = ("silo1", "upsilo", "silodel", "poolsilo", "silogrow", "silofixed", "silocreds",
+                "quietsilo")
 # The operator's own namespace, where it keeps copies of the credentials it generates (it
 # creates the namespace when missing).
 CREDENTIALS_NAMESPACE = "tenantry-operator-test"  # not the chart's runtime namespace

@@ -320,7 +320,7 @@ def test_cluster_role_is_least_privilege(helm: list[str], values_file: Path) -> 
         assert not {"escalate", "bind", "impersonate", "deletecollection"} & set(rule["verbs"])
     assert "patch" in grants[("tenantry.dev", "tenants/status")]
     assert grants[("tenantry.dev", "tenants")] == {"get", "list", "watch", "patch"}
-    assert grants[("tenantry.dev", "tenantplans")] == {"get"}
+    assert grants[("tenantry.dev", "tenantplans")] == {"get", "list", "watch"}
     assert grants[("", "events")] == {"create"}
     assert grants[("apiextensions.k8s.io", "customresourcedefinitions")] == {"list", "watch"}
     assert "delete" in grants[("", "namespaces")]

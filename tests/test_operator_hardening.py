@@ -443,7 +443,9 @@ def test_a_plan_edit_grows_the_revision_and_a_settled_resync_does_not(
         redis_server.url, decode_responses=True).hget("tenantry:v1:{oprev}:limits",
                                                       "daily_tokens") == "2000")
     assert limits_revision(redis_server, "oprev") == config.revision
-    assert tenant_status(control_plane, "oprev")["runtimeConfig"]["revision"] == config.revision
+    # The status is patched after the writes it records (a moment later, under load).
+    wait_for("the revision in status", lambda: tenant_status(
+        control_plane, "oprev")["runtimeConfig"]["revision"] == config.revision)
     time.sleep(7)  # settled again: no growth
     assert runtime_config(control_plane, "oprev").revision == config.revision
     assert limits_revision(redis_server, "oprev") == config.revision

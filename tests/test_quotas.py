@@ -66,3 +66,34 @@ async def test_deleting_one_tenant_leaves_a_prefix_sharing_neighbour_alone(
 def test_hostile_tenant_ids_cannot_form_keys(hostile: str) -> None:
     with pytest.raises(InvalidTenantId):
         TenantKeys(hostile)
+
+
+def test_known_keys_cover_every_key_the_runtime_uses() -> None:
+    """Deletion removes known names (no SCAN): each key the runtime's scripts touch is one,
+    at any moment of the month, settled markers aside (they expire on their own)."""
+    from datetime import timedelta
+
+    from tenantry_runtime.limits import limit_keys
+
+    start = datetime(2026, 12, 31, 23, 59, tzinfo=UTC)
+    for at in (start, start + timedelta(minutes=2), datetime(2026, 3, 1, tzinfo=UTC)):
+        known = set(TenantKeys("acme").known_keys(at))
+        used = limit_keys("acme", at).settle("rid")[:-1]  # the settled marker aside
+        assert set(used) <= known, set(used) - known
+        keys = TenantKeys("acme")
+        assert {keys.requests_minute(at), keys.tokens_minute(at)} <= known
+        # Yesterday's and last month's counters may not have expired yet.
+        assert keys.tokens_day(at - timedelta(days=1)) in known
+        assert keys.tokens_month(at.replace(day=1) - timedelta(days=1)) in known
+    assert all(k.startswith(TenantKeys("acme").prefix) for k in known)
+
+
+async def test_the_same_limits_again_write_nothing(client: Redis) -> None:
+    """A settled reconcile leaves Redis alone: no DEL/HSET when the hash already matches."""
+    assert await write_limits(client, spec("acme", 3), 3)
+    before = (await client.info("persistence"))["rdb_changes_since_last_save"]
+    assert await write_limits(client, spec("acme", 3), 3)  # Redis holds them: True
+    assert (await client.info("persistence"))["rdb_changes_since_last_save"] == before
+    assert await write_limits(client, spec("acme", 3, budgets={"dailyTokens": 1}), 3)
+    assert (await client.info("persistence"))["rdb_changes_since_last_save"] > before
+    assert (await read_limits(client, "acme"))["daily_tokens"] == "1"

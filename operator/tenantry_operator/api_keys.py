@@ -66,9 +66,10 @@ async def ensure_api_keys(ctx: StepContext) -> Condition:
                  builders.API_KEYS_SECRET)
     ctx.api_keys = tuple(record_for(keys[k.name], k.name, _aware(k.expires_at))
                          for k in ctx.spec.api_keys)
-    message = f"{len(keys)} key(s) in Secret {ns}/{builders.API_KEYS_SECRET}"
+    # The same message whether or not a key was new this time: a settled tenant's status
+    # stays as it is (the log says which key was issued).
     return Condition("ApiKeysReady", True, "Issued",
-                     message + (f"; new: {', '.join(issued)}" if issued else ""))
+                     f"{len(keys)} key(s) in Secret {ns}/{builders.API_KEYS_SECRET}")
 
 
 async def ensure_runtime_record(ctx: StepContext) -> Condition:

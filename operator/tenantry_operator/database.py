@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import hmac
 import re
+import threading
 import unicodedata
 from collections.abc import Callable, Collection, Sequence
 from functools import partial
@@ -36,9 +37,11 @@ from pgvector.psycopg import register_vector
 from psycopg import sql
 from psycopg.adapt import PyFormat
 from psycopg.conninfo import make_conninfo
+from psycopg_pool import ConnectionPool
 from tenantry_runtime.contracts.database import (
     APP_ROLE,
     SHARED_SCHEMA,
+    TENANT_ID_CONSTRAINT,
     TENANT_SETTING,
     Conn,
     bridge_role,
@@ -136,17 +139,45 @@ T = TypeVar("T")
 
 
 async def in_database(dsn: str, work: Callable[[Conn], T]) -> T:
-    """Run `work` on a fresh autocommit connection in a worker thread.
+    """Run `work` on an autocommit connection of `dsn`'s pool, in a worker thread.
 
-    One short connection per call: the operator is not a hot path, and a fresh connection
-    never carries state from a failed step.
+    Pooled (bench/README.md, operator_scale: a connection per call cost more than the work
+    of a settled reconcile). A connection comes back clean: one left in a transaction is
+    rolled back by the pool, a broken one is discarded, and each is checked before use.
     """
 
     def run() -> T:
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        with _pool(dsn).connection() as conn:
             return work(conn)
 
     return await asyncio.to_thread(run)
+
+
+_pools: dict[str, ConnectionPool] = {}
+_pools_lock = threading.Lock()
+# Enough for the operator's concurrent reconciles (worker_limit) and the default thread pool
+# asyncio.to_thread runs them in; silo pools close idle connections after a minute.
+POOL_MAX_SIZE = 8
+
+
+def _pool(dsn: str) -> ConnectionPool:
+    with _pools_lock:
+        pool = _pools.get(dsn)
+        if pool is None:
+            pool = _pools[dsn] = ConnectionPool(
+                dsn, min_size=0, max_size=POOL_MAX_SIZE, max_idle=60, num_workers=1,
+                timeout=10, open=True, check=ConnectionPool.check_connection,
+                kwargs={"autocommit": True, "connect_timeout": 10})
+        return pool
+
+
+def close_pools() -> None:
+    """Close every pool (operator shutdown); the next in_database opens a new one."""
+    with _pools_lock:
+        pools = list(_pools.values())
+        _pools.clear()
+    for pool in pools:
+        pool.close()
 
 
 ISOLATION_ORDER: tuple[Isolation, ...] = ("pool", "bridge", "silo")
@@ -736,6 +767,29 @@ def ensure_collection(
     if not _schema_exists(conn, target):
         raise RuntimeError(f"schema {target!r} missing: provision the tenant first")
 
+    pinned = target == bridge_schema(tenant)
+
+    def grants() -> list[Action]:
+        return [
+            *_acl_actions(conn, "SCHEMA", (target,), grantee, {"USAGE"}, SCHEMA_PRIVILEGES),
+            *_acl_actions(conn, "TABLE", (target, table), grantee, DML_PRIVILEGES,
+                          TABLE_PRIVILEGES),
+            *(_pin_actions(conn, target, tenant) if pinned else [])]
+
+    index: tuple[str, str | None, bool]  # name, partial for tenant, follows m/ef_construction
+    if location == "schema":
+        index = (f"{table}_hnsw", None, True)
+    elif pool_index == "partial":
+        index = (pool_index_name(dimensions, tenant), tenant, True)
+    else:
+        index = (pool_index_name(dimensions, None), None, False)
+    # Settled: read only, no lock (taking the lock row is itself a write).
+    if (_embeddings_table_settled(conn, target, table, dimensions)
+            and _hnsw_index_settled(conn, target, table, index[0], m, ef_construction,
+                                    index[1], index[2])
+            and not _stray_partial_indexes(conn, dimensions, tenant, keep=index[0])
+            and not grants()):
+        return f"{target}.{table}"
     with conn.transaction():
         operator_lock(conn, f"collection:{target}.{table}")
         _ensure_embeddings_table(conn, target, table, dimensions)
@@ -749,13 +803,30 @@ def ensure_collection(
             _ensure_hnsw_index(conn, target, table, pool_index_name(dimensions, None),
                                m, ef_construction, None, follow_parameters=False)
             _drop_partial_indexes(conn, dimensions, tenant)
-        pinned = target == bridge_schema(tenant)
-        _converge(conn, lambda: [
-            *_acl_actions(conn, "SCHEMA", (target,), grantee, {"USAGE"}, SCHEMA_PRIVILEGES),
-            *_acl_actions(conn, "TABLE", (target, table), grantee, DML_PRIVILEGES,
-                          TABLE_PRIVILEGES),
-            *(_pin_actions(conn, target, tenant) if pinned else [])])
+        _converge(conn, grants)
     return f"{target}.{table}"
+
+
+def _embeddings_table_settled(conn: Conn, schema: str, table: str, dimensions: int) -> bool:
+    """The table exists with `vector(dimensions)`, RLS forced with its policy and check."""
+    rows = fetch_rows(conn, """
+        SELECT format_type(a.atttypid, a.atttypmod), c.relrowsecurity, c.relforcerowsecurity,
+               EXISTS (SELECT 1 FROM pg_policy p
+                       WHERE p.polrelid = c.oid AND p.polname = 'tenant_isolation'),
+               EXISTS (SELECT 1 FROM pg_constraint co
+                       WHERE co.conrelid = c.oid AND co.conname = %s)
+        FROM pg_attribute a
+        JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = %s AND c.relname = %s AND a.attname = 'embedding'
+          AND NOT a.attisdropped""", (TENANT_ID_CONSTRAINT, schema, table))
+    return bool(rows) and rows[0] == (f"vector({dimensions})", True, True, True, True)
+
+
+def _stray_partial_indexes(conn: Conn, dimensions: int, tenant: str, keep: str) -> bool:
+    names = [n for n in _partial_index_names(dimensions, tenant) if n != keep]
+    return bool(fetch_rows(conn, """
+        SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = %s AND c.relname = ANY(%s)""", (SHARED_SCHEMA, names)))
 
 
 def _ensure_embeddings_table(conn: Conn, schema: str, table: str, dimensions: int) -> None:
@@ -787,6 +858,23 @@ def _ensure_hnsw_index(conn: Conn, schema: str, table: str, name: str, m: int,
                        follow_parameters: bool = True) -> None:
     """Create the cosine HNSW index, or rebuild it when its shape differs (or its parameters,
     with `follow_parameters`)."""
+    if _hnsw_index_settled(conn, schema, table, name, m, ef_construction, tenant,
+                           follow_parameters):
+        return
+    predicate = None if tenant is None else sql.SQL("WHERE tenant_id = {}").format(
+        sql.Literal(tenant))
+    conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(schema, name)))
+    conn.execute(sql.SQL(
+        "CREATE INDEX {} ON {} USING hnsw (embedding public.vector_cosine_ops)"
+        " WITH (m = {}, ef_construction = {}) {}"
+    ).format(sql.Identifier(name), sql.Identifier(schema, table), sql.Literal(m),
+             sql.Literal(ef_construction), predicate or sql.SQL("")))
+
+
+def _hnsw_index_settled(conn: Conn, schema: str, table: str, name: str, m: int,
+                        ef_construction: int, tenant: str | None,
+                        follow_parameters: bool = True) -> bool:
+    """The index exists, valid, HNSW on `table`, of the right shape (and parameters)."""
     rows = fetch_rows(conn, """
         SELECT coalesce(c.reloptions, '{}'), i.indisvalid, am.amname,
                pg_get_expr(i.indpred, i.indrelid), t.relname
@@ -794,21 +882,13 @@ def _ensure_hnsw_index(conn: Conn, schema: str, table: str, name: str, m: int,
         JOIN pg_index i ON i.indexrelid = c.oid JOIN pg_class t ON t.oid = i.indrelid
         JOIN pg_am am ON am.oid = c.relam
         WHERE n.nspname = %s AND c.relname = %s""", (schema, name))
-    wanted_options = {f"m={m}", f"ef_construction={ef_construction}"}
-    predicate = None if tenant is None else sql.SQL("WHERE tenant_id = {}").format(
-        sql.Literal(tenant))
-    if rows:
-        options, valid, method, current_predicate, on_table = rows[0]
-        same_shape = (tenant is None) == (current_predicate is None)
-        if (valid and method == "hnsw" and on_table == table and same_shape
-                and (set(options) == wanted_options or not follow_parameters)):
-            return
-        conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(schema, name)))
-    conn.execute(sql.SQL(
-        "CREATE INDEX {} ON {} USING hnsw (embedding public.vector_cosine_ops)"
-        " WITH (m = {}, ef_construction = {}) {}"
-    ).format(sql.Identifier(name), sql.Identifier(schema, table), sql.Literal(m),
-             sql.Literal(ef_construction), predicate or sql.SQL("")))
+    if not rows:
+        return False
+    options, valid, method, current_predicate, on_table = rows[0]
+    same_shape = (tenant is None) == (current_predicate is None)
+    return bool(valid and method == "hnsw" and on_table == table and same_shape
+                and (set(options) == {f"m={m}", f"ef_construction={ef_construction}"}
+                     or not follow_parameters))
 
 
 def _split_table(table: str) -> tuple[str, str]:

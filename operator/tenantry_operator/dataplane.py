@@ -16,7 +16,6 @@ from lightkube.resources.core_v1 import ConfigMap, Namespace, PersistentVolumeCl
 from lightkube.resources.storage_v1 import StorageClass
 from lightkube.types import PatchType
 from lightkube.utils.quantity import parse_quantity
-from redis.asyncio import Redis
 from tenantry_runtime.contracts.database import SHARED_SCHEMA, bridge_role, bridge_schema
 from tenantry_runtime.contracts.redis_keys import TenantKeys
 from tenantry_runtime.contracts.runtime_config import (
@@ -31,7 +30,7 @@ from .conditions import Condition
 from .kube import Kube, as_dict
 from .model import EffectiveSpec, Isolation
 from .names import LABEL_MANAGED_BY, LABEL_TENANT, MANAGER, owned_by
-from .quotas import limits_of, write_limits
+from .quotas import limits_of, shared_client, write_limits
 from .settings import OperatorSettings
 from .steps import StepContext, StepFailed
 
@@ -284,11 +283,8 @@ async def ensure_limits(ctx: StepContext) -> Condition:
     if ctx.settings.redis_url is None:
         return Condition("LimitsReady", False, "NoRedisConfigured", "TENANTRY_REDIS_URL is not set")
     revision = await settle_revision(ctx)
-    redis = Redis.from_url(ctx.settings.redis_url.get_secret_value())
-    try:
-        await write_limits(redis, ctx.spec, revision)
-    finally:
-        await redis.aclose()
+    await write_limits(shared_client(ctx.settings.redis_url.get_secret_value()), ctx.spec,
+                       revision)
     ctx.provisioned["redisKeyPrefix"] = TenantKeys(ctx.spec.name).prefix
     return Condition("LimitsReady", True, "Written",
                      f"{ctx.spec.ai.requests_per_minute} rpm, "
@@ -364,7 +360,8 @@ async def settle_revision(ctx: StepContext) -> int:
     digest = content_hash(config, limits_of(ctx.spec, config.revision),
                           builders.plan_settings(ctx.spec))
     recorded: list[tuple[int, str | None]] = []
-    live = await ctx.kube.get(ConfigMap, builders.RUNTIME_CONFIGMAP, ctx.namespace)
+    live = ctx.live_config_map = await ctx.kube.get(ConfigMap, builders.RUNTIME_CONFIGMAP,
+                                                     ctx.namespace)
     if live is not None and owned_by(as_dict(live)["metadata"].get("labels"), ctx.spec.name):
         live_dict = as_dict(live)
         try:
@@ -393,6 +390,7 @@ async def settled_config(ctx: StepContext) -> tuple[TenantRuntimeConfig, str]:
 async def ensure_runtime_config(ctx: StepContext) -> Condition:
     config, digest = await settled_config(ctx)
     await ctx.kube.apply(builders.runtime_configmap(ctx.namespace, ctx.spec.name,
-                                                    config.model_dump_json(indent=2), digest))
+                                                    config.model_dump_json(indent=2), digest),
+                         live=ctx.live_config_map)
     ctx.provisioned["configMap"] = builders.RUNTIME_CONFIGMAP
     return Condition("RuntimeConfigReady", True, "Applied", f"revision {config.revision}")

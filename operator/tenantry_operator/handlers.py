@@ -5,19 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import kopf
 
-from . import alerts, maintenance
+from . import alerts, database, maintenance, plans, quotas
 from . import finalize as finalizer
 from .conditions import Condition, merge_conditions
-from .kube import Kube
+from .kube import Kube, Tenant, as_dict
 from .metrics import METRICS
 from .model import GROUP, VERSION
 from .names import ANNOTATION_FORCE_FINALIZE
 from .pipeline import reconcile_steps
-from .reconcile import reconcile, tenant_lock
+from .reconcile import Settled, reconcile_tenant, tenant_lock
 from .settings import get_settings
 
 FINALIZER = f"{GROUP}/cleanup"
@@ -54,17 +55,24 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
     kube = memo.get("kube")
     if kube is not None:
         await kube.close()
+    await quotas.close_clients()
+    await asyncio.to_thread(database.close_pools)
+
+
+def post_events(body: kopf.Body, settled: Settled) -> None:
+    for event in settled.events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
 
 async def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
     name = body["metadata"]["name"]
-    async with tenant_lock(name):
-        with METRICS.reconciling(name, body) as recorded:
-            outcome = await reconcile(body, memo["kube"], get_settings(), reconcile_steps())
-            recorded(outcome)
-    patch.status.update(outcome.status)
-    for failure in outcome.warnings:  # `kubectl describe tnt` tells what a person must fix
-        kopf.warn(body, reason=failure.reason, message=f"{failure.type}: {failure.message}")
+    with METRICS.reconciling(name, body) as recorded:
+        settled = await reconcile_tenant(body, memo["kube"], get_settings(), reconcile_steps())
+        recorded(settled.outcome)
+    # Only what changed: kopf sends no request for an empty patch.
+    patch.status.update(settled.status_patch)
+    post_events(body, settled)
+    outcome = settled.outcome
     if outcome.retry_after is not None:
         raise kopf.TemporaryError(outcome.status["phase"], delay=outcome.retry_after)
 
@@ -83,6 +91,71 @@ async def tenant_resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_
     # The next tick retries; a timer that raises would back off for a minute instead.
     with contextlib.suppress(kopf.TemporaryError):
         await _reconcile(body, patch, memo)
+
+
+async def plan_users(kube: Kube, plan: str) -> AsyncIterator[dict[str, Any]]:
+    async for obj in kube.client.list(Tenant):
+        body = as_dict(obj)
+        if (body.get("spec") or {}).get("planRef", {}).get("name") == plan:
+            yield body
+
+
+def waits_for_plan(body: dict[str, Any]) -> bool:
+    conditions = (body.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "PlanResolved" and c.get("reason") == "PlanNotFound"
+               for c in conditions)
+
+
+# The last spec seen of each plan: a watch event whose spec is unchanged (status, labels, a
+# relist) rolls nothing out. In memory on purpose: kopf's change handlers would store their
+# diff base on each TenantPlan, a write the platform team's objects should not get.
+_plan_specs: dict[str, Any] = {}
+
+
+@kopf.on.event(GROUP, VERSION, "tenantplans")
+async def plan_changed(name: str, type: str | None, spec: kopf.Spec, memo: kopf.Memo,
+                       **_: Any) -> None:
+    """Re-reconcile the plan's tenants now: limits and runtime config follow within seconds.
+
+    A plan first seen (created, or listed when this operator starts) concerns only the
+    tenants that found it missing; the others have their own handlers.
+    """
+    if type == "DELETED":
+        _plan_specs.pop(name, None)
+        return
+    current, previous = dict(spec), _plan_specs.get(name)
+    _plan_specs[name] = current
+    if previous == current:
+        return
+    first_seen = previous is None
+    kube: Kube = memo["kube"]
+    ours = get_settings()
+
+    async def reconcile_one(tenant: str) -> None:
+        live = await kube.get(Tenant, tenant)
+        if live is None:
+            return
+        body = kopf.Body(cast(kopf.RawBody, as_dict(live)))
+        if (body.metadata.get("deletionTimestamp")
+                or (body.spec.get("planRef") or {}).get("name") != name):
+            return
+        settled = await reconcile_tenant(body, kube, ours, reconcile_steps())
+        if settled.status_patch:
+            await kube.patch_tenant_status(tenant, settled.status_patch)
+        post_events(body, settled)
+        revision = (settled.outcome.status.get("runtimeConfig") or {}).get("revision")
+        kopf.info(body, reason="PlanChanged",
+                  message=f"plan {name} changed: reconciled, phase"
+                          f" {settled.outcome.status['phase']}, config revision {revision}")
+
+    # One list per plan edit. Not a kopf index: with worker_limit, kopf's wait for every
+    # index to fill before handling deadlocks a restart with more tenants than workers.
+    tenants = [body["metadata"]["name"] async for body in plan_users(kube, name)
+               if not first_seen or waits_for_plan(body)]
+    failed = await plans.roll_out(name, tenants, reconcile_one, ours.plan_rollout_per_second,
+                                  ours.worker_limit)
+    log.info("plan %s: %d tenant(s) reconciled, %d failed (their resync retries)", name,
+             len(tenants) - len(failed), len(failed))
 
 
 @kopf.on.delete(GROUP, VERSION, "tenants")

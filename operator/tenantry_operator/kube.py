@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import copy
+import hashlib
+import json
+from collections.abc import Mapping
 from typing import Any
 
 from lightkube import ApiError, AsyncClient, KubeConfig, codecs
 from lightkube.core.resource import GlobalResource, NamespacedResource
 from lightkube.generic_resource import create_global_resource
 from lightkube.types import PatchType
+from lightkube.utils.quantity import parse_quantity
 
 from .model import GROUP, VERSION
 from .names import FIELD_MANAGER, LABEL_MANAGED_BY, LABEL_TENANT, MANAGER, owned_by
@@ -17,6 +24,90 @@ TenantPlan = create_global_resource(GROUP, VERSION, "TenantPlan", "tenantplans")
 
 Manifest = dict[str, Any]
 Kind = type[GlobalResource] | type[NamespacedResource]
+# A digest of the manifest last applied (Secret data excluded): a field dropped from a builder
+# changes it, so the next apply removes that field although the live object still holds it.
+APPLIED_HASH_ANNOTATION = f"{GROUP}/applied-hash"
+_PAYLOAD_FIELDS = ("data", "stringData", "binaryData")
+
+
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """Pure: a digest of what an apply asks for, payloads (Secret and ConfigMap data) aside:
+    those are compared in full, and a digest of a Secret's data would sit in its metadata."""
+    shape = {k: v for k, v in manifest.items() if k not in _PAYLOAD_FIELDS}
+    meta = dict(shape.get("metadata") or {})
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items()
+                   if k != APPLIED_HASH_ANNOTATION}
+    meta["annotations"] = annotations
+    shape["metadata"] = meta
+    return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def stamped(manifest: Mapping[str, Any]) -> Manifest:
+    """The manifest with its digest annotation, as it is applied."""
+    result = copy.deepcopy(dict(manifest))
+    meta = result.setdefault("metadata", {})
+    meta["annotations"] = {**(meta.get("annotations") or {}),
+                           APPLIED_HASH_ANNOTATION: manifest_digest(manifest)}
+    return result
+
+
+def _same_scalar(live: Any, wanted: Any) -> bool:
+    if live == wanted:
+        return True
+    # The API server normalises quantities ("1000m" reads back as "1").
+    if isinstance(live, str | int) and isinstance(wanted, str | int):
+        try:
+            return parse_quantity(str(live)) == parse_quantity(str(wanted))
+        except ValueError:
+            return False
+    return False
+
+
+def contains(live: Any, wanted: Any) -> bool:
+    """Pure: whether the live value holds every field of `wanted` (the server adds defaults)."""
+    if isinstance(wanted, Mapping):
+        # An empty value reads back as absent.
+        return isinstance(live, Mapping) and all(
+            contains(live[key], value) if key in live else value in (None, {}, [], "")
+            for key, value in wanted.items())
+    if isinstance(wanted, list):
+        return (isinstance(live, list) and len(live) == len(wanted)
+                and all(contains(a, b) for a, b in zip(live, wanted, strict=True)))
+    return _same_scalar(live, wanted)
+
+
+def _decoded(data: Mapping[str, str]) -> dict[str, str] | None:
+    try:
+        return {k: base64.b64decode(v, validate=True).decode() for k, v in data.items()}
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+
+
+def up_to_date(live: Mapping[str, Any], manifest: Mapping[str, Any]) -> bool:
+    """Pure: applying the stamped `manifest` over `live` would change nothing.
+
+    The digest annotation says the manifest is the one last applied; every field of it must
+    still hold its value (a hand edit is repaired); payloads must match in full.
+    """
+    annotations = (live.get("metadata") or {}).get("annotations") or {}
+    if annotations.get(APPLIED_HASH_ANNOTATION) != manifest_digest(manifest):
+        return False
+    shape = {k: v for k, v in manifest.items() if k not in _PAYLOAD_FIELDS}
+    if not contains(live, shape):
+        return False
+    live_data: Mapping[str, str] = live.get("data") or {}
+    if "stringData" in manifest:  # the server stores it base64-encoded under data
+        wanted = {**_decoded_or_empty(manifest.get("data") or {}), **manifest["stringData"]}
+        return _decoded(live_data) == wanted
+    return all(dict(live.get(f) or {}) == dict(manifest.get(f) or {})
+               for f in ("data", "binaryData") if f in manifest or live.get(f))
+
+
+def _decoded_or_empty(data: Mapping[str, str]) -> dict[str, str]:
+    return _decoded(data) or {}
+
+
+NOT_READ: Any = object()  # Kube.apply: the caller has not read the live object
 
 
 def _not_found(err: ApiError) -> bool:
@@ -49,20 +140,26 @@ class Kube:
         """In-cluster service account, or $KUBECONFIG / ~/.kube/config outside the cluster."""
         return cls(AsyncClient(config=KubeConfig.from_env(), field_manager=FIELD_MANAGER))
 
-    async def apply(self, manifest: Manifest) -> Any:
+    async def apply(self, manifest: Manifest, live: Any = NOT_READ) -> Any:
         """Create or converge an object; force takes ownership of fields a human changed.
 
-        A manifest labelled for a tenant is applied only over an object that is already that
-        tenant's (or none): forcing would silently adopt a namespace or Secret made by someone
-        else, and deletion would later remove it.
+        Read first, write only when something differs (`up_to_date`): a settled reconcile
+        makes no write. A manifest labelled for a tenant is applied only over an object that
+        is already that tenant's (or none): forcing would silently adopt a namespace or Secret
+        made by someone else, and deletion would later remove it. `live`: the object as the
+        caller just read it (None: absent), to spare a second read.
         """
-        obj = codecs.from_dict(manifest)
+        desired = stamped(manifest)
+        obj = codecs.from_dict(desired)
         meta = manifest["metadata"]
         tenant = (meta.get("labels") or {}).get(LABEL_TENANT)
-        if tenant is not None:
-            existing = await self.get(type(obj), meta["name"], meta.get("namespace"))
-            if existing is not None and not owned_by(labels_of(existing), tenant):
+        existing = (await self.get(type(obj), meta["name"], meta.get("namespace"))
+                    if live is NOT_READ else live)
+        if existing is not None:
+            if tenant is not None and not owned_by(labels_of(existing), tenant):
                 raise ForeignObject(manifest["kind"], meta["name"], meta.get("namespace"), tenant)
+            if up_to_date(as_dict(existing), manifest):
+                return existing
         return await self.client.apply(obj, field_manager=FIELD_MANAGER, force=True)
 
     async def get(self, kind: Kind, name: str, namespace: str | None = None) -> Any:

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
-from .conditions import Condition, merge_conditions, ready_condition
+from .conditions import (
+    Condition,
+    Transition,
+    merge_conditions,
+    ready_condition,
+    status_changes,
+    transitions,
+)
 from .kube import ForeignObject, Kube, TenantPlan, as_dict
 from .model import EffectiveSpec, PlanSpec, PlanViolation, TenantSpec, effective_spec
 from .settings import OperatorSettings
@@ -18,12 +26,14 @@ from .steps import Step, StepContext, StepFailed
 
 log = logging.getLogger(__name__)
 
-_locks: dict[str, asyncio.Lock] = {}
+# Per event loop: an asyncio.Lock belongs to one loop (tests reconcile from a second one).
+_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = (
+    weakref.WeakKeyDictionary())
 
 
 def tenant_lock(name: str) -> asyncio.Lock:
     """Event handlers and the resync timer may fire together; one reconcile per tenant at once."""
-    return _locks.setdefault(name, asyncio.Lock())
+    return _locks.setdefault(asyncio.get_running_loop(), {}).setdefault(name, asyncio.Lock())
 
 
 @dataclass
@@ -32,9 +42,6 @@ class Outcome:
 
     status: dict[str, Any]
     retry_after: float | None = None
-    # Conditions that just turned into a reason a person must act on: each becomes a Warning
-    # Event on the Tenant, once per transition (not on every resync).
-    warnings: list[Condition] = field(default_factory=list)
     spec: EffectiveSpec | None = None  # the plan-merged spec, when the plan resolved (metrics)
 
 
@@ -70,15 +77,6 @@ FAILED_REASONS = frozenset({
     "CredentialsLost", "VolumeExpansionNotAllowed", "VolumeShrinkNotSupported",
     "MaxTokensAboveRateLimit", "EndpointKeyMissing",
 })
-
-
-def new_failures(previous: Sequence[Mapping[str, Any]],
-                 observed: Sequence[Condition]) -> list[Condition]:
-    """Observed conditions with a reason in FAILED_REASONS that the previous status did not
-    already report (same type, status and reason): the ones to announce with an Event."""
-    before = {c.get("type"): (c.get("status"), c.get("reason")) for c in previous}
-    return [c for c in observed if c.reason in FAILED_REASONS and not c.ok
-            and before.get(c.type) != (c.status, c.reason)]
 
 
 def phase_of(spec: EffectiveSpec | None, conditions: Sequence[Condition]) -> str:
@@ -132,5 +130,26 @@ async def reconcile(
     }
     if spec is not None:
         new_status.update(ctx.status_updates)
-    return Outcome(status=new_status, retry_after=retry,
-                   warnings=new_failures(status.get("conditions") or [], observed), spec=spec)
+    return Outcome(status=new_status, retry_after=retry, spec=spec)
+
+
+@dataclass
+class Settled:
+    """One reconcile of a Tenant, as writes: a status patch and Events, both empty when the
+    Tenant was already settled."""
+
+    outcome: Outcome
+    status_patch: dict[str, Any]
+    events: list[Transition]
+
+
+async def reconcile_tenant(
+    body: Mapping[str, Any], kube: Kube, settings: OperatorSettings, steps: Sequence[Step]
+) -> Settled:
+    """Reconcile under the tenant's lock; compare the result with the status it had."""
+    async with tenant_lock(body["metadata"]["name"]):
+        outcome = await reconcile(body, kube, settings, steps)
+    current: Mapping[str, Any] = body.get("status") or {}
+    return Settled(outcome=outcome, status_patch=status_changes(current, outcome.status),
+                   events=transitions(current.get("conditions") or [],
+                                      outcome.status["conditions"]))

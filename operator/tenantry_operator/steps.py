@@ -33,6 +33,9 @@ class StepContext:
     database_dsn: str | None = None
     # Revision of the runtime config and Redis limits, settled once per reconcile.
     config_revision: int | None = None
+    # The live runtime ConfigMap as settle_revision read it (None: absent), applied over by
+    # ensure_runtime_config without a second read.
+    live_config_map: Any = None
     # The hashes of the tenant's API keys (never the keys), set by ensure_api_keys.
     api_keys: tuple[ApiKeyRecord, ...] = ()
 

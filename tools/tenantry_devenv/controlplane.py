@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .processes import Process, StartupError, free_port, spawn, wait_until
 
@@ -23,6 +24,9 @@ BUILD_SCRIPT = REPO_ROOT / "tools" / "controlplane" / "build.sh"
 FAKE_NODE = "kwok-node-0"
 # A StorageClass without a provisioner plus pre-made PVs lets StatefulSet PVCs bind for real.
 LOCAL_STORAGE_CLASS = "local-fake"
+# Audit verbs that change state (the API server's requests POST, PUT, PATCH, DELETE).
+WRITE_VERBS = frozenset({"create", "update", "patch", "delete", "deletecollection"})
+_METRIC_WRITE_VERBS = ("POST", "PUT", "PATCH", "APPLY", "DELETE")  # as /metrics names them
 
 
 def control_plane_binaries() -> Path:
@@ -117,6 +121,54 @@ class ControlPlane:
                                f"{result.stderr}{result.stdout}")
         return result
 
+    @property
+    def audit_log(self) -> Path:
+        return self.workdir / "logs" / "audit.log"
+
+    def _write_audit_policy(self) -> Path:
+        path = self.workdir / "audit-policy.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(_AUDIT_POLICY)
+        return path
+
+    def audit_offset(self) -> int:
+        """Where the audit log ends now: pass it to `writes_since` to see what came after."""
+        return self.audit_log.stat().st_size if self.audit_log.exists() else 0
+
+    def writes_since(self, offset: int) -> list[dict[str, Any]]:
+        """The completed write requests (create, update, patch, delete) logged after `offset`.
+
+        Each is an audit event: verb, userAgent, objectRef; Events carry their body
+        (requestObject) so that the object they are about can be told.
+        """
+        if not self.audit_log.exists():
+            return []
+        with self.audit_log.open("rb") as log:
+            log.seek(offset)
+            lines = log.read().splitlines()
+        found = []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:  # a line being written right now
+                continue
+            if entry.get("stage") == "ResponseComplete" and entry.get("verb") in WRITE_VERBS:
+                found.append(entry)
+        return found
+
+    def write_requests_total(self) -> int:
+        """Write requests (POST, PUT, PATCH, server-side APPLY, DELETE) the API server has served
+        since it started, from every client, as its /metrics counts them."""
+        status, text = self._get("/metrics")
+        if status != 200:
+            raise RuntimeError(f"GET /metrics answered {status}")
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("apiserver_request_total{") and any(
+                    f'verb="{verb}"' in line for verb in _METRIC_WRITE_VERBS):
+                total += float(line.rsplit(" ", 1)[1])
+        return int(total)
+
     def _get(self, path: str) -> tuple[int, str]:
         pki = self.workdir / "pki"
         ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
@@ -160,6 +212,10 @@ class ControlPlane:
             "--service-cluster-ip-range=10.0.0.0/24",
             "--authorization-mode=Node,RBAC", "--allow-privileged=true",
             "--storage-media-type=application/json", "--v=1",
+            # Who wrote what: tests and bench/operator_scale.py count the operator's writes.
+            f"--audit-policy-file={self._write_audit_policy()}",
+            f"--audit-log-path={self.audit_log}", "--audit-log-format=json",
+            "--audit-log-maxsize=500", "--audit-log-maxbackup=1",
         ], logs / "kube-apiserver.log")
         self.processes.append(apiserver)
         write_kubeconfig(self.kubeconfig, self.server, pki)
@@ -286,6 +342,22 @@ provisioner: kubernetes.io/no-provisioner
 volumeBindingMode: Immediate
 reclaimPolicy: Retain
 allowVolumeExpansion: true
+"""
+
+# Writes only (reads are not logged), bodies only for Events (to tell which object an Event is
+# about), nothing for Leases (renewed every few seconds by kwok and leader election).
+_AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: None
+  verbs: [get, list, watch]
+- level: None
+  resources: [{group: coordination.k8s.io, resources: [leases]}]
+- level: Request
+  resources: [{group: "", resources: [events]}, {group: events.k8s.io, resources: [events]}]
+- level: Metadata
 """
 
 _PV_TEMPLATE = """\

@@ -338,6 +338,13 @@ def migrate(conn: Conn, schema: str) -> list[int]:
     target = sql.Identifier(schema)
     ensure_private_schema(conn)  # the locks below live there
     _ensure_vector_extension(conn)
+    # Settled (every version recorded): read only, no lock (taking it is itself a write).
+    if _relation_exists(conn, schema, "schema_migrations"):
+        applied = _applied_checksums(conn, schema)
+        if all(m.version in applied for m in migrations):
+            for migration in migrations:
+                _check_checksum(schema, migration, applied)
+            return []
     with conn.transaction():
         operator_lock(conn, lock_key)
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(target))
@@ -465,6 +472,8 @@ def ensure_partitions(
         for offset in range(months_ahead + 1):
             lower, upper = _month_start(first, offset), _month_start(first, offset + 1)
             name = f"{parent}_{lower.year:04d}_{lower.month:02d}"
+            if _relation_exists(conn, schema, name):
+                continue  # read only: the lock is taken only to create
             with conn.transaction():
                 operator_lock(conn, f"partitions:{schema}")
                 if _relation_exists(conn, schema, name):

@@ -9,11 +9,16 @@ tenant can never be a prefix of another's: `{acme}:` does not match `{acme2}:`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from .database import validate_tenant_id
 
 SCHEME_VERSION = "v1"
+
+# Keys of a tenant without a time bucket: the runtime's GCRA state, holds and usage stream (named
+# in tenantry_runtime.limits), next to the limits hash.
+FIXED_SUFFIXES = ("limits", "gcra:req", "gcra:tok", "holds", "holds:amount", "holds:total",
+                  "usage")
 
 # Fields of the limits hash; the runtime's Lua script reads exactly these.
 LIMIT_FIELDS = (
@@ -73,3 +78,21 @@ class TenantKeys:
 
     def alert_claims_month(self, at: datetime) -> str:
         return self.prefix + at.strftime("alerts:claimed:month:%Y%m")
+
+    def known_keys(self, at: datetime) -> list[str]:
+        """Every key of the tenant that can exist at `at`, to delete without a SCAN.
+
+        Time-bucketed counters expire at the end of their period, so only the neighbouring
+        periods can still be there. Left out: the per-request `settled:<id>` markers, which
+        expire on their own (settled_marker_seconds) and hold nothing but a request id.
+        """
+        fixed = [self.prefix + suffix for suffix in FIXED_SUFFIXES]
+        days = [at + timedelta(days=d) for d in (-1, 0, 1)]
+        months = [(at.replace(day=1) + timedelta(days=32 * m)).replace(day=1)
+                  if m >= 0 else (at.replace(day=1) - timedelta(days=1)) for m in (-1, 0, 1)]
+        minutes = [at + timedelta(minutes=m) for m in (-2, -1, 0, 1)]
+        return [*fixed, *(self.tokens_day(d) for d in days),
+                *(self.tokens_month(m) for m in months),
+                self.alerts, *(self.alert_claims_day(d) for d in days),
+                *(self.alert_claims_month(m) for m in months),
+                *(key(m) for m in minutes for key in (self.requests_minute, self.tokens_minute))]
