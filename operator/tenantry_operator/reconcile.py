@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
+from tenantry_runtime.contracts.database import InvalidTenantId, validate_tenant_id
 
 from .conditions import Condition, merge_conditions, ready_condition
 from .kube import ForeignObject, Kube, TenantPlan, as_dict
@@ -40,6 +41,10 @@ async def resolve_spec(
 ) -> tuple[EffectiveSpec | None, Condition, bool]:
     """(effective spec, PlanResolved condition, retryable); spec is None when unresolved."""
     meta = body["metadata"]
+    try:  # the CRD refuses such names; an older CRD may not
+        validate_tenant_id(meta["name"])
+    except InvalidTenantId as err:
+        return None, Condition("PlanResolved", False, "InvalidTenantName", str(err)), False
     tenant = TenantSpec.from_body(body.get("spec", {}))
     plan_obj = await kube.get(TenantPlan, tenant.plan)
     if plan_obj is None:
@@ -64,7 +69,7 @@ def condition_type(step: Step) -> str:
 # Reasons that need a person to act: retrying alone will not fix them.
 FAILED_REASONS = frozenset({
     "IsolationNotAllowed", "IsolationLowered", "NamespaceConflict", "ResourceConflict",
-    "CredentialsLost", "VolumeExpansionNotAllowed", "VolumeShrinkNotSupported",
+    "InvalidTenantName", "CredentialsLost", "VolumeExpansionNotAllowed", "VolumeShrinkNotSupported",
 })
 
 
