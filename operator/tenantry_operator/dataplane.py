@@ -301,7 +301,9 @@ async def ensure_limits(ctx: StepContext) -> Condition:
     if ctx.settings.redis_url is None:
         return Condition("LimitsReady", False, "NoRedisConfigured", "TENANTRY_REDIS_URL is not set")
     revision = await settle_revision(ctx)
-    redis = Redis.from_url(ctx.settings.redis_url.get_secret_value())
+    # Timeouts: a Redis that stopped answering must fail the step, not hang the reconcile.
+    redis = Redis.from_url(ctx.settings.redis_url.get_secret_value(), socket_connect_timeout=5,
+                           socket_timeout=10)
     try:
         await write_limits(redis, ctx.spec, revision)
     finally:

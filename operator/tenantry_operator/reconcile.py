@@ -14,6 +14,7 @@ from tenantry_runtime.contracts.database import InvalidTenantId, validate_tenant
 from .conditions import Condition, merge_conditions, ready_condition
 from .kube import ForeignObject, Kube, TenantPlan, as_dict
 from .model import EffectiveSpec, PlanSpec, PlanViolation, TenantSpec, effective_spec
+from .outages import unreachable_condition
 from .settings import OperatorSettings
 from .steps import Step, StepContext, StepFailed
 
@@ -111,8 +112,8 @@ async def reconcile(
                 break
             except Exception as err:  # any failure becomes a visible condition, then a retry
                 log.warning("tenant %s: %s failed: %s", spec.name, step.__name__, err)
-                observed.append(Condition(condition_type(step), False, type(err).__name__,
-                                          str(err)[:1000]))
+                observed.append(unreachable_condition(condition_type(step), err) or Condition(
+                    condition_type(step), False, type(err).__name__, str(err)[:1000]))
                 retry = 10.0
                 break
     ready = ready_condition(observed)
