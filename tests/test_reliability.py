@@ -253,26 +253,39 @@ def assert_converged(world: World, pool: list[str], bridge: list[str]) -> None:
         assert rows(dsn, sql.SQL("SELECT tenant_id FROM {}").format(
             sql.Identifier(bridge_schema(name), "tenants"))) == [(name,)]
     assert redis_keys(world) == {TenantKeys(n).limits for n in names}
-    assert names_in(plane, "namespace") >= {f"tenant-{n}" for n in names}
     assert names_in(plane, "namespace", selector="tenantry.dev/tenant") == {
         f"tenant-{n}" for n in names}
-    assert names_in(plane, "secret", RUNTIME_NAMESPACE) == {
+    # Every Secret and ConfigMap the operator made, listed once (not one kubectl per tenant).
+    secrets = owned_objects(plane, "secrets")
+    configmaps = owned_objects(plane, "configmaps")
+    assert set(secrets.get(RUNTIME_NAMESPACE, {})) == {
         runtime_record.secret_name(n) for n in names}
-    assert names_in(plane, "secret", CREDENTIALS_NAMESPACE) == {
+    assert set(secrets.get(CREDENTIALS_NAMESPACE, {})) == {
         builders.credentials_backup_name(n, builders.TENANT_DB_SECRET) for n in bridge}
+    tenant_namespaces = {f"tenant-{n}" for n in names}
+    assert set(secrets) <= tenant_namespaces | {RUNTIME_NAMESPACE, CREDENTIALS_NAMESPACE}
+    assert set(configmaps) == tenant_namespaces
     for name in names:
         ns = f"tenant-{name}"
         expected = {builders.API_KEYS_SECRET} | (
             {builders.TENANT_DB_SECRET} if name in bridge else set())
-        assert names_in(plane, "secret", ns) == expected, name
-        assert names_in(plane, "configmap", ns) == {builders.RUNTIME_CONFIGMAP}, name
+        assert set(secrets[ns]) == expected, name
+        assert set(configmaps[ns]) == {builders.RUNTIME_CONFIGMAP}, name
         # The key the tenant holds is the one the runtime knows (no key issued twice).
-        keys = get_json(plane, "secret", builders.API_KEYS_SECRET, "-n", ns) or {}
-        key = base64.b64decode(keys["data"]["app"]).decode()
-        record = get_json(plane, "secret", runtime_record.secret_name(name), "-n",
-                          RUNTIME_NAMESPACE) or {}
+        key = base64.b64decode(secrets[ns][builders.API_KEYS_SECRET]["data"]["app"]).decode()
+        record = secrets[RUNTIME_NAMESPACE][runtime_record.secret_name(name)]
         payload = json.loads(base64.b64decode(record["data"][runtime_record.DATA_KEY]))
         assert [k["prefix"] for k in payload["api_keys"]] == [prefix_of(key)], name
+
+
+def owned_objects(plane: ControlPlane, kind: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """namespace -> name -> object, of every `kind` carrying the operator's mark."""
+    listed = get_json(plane, kind, "-A", "-l", f"app.kubernetes.io/managed-by={MANAGER}") or {}
+    found: dict[str, dict[str, dict[str, Any]]] = {}
+    for item in listed.get("items", []):
+        meta = item["metadata"]
+        found.setdefault(meta["namespace"], {})[meta["name"]] = item
+    return found
 
 
 def assert_nothing_left(world: World, names: list[str]) -> None:
@@ -305,6 +318,12 @@ def lock_waiters(dsn: str) -> int:
 def test_operator_killed_at_random_points_while_tenants_are_created_and_deleted(
         world: World) -> None:
     rng = random.Random(SEED)
+    started = time.monotonic()
+    phases: dict[str, float] = {}
+
+    def lap(phase: str) -> None:
+        phases[phase] = round(time.monotonic() - started - sum(phases.values()), 1)
+
     names = [f"crash{i:02d}" for i in range(TENANTS)]
     bridge = names[::5]  # every fifth: a schema, a role, credentials
     pool = [n for n in names if n not in bridge]
@@ -319,7 +338,9 @@ def test_operator_killed_at_random_points_while_tenants_are_created_and_deleted(
         kills.append(round(rng.uniform(0.2, 3.0), 2))
         time.sleep(kills[-1])
         world.restart_operator()
+    lap("kills")
     wait_all_ready(world, names)
+    lap("ready")
     assert_converged(world, pool, bridge)
     # A settled state stays settled across more restarts (no duplicate on resume).
     world.wait_running()
@@ -328,6 +349,7 @@ def test_operator_killed_at_random_points_while_tenants_are_created_and_deleted(
     time.sleep(4)  # a resync tick
     wait_all_ready(world, names)
     assert_converged(world, pool, bridge)
+    lap("restart settled")
 
     # Deletion, killed a few times on the way: every Tenant goes, nothing stays behind.
     world.plane.kubectl("delete", "tnt", *names, "--wait=false")
@@ -335,9 +357,11 @@ def test_operator_killed_at_random_points_while_tenants_are_created_and_deleted(
         time.sleep(round(rng.uniform(0.5, 3.0), 2))
         world.restart_operator()
         world.wait_running()
+    lap("deletion kills")
     wait_all_gone(world, names)
     assert_nothing_left(world, names)
-    print(f"kill delays (s) after kopf started: {kills}")  # noqa: T201 - shown with -s
+    lap("gone")
+    print(f"kill delays (s) after kopf started: {kills}; phases (s): {phases}")  # noqa: T201
 
 
 # --------------------------------------------------------------------------------- 2. upgrade
@@ -519,8 +543,15 @@ def test_postgres_and_redis_outages_are_reported_and_converge_when_they_return(
         # The tenant that was Ready keeps being served meanwhile: nothing is torn down.
         assert get_json(plane, "secret", runtime_record.secret_name("steady"), "-n",
                         RUNTIME_NAMESPACE) is not None
+        # An operator (re)started during the outage cannot migrate at startup: it retries.
+        world.restart_operator()
+        wait_for("the operator's startup to fail and retry", lambda: (
+            "Activity 'configure' failed with an exception" in world.log_text()), timeout=60)
     finally:
         world.pg = start_postgres_again(world.pg, world.pg_dir)
+    back = time.monotonic()
+    world.wait_running()
+    assert time.monotonic() - back < 30, "startup was not retried promptly"
     wait_all_ready(world, ["steady", "outpool", "outbridge"], timeout=120)
     assert_converged(world, ["steady", "outpool"], ["outbridge"])
 

@@ -144,6 +144,12 @@ class Sanitizer:
                     return value
                 found["document_id"] += 1
                 return REDACTED
+            if "-" not in value:  # most words: one set lookup
+                lowered = value.lower()
+                if lowered == tenant or lowered not in names:
+                    return value
+                found["tenant_name"] += 1
+                return REDACTED
             return "-".join(self._redacted_parts(value.split("-"), tenant, names, found,
                                                  foreign_document))
 
