@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import itertools
 import json
@@ -16,15 +17,15 @@ import anthropic
 import psycopg
 import pytest
 import yaml
-from conftest import RUNTIME_NAMESPACE
+from conftest import CREDENTIALS_NAMESPACE, RUNTIME_NAMESPACE
 from db_helpers import Conn, connect, scalar, scratch_database
-from kube_helpers import apply_tenant, delete_tenant, get_json, wait_ready
+from kube_helpers import apply_tenant, delete_tenant, get_json, wait_for, wait_ready
 from psycopg import sql
-from runtime_helpers import KubeRuntime, tenant_config
+from runtime_helpers import KubeRuntime
 from tenantry_devenv.controlplane import ControlPlane
 from tenantry_devenv.services import Postgres
 from tenantry_operator import builders
-from tenantry_operator.names import namespace_name
+from tenantry_operator.names import LABEL_MANAGED_BY, LABEL_TENANT, namespace_name
 from tenantry_operator.reconcile import resolve_spec
 from tenantry_runtime.contracts import database as contract
 from tenantry_runtime.contracts import runtime_record
@@ -39,8 +40,9 @@ from tenantry_runtime.contracts.database import (
     validate_tenant_id,
 )
 from tenantry_runtime.contracts.redis_keys import TenantKeys
-from tenantry_runtime.sanitize import REDACTED, Sanitizer
-from tenantry_runtime.store import TenantRecord, TenantStore
+from tenantry_runtime.sanitize import REDACTED
+from test_runtime_embeddings import sanitizer_for
+from test_runtime_keys_e2e import keys_of, wait_served
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VALID = ["a", "ab", "a-b", "acme-corp", "a--b", "a1-2b", "x" * 40, "a" + "-" * 38 + "b"]
@@ -117,13 +119,6 @@ async def test_the_operator_refuses_an_invalid_name_an_older_crd_let_through() -
     assert spec is None and not retryable
     assert (cond.ok, cond.reason) == (False, "InvalidTenantName")
     assert "a DNS label such as 'acme-corp'" in cond.message
-
-
-def sanitizer_for(*tenants: str) -> Sanitizer:
-    store = TenantStore()
-    for tenant in tenants:
-        store.apply(TenantRecord(config=tenant_config(tenant)))
-    return Sanitizer(store)
 
 
 def test_hyphenated_names_are_redacted_whole_and_only_as_names() -> None:
@@ -231,13 +226,6 @@ def test_the_crd_refuses_names_that_are_not_tenant_ids(control_plane: ControlPla
             or "a lowercase RFC 1123" in out.stderr), out.stderr
 
 
-def keys_of(plane: ControlPlane, tenant: str) -> dict[str, str]:
-    import base64
-
-    secret = get_json(plane, "secret", "tenantry-api-keys", "-n", f"tenant-{tenant}") or {}
-    return {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
-
-
 @pytest.mark.usefixtures("operator")
 @pytest.mark.timeout(400)
 def test_hyphenated_pool_bridge_and_silo_tenants_go_ready_and_are_served(
@@ -278,15 +266,18 @@ def test_hyphenated_pool_bridge_and_silo_tenants_go_ready_and_are_served(
         assert get_json(plane, "secret", runtime_record.secret_name(name), "-n",
                         RUNTIME_NAMESPACE) is not None
 
-    # The runtime serves each key as its own tenant.
+    # The runtime knows each key as its own tenant (`a-b`'s is not `ab`'s) ...
     for name in ("acme-corp", "a-b", "ab"):
-        key = keys_of(plane, name)["app"]
-        wait_for_served(kube_runtime_server, key, name)
-        client = anthropic.Anthropic(base_url=kube_runtime_server.url, api_key=key,
-                                     max_retries=0)
-        reply = client.messages.create(model="claude-sonnet-4-5", max_tokens=16,
-                                       messages=[{"role": "user", "content": "hello"}])
-        assert reply.content[0].type == "text"
+        wait_served(kube_runtime_server, keys_of(plane, name)["app"], name)
+    # ... and answers the pool tenant's request, metered under its id. (A bridge tenant's
+    # login points at the in-cluster host of the shared Postgres, which this test process
+    # cannot resolve: its requests are answered 503, database unreachable.)
+    client = anthropic.Anthropic(base_url=kube_runtime_server.url,
+                                 api_key=keys_of(plane, "acme-corp")["app"], max_retries=0)
+    reply = client.messages.create(model="claude-sonnet-4-5", max_tokens=16,
+                                   messages=[{"role": "user", "content": "hello"}])
+    assert reply.content[0].type == "text"
+    wait_for_metered(shared_database, str(reply._request_id), "acme-corp")
 
     for name in ("acme-corp", "a-b", "ab", "silo-co"):
         delete_tenant(plane, name)
@@ -295,9 +286,54 @@ def test_hyphenated_pool_bridge_and_silo_tenants_go_ready_and_are_served(
                       (["acme-corp", "a-b", "ab", "silo-co"],)) == 0
 
 
-def wait_for_served(runtime: KubeRuntime, key: str, tenant: str) -> None:
-    from kube_helpers import wait_for
+def wait_for_metered(dsn: str, request_id: str, tenant: str) -> None:
+    def row() -> Any:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            return conn.execute("SELECT tenant_id FROM tenantry.ai_usage_logs"
+                                " WHERE request_id = %s", (request_id,)).fetchone()
 
-    wait_for(f"the runtime to serve a key of {tenant}", lambda: (
-        (caller := runtime.store.authenticate(key)) is not None
-        and caller.config.tenant == tenant), 30)
+    assert wait_for(f"usage of {request_id}", row, 30)[0] == tenant
+
+
+@pytest.mark.usefixtures("operator")
+@pytest.mark.timeout(300)
+def test_a_credential_copy_under_its_former_name_is_still_used_and_deleted(
+        control_plane: ControlPlane) -> None:
+    """Copies were `tenantry-<tenant>-<secret>` before ids took hyphens: one that carries the
+    tenant's marks restores the password, a look-alike of another tenant is ignored."""
+    plane, secret = control_plane, builders.TENANT_DB_SECRET
+
+    def copy(name: str, tenant: str, password: str) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "Secret", "metadata": {
+            "name": name, "namespace": CREDENTIALS_NAMESPACE,
+            "labels": {LABEL_MANAGED_BY: "tenantry-operator", LABEL_TENANT: tenant,
+                       builders.CREDENTIAL_LABEL: secret}},
+            "stringData": {"password": password}}
+
+    plane.kubectl("create", "namespace", CREDENTIALS_NAMESPACE, check=False)
+    legacy = builders.legacy_credentials_backup_name("oldcopy", secret)
+    foreign = builders.legacy_credentials_backup_name("other", secret)
+    plane.kubectl("apply", "-f", "-", input_text=json.dumps(
+        {"apiVersion": "v1", "kind": "List", "items": [
+            copy(legacy, "oldcopy", "kept-from-before"),
+            copy(foreign, "someone-else", "not-yours")]}))
+    apply_tenant(plane, "oldcopy", plan="pro", isolation="bridge", deletionPolicy="Delete")
+    apply_tenant(plane, "other", plan="pro", isolation="bridge", deletionPolicy="Delete")
+    wait_ready(plane, "oldcopy", timeout=120)
+    wait_ready(plane, "other", timeout=120)
+
+    def password(tenant: str) -> str:
+        live = get_json(plane, "secret", secret, "-n", f"tenant-{tenant}") or {}
+        return base64.b64decode(live["data"]["password"]).decode()
+
+    assert password("oldcopy") == "kept-from-before"
+    assert password("other") != "not-yours"
+    for tenant in ("oldcopy", "other"):  # the copy is now kept under the new name
+        assert get_json(plane, "secret", builders.credentials_backup_name(tenant, secret),
+                        "-n", CREDENTIALS_NAMESPACE) is not None
+    delete_tenant(plane, "oldcopy")
+    delete_tenant(plane, "other")
+    assert get_json(plane, "secret", legacy, "-n", CREDENTIALS_NAMESPACE) is None
+    # Not the tenant's (its marks name someone else): left alone.
+    assert get_json(plane, "secret", foreign, "-n", CREDENTIALS_NAMESPACE) is not None
+    plane.kubectl("delete", "secret", foreign, "-n", CREDENTIALS_NAMESPACE)
