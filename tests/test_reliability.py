@@ -46,6 +46,7 @@ from tenantry_devenv.services import (
 )
 from tenantry_operator import builders
 from tenantry_operator.names import MANAGER
+from tenantry_operator.outages import unreachable_condition
 from tenantry_runtime.api_keys import prefix_of
 from tenantry_runtime.contracts import runtime_record
 from tenantry_runtime.contracts.database import (
@@ -500,6 +501,25 @@ def test_upgrade_killed_mid_copy_and_after_the_switch_resumes_and_loses_nothing(
 
 
 # --------------------------------------------------------------------------------- 3. outages
+
+
+def test_only_a_lost_or_refused_server_reads_as_unreachable() -> None:
+    refused = psycopg.OperationalError('connection to server at "127.0.0.1", port 1 failed:'
+                                       " Connection refused\n\tIs the server running?")
+    cond = unreachable_condition("DatabaseReady", refused)
+    assert cond is not None and (cond.type, cond.ok, cond.reason) == (
+        "DatabaseReady", False, "DatabaseUnreachable")
+    assert "Connection refused" in cond.message and "\n" not in cond.message
+    shutdown = unreachable_condition("DatabaseReady", psycopg.errors.AdminShutdown("bye"))
+    assert shutdown is not None and shutdown.reason == "DatabaseUnreachable"
+    lost = unreachable_condition("LimitsReady", redis.exceptions.ConnectionError("refused"))
+    assert lost is not None and lost.reason == "RedisUnreachable"
+    # An answer from a running server is not an outage: the exception's own name stays.
+    assert unreachable_condition("DatabaseReady", psycopg.errors.LockNotAvailable("x")) is None
+    assert unreachable_condition("DatabaseReady", psycopg.errors.QueryCanceled("x")) is None
+    assert unreachable_condition("LimitsReady", redis.exceptions.ResponseError("x")) is None
+    assert unreachable_condition("LimitsReady", ValueError("x")) is None
+
 
 
 def stop_postgres(world: World) -> None:

@@ -7,16 +7,17 @@ from redis import exceptions as redis_errors
 
 from .conditions import Condition
 
-# SQLSTATE classes of a lost or refused server: 08 connection exception, 57 operator
-# intervention (shutdown, crash recovery). A connection that fails before any SQLSTATE is
-# exchanged (refused, timed out) raises psycopg.OperationalError without one.
-_UNREACHABLE_SQLSTATES = ("08", "57")
+# A lost or refused server: class 08 (connection exception), and of class 57 the shutdowns and
+# "cannot connect now" (starting, recovering), not 57014 (a cancelled or timed-out query). A
+# connection that fails before any SQLSTATE is exchanged (refused, timed out) raises
+# psycopg.OperationalError without one.
+_UNREACHABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03")
 
 
 def unreachable_condition(condition_type: str, err: BaseException) -> Condition | None:
     """The condition to report when `err` says a server is unreachable; None otherwise."""
     if isinstance(err, psycopg.OperationalError) and (
-            err.sqlstate is None or err.sqlstate[:2] in _UNREACHABLE_SQLSTATES):
+            err.sqlstate is None or err.sqlstate.startswith(_UNREACHABLE_SQLSTATES)):
         return Condition(condition_type, False, "DatabaseUnreachable",
                          f"cannot reach Postgres ({_first_line(err)}); nothing further is"
                          " provisioned until it answers, retrying")
