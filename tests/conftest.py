@@ -75,7 +75,7 @@ def shared_database(postgres: Postgres) -> str:
 # database per silo in a second embedded Postgres, the setting a user needs when the operator
 # runs outside the cluster.
 SILO_TENANTS = ("silo1", "upsilo", "silodel", "poolsilo", "silogrow", "silofixed", "silocreds",
-                "quietsilo")
+                "quietsilo", "silo-co")
 # The operator's own namespace, where it keeps copies of the credentials it generates (it
 # creates the namespace when missing).
 CREDENTIALS_NAMESPACE = "tenantry-operator-test"  # not the chart's runtime namespace
@@ -87,11 +87,12 @@ RUNTIME_NAMESPACE = "tenantry-runtime-test"
 def silo_postgres(workdir: Path) -> Iterator[Postgres]:
     """A second Postgres server standing in for the silo Pods' databases."""
     import psycopg
+    from psycopg import sql
 
     server = start_postgres(workdir / "pg-silo")
     with psycopg.connect(server.dsn(), autocommit=True) as conn:
         for tenant in SILO_TENANTS:
-            conn.execute(f"CREATE DATABASE silo_{tenant}")
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(f"silo_{tenant}")))
     try:
         yield server
     finally:

@@ -35,7 +35,7 @@ Proc = subprocess.CompletedProcess[str]
 
 
 def unique(prefix: str) -> str:
-    """A Tenant-safe unique name (lowercase letters and digits only)."""
+    """A Tenant-safe unique name (lowercase letters and digits)."""
     return f"{prefix}{uuid.uuid4().hex[:10]}"
 
 
@@ -191,7 +191,7 @@ def test_minimal_plan_gets_server_side_defaults(objects: Objects) -> None:
 
 # --------------------------------------------------------------------------------- 2. invalid
 
-NAME_RULE = "metadata.name must start with a lowercase letter"
+NAME_RULE = "metadata.name must be a DNS label of at most 40 characters"
 DEDICATED = "a dedicated endpoint requires both url and secretRef"
 BAD_URL = "endpoint.url must be an absolute http(s) URL"
 BAD_SIZE = "database.storage.size must be a positive quantity"
@@ -201,7 +201,9 @@ BAD_CIDR = "allowEgressCIDRs entries must be CIDR blocks"
 INVALID: list[tuple[str, Manifest | str, str]] = [
     # --- Tenant names (CEL rule on the root, and the API server's own name validation)
     ("name-uppercase", tenant(tenant_spec(), name="Acme"), "a lowercase RFC 1123 subdomain"),
-    ("name-hyphen", tenant(tenant_spec(), name="acme-corp"), NAME_RULE),
+    ("name-dot", tenant(tenant_spec(), name="acme.corp"), NAME_RULE),
+    ("name-trailing-hyphen", tenant(tenant_spec(), name="acme-"),
+     "a lowercase RFC 1123 subdomain"),
     ("name-underscore", tenant(tenant_spec(), name="acme_corp"),
      "a lowercase RFC 1123 subdomain"),
     ("name-leading-digit", tenant(tenant_spec(), name="1acme"), NAME_RULE),

@@ -148,7 +148,7 @@ def test_deleted_credentials_come_back_with_the_same_password_or_are_reported_lo
         "password"]
 
     # The copy gone too: the silo's data directory keeps the old password, so no new one.
-    backup = "tenantry-silocreds-postgres-admin"
+    backup = "tenantry-silocreds.postgres-admin"
 
     def lost() -> dict[str, Any] | None:
         status = tenant_status(control_plane, "silocreds")
@@ -190,7 +190,7 @@ def test_a_lost_tenant_login_secret_gets_a_new_password_that_the_role_learns(
     apply_tenant(control_plane, "opregen", plan="pro", isolation="bridge",
                  deletionPolicy="Delete")
     wait_ready(control_plane, "opregen", timeout=90)
-    ns, backup = "tenant-opregen", "tenantry-opregen-tenant-db-credentials"
+    ns, backup = "tenant-opregen", "tenantry-opregen.tenant-db-credentials"
     old = secret_data(control_plane, ns, "tenant-db-credentials")["password"]
 
     def regenerated() -> str | None:

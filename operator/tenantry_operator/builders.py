@@ -78,7 +78,19 @@ def credentials_secret(spec: EffectiveSpec, namespace: str, name: str, username:
 
 
 def credentials_backup_name(tenant: str, secret: str) -> str:
-    """The operator's own copy of a generated credential, in its own namespace."""
+    """The operator's own copy of a generated credential, in its own namespace.
+
+    The dot keeps names apart: tenant ids have none, so `<tenant>.` ends where the id ends
+    (with hyphens in ids, `tenantry-<tenant>-<secret>` of tenant `tenant` was also the runtime
+    record `tenantry-tenant-<id>` of tenant `postgres-admin`, in what is by default the same
+    namespace).
+    """
+    return f"tenantry-{tenant}.{secret}"
+
+
+def legacy_credentials_backup_name(tenant: str, secret: str) -> str:
+    """The copy's name before tenant ids took hyphens; read (when it carries the tenant's
+    marks) and deleted, never written."""
     return f"tenantry-{tenant}-{secret}"
 
 

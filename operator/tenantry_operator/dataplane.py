@@ -62,7 +62,7 @@ async def ensure_credentials(ctx: StepContext, name: str, username: str, databas
     backup_name = builders.credentials_backup_name(ctx.spec.name, name)
     password = await secret_value(ctx.kube, ctx.namespace, name, "password")
     if password is None:
-        password = await secret_value(ctx.kube, backup_ns, backup_name, "password")
+        password = await backup_password(ctx.kube, backup_ns, ctx.spec.name, name)
     if password is None:
         if lost_if_missing:
             raise StepFailed(Condition("DatabaseReady", False, "CredentialsLost",
@@ -77,6 +77,23 @@ async def ensure_credentials(ctx: StepContext, name: str, username: str, databas
                                                      secret["stringData"]))
     await ctx.kube.apply(secret)
     return password
+
+
+async def backup_password(kube: Kube, namespace: str, tenant: str, secret: str) -> str | None:
+    """The password kept in the operator's copy of `secret`; the copy's former name is read
+    too, but only when it carries the tenant's marks and names this credential."""
+    for name in (builders.credentials_backup_name(tenant, secret),
+                 builders.legacy_credentials_backup_name(tenant, secret)):
+        obj = await kube.get(Secret, name, namespace)
+        if obj is None:
+            continue
+        labels = as_dict(obj)["metadata"].get("labels") or {}
+        if not owned_by(labels, tenant) or labels.get(builders.CREDENTIAL_LABEL) != secret:
+            continue
+        data = as_dict(obj).get("data") or {}
+        if "password" in data:
+            return base64.b64decode(data["password"]).decode()
+    return None
 
 
 async def ensure_own_namespace(kube: Kube, name: str) -> None:

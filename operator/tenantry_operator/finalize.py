@@ -72,10 +72,12 @@ async def _delete_silo(kube: Kube, tenant: str, namespace: str) -> None:
 
 async def _delete_credential_backups(kube: Kube, settings: OperatorSettings, tenant: str) -> None:
     for secret in (builders.SILO_ADMIN_SECRET, builders.TENANT_DB_SECRET):
-        name = builders.credentials_backup_name(tenant, secret)
-        backup = await kube.get(Secret, name, settings.credentials_namespace)
-        if backup is not None and owned_by(labels_of(backup), tenant):
-            await kube.delete(Secret, name, settings.credentials_namespace)
+        for name in (builders.credentials_backup_name(tenant, secret),
+                     builders.legacy_credentials_backup_name(tenant, secret)):
+            backup = await kube.get(Secret, name, settings.credentials_namespace)
+            labels = labels_of(backup) if backup is not None else {}
+            if owned_by(labels, tenant) and labels.get(builders.CREDENTIAL_LABEL) == secret:
+                await kube.delete(Secret, name, settings.credentials_namespace)
 
 
 async def _silo_data(kube: Kube, settings: OperatorSettings, tenant: str, namespace: str,

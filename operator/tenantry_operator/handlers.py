@@ -25,7 +25,9 @@ FINALIZER = f"{GROUP}/cleanup"
 log = logging.getLogger(__name__)
 
 
-@kopf.on.startup()
+# Startup migrates the shared database; while Postgres is down it is retried every 5 s (kopf's
+# default of 60 s left a restarted operator idle for a minute after Postgres came back).
+@kopf.on.startup(backoff=5)
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     ours = get_settings()
     # Bounded concurrency: kopf's default worker limit is unbounded.

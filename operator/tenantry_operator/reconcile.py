@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
+from tenantry_runtime.contracts.database import InvalidTenantId, validate_tenant_id
 
 from .conditions import (
     Condition,
@@ -21,6 +22,7 @@ from .conditions import (
 )
 from .kube import ForeignObject, Kube, TenantPlan, as_dict
 from .model import EffectiveSpec, PlanSpec, PlanViolation, TenantSpec, effective_spec
+from .outages import unreachable_condition
 from .settings import OperatorSettings
 from .steps import Step, StepContext, StepFailed
 
@@ -50,6 +52,10 @@ async def resolve_spec(
 ) -> tuple[EffectiveSpec | None, Condition, bool]:
     """(effective spec, PlanResolved condition, retryable); spec is None when unresolved."""
     meta = body["metadata"]
+    try:  # the CRD refuses such names; an older CRD may not
+        validate_tenant_id(meta["name"])
+    except InvalidTenantId as err:
+        return None, Condition("PlanResolved", False, "InvalidTenantName", str(err)), False
     tenant = TenantSpec.from_body(body.get("spec", {}))
     plan_obj = await kube.get(TenantPlan, tenant.plan)
     if plan_obj is None:
@@ -74,8 +80,8 @@ def condition_type(step: Step) -> str:
 # Reasons that need a person to act: retrying alone will not fix them.
 FAILED_REASONS = frozenset({
     "IsolationNotAllowed", "IsolationLowered", "NamespaceConflict", "ResourceConflict",
-    "CredentialsLost", "VolumeExpansionNotAllowed", "VolumeShrinkNotSupported",
-    "MaxTokensAboveRateLimit", "EndpointKeyMissing",
+    "InvalidTenantName", "CredentialsLost", "VolumeExpansionNotAllowed",
+    "VolumeShrinkNotSupported", "MaxTokensAboveRateLimit", "EndpointKeyMissing",
 })
 
 
@@ -116,8 +122,8 @@ async def reconcile(
                 break
             except Exception as err:  # any failure becomes a visible condition, then a retry
                 log.warning("tenant %s: %s failed: %s", spec.name, step.__name__, err)
-                observed.append(Condition(condition_type(step), False, type(err).__name__,
-                                          str(err)[:1000]))
+                observed.append(unreachable_condition(condition_type(step), err) or Condition(
+                    condition_type(step), False, type(err).__name__, str(err)[:1000]))
                 retry = 10.0
                 break
     ready = ready_condition(observed)

@@ -79,13 +79,15 @@ class KnownDocuments:
 
 
 # One pass over the text, cost linear in its length whatever the number of tenants: each
-# UUID and each maximal word is looked up in a set (tenant ids are [a-z][a-z0-9]*, so a word
-# equal to one is that name standing alone).
-_TOKENS = re.compile(rf"(?P<uuid>{_UUID})|[A-Za-z0-9_]+")
-# The screen in front of it (most answers name nobody): every word, UUIDs split at their
-# dashes, is a superset of `_TOKENS`' words, so a name it misses is not there.
+# UUID and each maximal hyphenated word is looked up (tenant ids are DNS labels such as
+# `acme-corp`: a name stands alone when it is a run of whole parts of such a word).
+_TOKENS = re.compile(rf"(?P<uuid>{_UUID})|[A-Za-z0-9_]+(?:-[A-Za-z0-9_]+)*")
+# The screen in front of it (most answers name nobody): a name can only be there when the
+# first part of it (up to its first hyphen) is a word of the text.
 _WORDS = re.compile(r"[A-Za-z0-9_]+")
 _ANY_UUID = re.compile(_UUID)
+_UUID_PARTS = 5
+_MAX_NAME_PARTS = 20  # a tenant id has at most 40 characters
 NAMES_REFRESH_SECONDS = 1.0
 
 
@@ -95,6 +97,7 @@ class Sanitizer:
     documents: KnownDocuments = field(default_factory=KnownDocuments)
     redactions: Counter[str] = field(default_factory=Counter)
     _names: frozenset[str] = frozenset()
+    _first_parts: frozenset[str] = frozenset()
     _sorted_names: list[str] = field(default_factory=list)
     _names_at: float = -1e9
 
@@ -104,6 +107,7 @@ class Sanitizer:
         if now - self._names_at >= NAMES_REFRESH_SECONDS:
             self._sorted_names = self.store.tenants()
             self._names = frozenset(self._sorted_names)
+            self._first_parts = frozenset(name.split("-", 1)[0] for name in self._names)
             self._names_at = now
         return self._names
 
@@ -122,7 +126,8 @@ class Sanitizer:
         In C but for the set lookups: the exact pass calls back into Python per word."""
         if self.documents and _ANY_UUID.search(text) is not None:
             return True
-        return not self.names().isdisjoint(map(str.lower, _WORDS.findall(text)))
+        self.names()
+        return not self._first_parts.isdisjoint(map(str.lower, _WORDS.findall(text)))
 
     def redacted(self, text: str, tenant: str) -> tuple[str, Counter[str]]:
         """Pure but for the names' refresh: the redacted text and what was redacted."""
@@ -131,32 +136,77 @@ class Sanitizer:
             return text, found
         names = self.names()
 
+        def foreign_document(value: str) -> bool:
+            owner = self.documents.owner(value)
+            return owner is not None and owner != tenant
+
         def replace(match: re.Match[str]) -> str:
             value = match.group(0)
             if match.group("uuid") is not None:
-                owner = self.documents.owner(value)
-                if owner is None or owner == tenant:
+                if not foreign_document(value):
                     return value
                 found["document_id"] += 1
-            else:
+                return REDACTED
+            if "-" not in value:  # most words: one set lookup
                 lowered = value.lower()
                 if lowered == tenant or lowered not in names:
                     return value
                 found["tenant_name"] += 1
-            return REDACTED
+                return REDACTED
+            return "-".join(self._redacted_parts(value.split("-"), tenant, names, found,
+                                                 foreign_document))
 
         return _TOKENS.sub(replace, text), found
+
+    @staticmethod
+    def _redacted_parts(parts: list[str], tenant: str, names: frozenset[str],
+                        found: Counter[str], foreign_document: Callable[[str], bool]
+                        ) -> list[str]:
+        """The parts of a hyphenated word with each run of parts that is another tenant's
+        name (longest run first) or a foreign document id replaced by REDACTED. The caller's
+        own name is a run too: kept whole, so a shorter name inside it is not redacted."""
+        out: list[str] = []
+        at = 0
+        while at < len(parts):
+            uuid = "-".join(parts[at:at + _UUID_PARTS])
+            if _ANY_UUID.fullmatch(uuid):
+                if foreign_document(uuid):
+                    found["document_id"] += 1
+                    out.append(REDACTED)
+                else:
+                    out.append(uuid)
+                at += _UUID_PARTS
+                continue
+            for end in range(min(len(parts), at + _MAX_NAME_PARTS), at, -1):
+                run = "-".join(parts[at:end])
+                lowered = run.lower()
+                if lowered in names:
+                    if lowered != tenant:
+                        found["tenant_name"] += 1
+                        run = REDACTED
+                    out.append(run)
+                    at = end
+                    break
+            else:
+                out.append(parts[at])
+                at += 1
+        return out
 
     def could_begin(self, tail: str, tenant: str) -> bool:
         """Whether `tail` (the end of a delta) may be the start of an identifier to redact."""
         self.names()
         lowered = tail.lower()
         names = self._sorted_names
-        at = bisect.bisect_left(names, lowered)
-        while at < len(names) and names[at].startswith(lowered):
-            if names[at] != tenant:
-                return True
-            at += 1
+        # A name may begin at the tail's start or after any of its hyphens (`big-acme` may be
+        # followed by `-corp`).
+        starts = [0] + [at + 1 for at, char in enumerate(lowered) if char == "-"]
+        for start in starts:
+            piece = lowered[start:]
+            at = bisect.bisect_left(names, piece)
+            while piece and at < len(names) and names[at].startswith(piece):
+                if names[at] != tenant:
+                    return True
+                at += 1
         return len(tail) <= 36 and self.documents.foreign_prefix(tail, tenant)
 
     def redact_value(self, value: Any, tenant: str, request_id: str) -> Any:

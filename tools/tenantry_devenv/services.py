@@ -42,6 +42,15 @@ def _system_user() -> str | None:
     return PG_SYSTEM_USER
 
 
+def _make_reachable(datadir: Path, user: str) -> None:
+    """Let the server's user traverse to its data directory (again on a restart: a new pytest
+    session resets its base directory to 0700)."""
+    for parent in datadir.parents:
+        if parent == Path("/"):
+            break
+        parent.chmod(parent.stat().st_mode | 0o011)
+
+
 def _chown_tree(path: Path, user: str) -> None:
     entry = pwd.getpwnam(user)
     for root, dirs, files in os.walk(path):
@@ -73,11 +82,8 @@ def start_postgres(datadir: Path, timeout: float = 60.0) -> Postgres:
     bindir = _pg_bin()
     password = secrets.token_urlsafe(16)
     datadir.mkdir(parents=True, exist_ok=True)
-    if user:  # the server's user must be able to reach its data directory
-        for parent in datadir.parents:
-            if parent == Path("/"):
-                break
-            parent.chmod(parent.stat().st_mode | 0o011)
+    if user:
+        _make_reachable(datadir, user)
         _chown_tree(datadir, user)
     pwfile = datadir.parent / f".{datadir.name}.pw"
     pwfile.write_text(password + "\n")
@@ -90,10 +96,21 @@ def start_postgres(datadir: Path, timeout: float = 60.0) -> Postgres:
         check=True, capture_output=True, user=user,
     )
     pwfile.unlink()
-    port = free_port()
+    return _serve_postgres(datadir, free_port(), password, user, timeout)
+
+
+def start_postgres_again(server: Postgres, datadir: Path, timeout: float = 60.0) -> Postgres:
+    """Start a stopped server again on its data directory and port (outage tests)."""
+    return _serve_postgres(datadir, server.port, server.password, _system_user(), timeout)
+
+
+def _serve_postgres(datadir: Path, port: int, password: str, user: str | None,
+                    timeout: float) -> Postgres:
+    bindir = _pg_bin()
     sockdir = datadir / "sock"
-    sockdir.mkdir()
+    sockdir.mkdir(exist_ok=True)
     if user:
+        _make_reachable(datadir, user)
         _chown_tree(sockdir, user)
     process = spawn("postgres", [
         bindir / "postgres", "-D", datadir, "-p", str(port), "-h", "127.0.0.1",
@@ -139,7 +156,15 @@ class Redis:
 
 def start_redis(workdir: Path, timeout: float = 30.0) -> Redis:
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    return _serve_redis(workdir, free_port(), timeout)
+
+
+def start_redis_again(server: Redis, workdir: Path, timeout: float = 30.0) -> Redis:
+    """Start a stopped server again on its port, empty (it persists nothing; outage tests)."""
+    return _serve_redis(workdir, server.port, timeout)
+
+
+def _serve_redis(workdir: Path, port: int, timeout: float) -> Redis:
     process = spawn("redis-server", [
         redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
         "--save", "", "--appendonly", "no", "--dir", workdir,

@@ -54,10 +54,13 @@ __all__ = [
 Conn: TypeAlias = psycopg.Connection[Any]
 Query: TypeAlias = LiteralString | bytes | sql.SQL | sql.Composed
 
-# Lowercase letters and digits only: the id is embedded in Kubernetes names and in values that
-# must be valid everywhere without quoting. Postgres names of tenant objects are opaque hashes
-# of it (opaque_name), so that catalogs every login can read do not list tenants.
-TENANT_ID_PATTERN = re.compile(r"^[a-z][a-z0-9]{0,39}$")
+# A DNS label of at most 40 characters that starts with a letter (`acme-corp`): the id is
+# embedded verbatim in Kubernetes names (`tenant-<id>`) and Redis keys, which take hyphens.
+# It never becomes a Postgres identifier: names of tenant objects are opaque hashes of it
+# (opaque_name), so that catalogs every login can read do not list tenants, and it reaches SQL
+# only as a bound parameter or a literal. No '_', '.', ':' or braces: those separate the id from
+# what follows it in names and keys, so no two ids map to one name.
+TENANT_ID_PATTERN = re.compile(r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$")
 # Schema and table names we build ourselves; anything else is refused before it reaches SQL.
 IDENTIFIER_PATTERN = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -97,8 +100,9 @@ def validate_tenant_id(name: str) -> str:
     """Return `name` if it is a valid tenant id, else raise InvalidTenantId."""
     if not isinstance(name, str) or not TENANT_ID_PATTERN.fullmatch(name):
         raise InvalidTenantId(
-            f"invalid tenant id {name!r}: use 1 to 40 lowercase letters and digits, "
-            "starting with a letter"
+            f"invalid tenant id {name!r}: use 1 to 40 lowercase letters, digits and hyphens,"
+            " starting with a letter and ending with a letter or digit (a DNS label such as"
+            " 'acme-corp')"
         )
     return name
 
@@ -408,7 +412,9 @@ def ensure_tenant_rls(conn: Conn, schema: str, table: str) -> None:
         conn.execute(sql.SQL(
             "CREATE POLICY tenant_isolation ON {} USING ({}) WITH CHECK ({})"
         ).format(qualified, TENANT_PREDICATE, TENANT_PREDICATE))
-    ensure_check_constraint(conn, schema, table, TENANT_ID_CONSTRAINT, TENANT_ID_CHECK)
+    # A table created before tenant ids took hyphens carries the older pattern: replaced.
+    ensure_check_constraint(conn, schema, table, TENANT_ID_CONSTRAINT, TENANT_ID_CHECK,
+                            must_contain=TENANT_ID_PATTERN.pattern)
 
 
 def ensure_check_constraint(conn: Conn, schema: str, table: str, name: str,

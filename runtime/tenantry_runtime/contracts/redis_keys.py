@@ -2,8 +2,9 @@
 
 Every key of a tenant starts with `tenantry:v1:{<tenant>}:`. The braces are a Redis Cluster
 hash tag, so all of a tenant's keys live in one slot and one Lua script can touch them
-atomically. Tenant ids are validated (lowercase letters and digits), so the prefix of one
-tenant can never be a prefix of another's: `{acme}:` does not match `{acme2}:`.
+atomically. Tenant ids are validated DNS labels (lowercase letters, digits, hyphens; no brace,
+colon or glob character), so the prefix of one tenant can never be a prefix of another's:
+`{acme}:` does not match `{acme2}:` nor `{acme-corp}:`, and `{a-b}:` is not `{ab}:`.
 """
 
 from __future__ import annotations
