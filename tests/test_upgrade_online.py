@@ -15,12 +15,13 @@ import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+
 import psycopg
 import pytest
 from db_helpers import Conn, connect, create_login_role, drop_roles, q, scratch_database, unique
 from tenantry_devenv.services import Postgres
 from tenantry_operator import database
-from tenantry_operator.capture import _trigger_names, start_capture, stop_capture
+from tenantry_operator.capture import start_capture, stop_capture, trigger_names
 from tenantry_operator.model import Hnsw, Isolation
 from tenantry_operator.upgrade import (
     MoveProgress,
@@ -247,7 +248,7 @@ def capture_left(dsn: str, tenant: str) -> tuple[int, int]:
     """(capture triggers of the tenant anywhere, its change-log rows)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         triggers = conn.execute("SELECT count(*) FROM pg_trigger WHERE tgname = ANY (%s)",
-                                (list(_trigger_names(tenant)),)).fetchone()
+                                (list(trigger_names(tenant)),)).fetchone()
         log = conn.execute(q("SELECT count(*) FROM {t} WHERE tenant_id = %s",
                              t=f"{PRIVATE_SCHEMA}.move_changes"), (tenant,)).fetchone()
     assert triggers is not None and log is not None

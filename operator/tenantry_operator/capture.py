@@ -43,7 +43,7 @@ _LOCK_ATTEMPTS = 40
 Key = tuple[tuple[str, Any], ...]
 
 
-def _trigger_names(tenant: str) -> tuple[str, str]:
+def trigger_names(tenant: str) -> tuple[str, str]:
     """(the trigger logging new rows, the one logging old rows) of the tenant's move."""
     return opaque_name("move-new", tenant), opaque_name("move-old", tenant)
 
@@ -125,7 +125,7 @@ def start_capture(conn: Conn, tenant: str, source: str, target: str, schema: str
                                  " rows_copied = 0 WHERE tenant_id = %s").format(MOVES),
                          (source, target, tenant))
         row = (source, target, False)
-    new, old = _trigger_names(tenant)
+    new, old = trigger_names(tenant)
     function = sql.Identifier(PRIVATE_SCHEMA, _FUNCTION)
     literal = sql.Literal(tenant)  # validated; WHEN takes no parameters
     for table in tables:
@@ -148,7 +148,7 @@ def start_capture(conn: Conn, tenant: str, source: str, target: str, schema: str
 def stop_capture(conn: Conn, tenant: str) -> None:
     """Drop the tenant's capture triggers from every table, then forget its move (idempotent)."""
     validate_tenant_id(tenant)
-    names = list(_trigger_names(tenant))
+    names = list(trigger_names(tenant))
     rows = fetch_rows(conn, """
         SELECT n.nspname, c.relname, t.tgname FROM pg_trigger t
         JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
