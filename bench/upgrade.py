@@ -255,7 +255,11 @@ def report(results: list[Result], rate: float) -> None:
               f" {p.index_seconds:>7.1f} {p.delta_rounds:>6} {p.delta_rows:>7} {hold:>8.0f}"
               f"   {_fmt(r.without):>24}   {_fmt(r.during):>24} {ratio:>6.2f}")
     for r in results:
-        print(f"- {r.rows:,} docs: seeding took {r.seed_seconds:.1f} s, cleanup of the pool rows"
+        p = r.progress
+        print(f"- {r.rows:,} docs: move = bulk copy {p.bulk_seconds:.1f} s + HNSW build"
+              f" {p.index_seconds:.1f} s + catch-up rounds {p.catch_up_seconds:.1f} s + full"
+              f" verification {p.verify_seconds:.1f} s + switch {(p.hold_seconds or 0):.2f} s"
+              f" (+ setup); seeding took {r.seed_seconds:.1f} s, cleanup of the pool rows"
               f" {r.cleanup_seconds:.1f} s; writer samples without/during: {r.samples[0]}/"
               f"{r.samples[1]}")
 

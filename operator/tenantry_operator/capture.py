@@ -43,9 +43,11 @@ _LOCK_ATTEMPTS = 40
 Key = tuple[tuple[str, Any], ...]
 
 
-def trigger_names(tenant: str) -> tuple[str, str]:
-    """(the trigger logging new rows, the one logging old rows) of the tenant's move."""
-    return opaque_name("move-new", tenant), opaque_name("move-old", tenant)
+def trigger_names(tenant: str) -> tuple[str, str, str]:
+    """The tenant's capture triggers: new rows (insert, update), deleted rows, and the old row
+    of an update that changed its key."""
+    return (opaque_name("move-new", tenant), opaque_name("move-old", tenant),
+            opaque_name("move-key", tenant))
 
 
 def key_columns(conn: Conn, schema: str, table: str) -> list[str]:
@@ -125,22 +127,31 @@ def start_capture(conn: Conn, tenant: str, source: str, target: str, schema: str
                                  " rows_copied = 0 WHERE tenant_id = %s").format(MOVES),
                          (source, target, tenant))
         row = (source, target, False)
-    new, old = trigger_names(tenant)
     function = sql.Identifier(PRIVATE_SCHEMA, _FUNCTION)
-    literal = sql.Literal(tenant)  # validated; WHEN takes no parameters
+    owner = sql.Literal(tenant)  # validated; WHEN takes no parameters
     for table in tables:
-        keys = [sql.Literal(k) for k in key_columns(conn, schema, table)]
-        args = sql.SQL(", ").join([sql.Literal(table), *keys])
+        columns = key_columns(conn, schema, table)
+        args = sql.SQL(", ").join([sql.Literal(table), *map(sql.Literal, columns)])
         relation = sql.Identifier(schema, table)
-        for name, events, row_ref in ((new, "INSERT OR UPDATE", "NEW"),
-                                      (old, "UPDATE OR DELETE", "OLD")):
+
+        def row_key(row: str, names: list[str] = columns) -> sql.Composable:
+            return sql.SQL("ROW({})").format(sql.SQL(", ").join(
+                sql.SQL("{}.{}").format(sql.SQL(row), sql.Identifier(c))
+                for c in [*names, "tenant_id"]))
+
+        key_changed = sql.SQL(" AND {} IS DISTINCT FROM {}").format(row_key("OLD"),
+                                                                   row_key("NEW"))
+        for name, events, row_ref, extra in zip(trigger_names(tenant), (
+                "INSERT OR UPDATE", "DELETE", "UPDATE"), ("NEW", "OLD", "OLD"),
+                (sql.SQL(""), sql.SQL(""), key_changed), strict=True):
             if _has_trigger(conn, schema, table, name):
                 continue
             _with_lock_retries(conn, sql.SQL(
                 "CREATE TRIGGER {name} AFTER {events} ON {relation} FOR EACH ROW"
-                " WHEN ({row}.tenant_id = {tenant}) EXECUTE FUNCTION {function}({which}, {args})"
+                " WHEN ({row}.tenant_id = {owner}{extra})"
+                " EXECUTE FUNCTION {function}({which}, {args})"
             ).format(name=sql.Identifier(name), events=sql.SQL(events), relation=relation,
-                     row=sql.SQL(row_ref), tenant=literal, function=function,
+                     row=sql.SQL(row_ref), owner=owner, extra=extra, function=function,
                      which=sql.Literal(row_ref.lower()), args=args))
     return bool(row[2])
 
@@ -174,17 +185,25 @@ def bulk_rows(conn: Conn, tenant: str) -> int:
     return int(rows[0][0]) if rows else 0
 
 
-def pending_changes(conn: Conn, tenant: str, limit: int | None, after: int = 0
-                    ) -> tuple[list[int], dict[str, list[Key]]]:
-    """Up to `limit` (None: all) logged changes with ids > `after`: their ids in order, and
-    each table's distinct keys."""
+def pending_changes(conn: Conn, tenant: str, limit: int | None, after: int = 0,
+                    upto: int | None = None) -> tuple[list[int], dict[str, list[Key]]]:
+    """Up to `limit` (None: all) logged changes with `after` < id <= `upto` (None: no bound):
+    their ids in order, and each table's distinct keys."""
     rows = fetch_rows(conn, sql.SQL(
         "SELECT id, source_table, key FROM {} WHERE tenant_id = %s AND id > %s"
-        " ORDER BY id LIMIT %s").format(CHANGES), (tenant, after, limit))
+        " AND (%s::bigint IS NULL OR id <= %s) ORDER BY id LIMIT %s").format(CHANGES),
+        (tenant, after, upto, upto, limit))
     keys: dict[str, set[Key]] = defaultdict(set)
     for _id, table, key in rows:
         keys[str(table)].add(tuple(sorted(key.items())))
     return [int(r[0]) for r in rows], {t: sorted(k, key=repr) for t, k in keys.items()}
+
+
+def last_change(conn: Conn, tenant: str) -> int:
+    """The highest id logged for the tenant so far (0: none)."""
+    rows = fetch_rows(conn, sql.SQL("SELECT max(id) FROM {} WHERE tenant_id = %s").format(
+        CHANGES), (tenant,))
+    return int(rows[0][0] or 0)
 
 
 def consume_changes(conn: Conn, tenant: str, ids: list[int]) -> None:

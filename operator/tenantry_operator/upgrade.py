@@ -25,10 +25,10 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import psycopg
 from lightkube.models.core_v1 import EventSource, ObjectReference
@@ -57,6 +57,7 @@ from .capture import (
     consume_changes,
     key_columns,
     keys_json,
+    last_change,
     mark_bulk_done,
     pending_changes,
     start_capture,
@@ -67,6 +68,7 @@ from .model import GROUP, VERSION, Hnsw, Isolation
 from .steps import StepContext
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _VERIFIED = sql.Identifier(PRIVATE_SCHEMA, "verified_copies")
 
@@ -234,7 +236,39 @@ def survey_source(conn: Conn, tenant: str, source: Isolation) -> tuple[int, list
 # --- copy and verify ----------------------------------------------------------------------------
 
 
+# Catalog reads repeated for every replayed batch (and under the gate): remembered for the
+# length of one move, in the mover's thread.
+_catalog = threading.local()
+
+
+@contextlib.contextmanager
+def _remembering_catalog() -> Iterator[None]:
+    _catalog.cache = {}
+    try:
+        yield
+    finally:
+        _catalog.cache = None
+
+
+def _remembered(conn: Conn, kind: str, schema: str, table: str, read: Callable[[], T]) -> T:
+    cache: dict[tuple[object, ...], Any] | None = getattr(_catalog, "cache", None)
+    if cache is None:
+        return read()
+    key = (conn.info.host, conn.info.port, conn.info.dbname, kind, schema, table)
+    if key not in cache:
+        cache[key] = read()
+    return cast(T, cache[key])
+
+
+def _key_columns(conn: Conn, schema: str, table: str) -> list[str]:
+    return _remembered(conn, "key", schema, table, lambda: key_columns(conn, schema, table))
+
+
 def _key_order(conn: Conn, schema: str, table: str) -> sql.Composable:
+    return _remembered(conn, "order", schema, table, lambda: _read_key_order(conn, schema, table))
+
+
+def _read_key_order(conn: Conn, schema: str, table: str) -> sql.Composable:
     """ORDER BY the primary key (all columns without one), tenant_id left out (it is fixed),
     text in the "C" collation: the same rows come out in the same order on any server."""
     rows = fetch_rows(conn, """
@@ -258,7 +292,7 @@ def _keyset(conn: Conn, schema: str, table: str, keys: list[Key]
     keyset = sql.SQL("jsonb_populate_recordset(NULL::{}, {}::jsonb) AS k").format(
         relation, sql.Literal(keys_json(keys)))
     match = sql.SQL(" AND ").join(sql.SQL("r.{c} = k.{c}").format(c=sql.Identifier(c))
-                                  for c in key_columns(conn, schema, table))
+                                  for c in _key_columns(conn, schema, table))
     return keyset, match
 
 
@@ -357,8 +391,8 @@ def _connect(dsn: str, autocommit: bool = True) -> Conn:
 # Replay reads the change log in batches of this many entries.
 REPLAY_BATCH = 5000
 # Catch-up rounds end when a round replayed at most this many changes (then the last round
-# runs under the write gate), or after MAX_ROUNDS rounds.
-SMALL_DELTA = 200
+# runs under the write gate), or after MAX_ROUNDS rounds (twice: before and after verifying).
+SMALL_DELTA = 100
 MAX_ROUNDS = 20
 # Upper bound of maintenance_work_mem for the target's HNSW build (a graph that does not fit
 # is built much more slowly, see pgvector's notice); the estimate below stays under it.
@@ -377,6 +411,8 @@ class MoveProgress:
     hold_seconds: float | None = None
     index_seconds: float = 0.0
     bulk_seconds: float = 0.0
+    catch_up_seconds: float = 0.0
+    verify_seconds: float = 0.0
     copying: int = field(default=0, repr=False)  # live row count of the COPY in flight
 
     @property
@@ -438,25 +474,27 @@ def _bulk_copy(shared_dsn: str, target_dsn: str, dst: Conn, pairs: list[TablePai
     with _connect(shared_dsn, autocommit=False) as snap:
         snap.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         snap.read_only = True
-        with snap.transaction(), dst.transaction():
-            set_tenant(snap, tenant)
+        with dst.transaction():
             set_tenant(dst, tenant)
-            for table in stale:
-                _clear(dst, table, tenant)
             rebuild: list[tuple[TablePair, str, int, int]] = []
-            for pair in pairs:
-                if pair.target is None:
-                    continue
-                for name, m, ef in _hnsw_indexes(dst, *pair.target):
-                    # Built once below: maintained row by row the load is many times slower.
-                    dst.execute(sql.SQL("DROP INDEX {}").format(
-                        sql.Identifier(pair.target[0], name)))
-                    rebuild.append((pair, name, m, ef))
-                # The target schema is the tenant's alone and read by nobody before the switch.
-                dst.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(*pair.target)))
-                with _CopyMonitor(target_dsn, dst.info.backend_pid, progress):
-                    rows, _digest = _copy_rows(snap, dst, pair.source, pair.target, tenant)
-                progress.copying, progress.rows_copied = 0, progress.rows_copied + rows
+            # The snapshot ends with the copy: it would hold back vacuum during the build.
+            with snap.transaction():
+                set_tenant(snap, tenant)
+                for table in stale:
+                    _clear(dst, table, tenant)
+                for pair in pairs:
+                    if pair.target is None:
+                        continue
+                    for name, m, ef in _hnsw_indexes(dst, *pair.target):
+                        # Built once below: maintained row by row the load is many times slower.
+                        dst.execute(sql.SQL("DROP INDEX {}").format(
+                            sql.Identifier(pair.target[0], name)))
+                        rebuild.append((pair, name, m, ef))
+                    # The target schema is the tenant's alone, read by nobody before the switch.
+                    dst.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(*pair.target)))
+                    with _CopyMonitor(target_dsn, dst.info.backend_pid, progress):
+                        rows, _digest = _copy_rows(snap, dst, pair.source, pair.target, tenant)
+                    progress.copying, progress.rows_copied = 0, progress.rows_copied + rows
             progress.bulk_seconds = time.monotonic() - started
             index_started = time.monotonic()
             for pair, name, m, ef in rebuild:
@@ -472,26 +510,48 @@ def _bulk_copy(shared_dsn: str, target_dsn: str, dst: Conn, pairs: list[TablePai
     return progress.rows_copied
 
 
+def _keyed(conn: Conn, pair: TablePair) -> bool:
+    """Whether the table's changes can be replayed by key (it has a primary key)."""
+    return bool(_key_columns(conn, *pair.source))
+
+
 def _replay(src: Conn, dst: Conn, pairs: dict[str, TablePair], tenant: str,
-            progress: MoveProgress) -> int:
+            progress: MoveProgress, unplanned: set[str] | None = None) -> int:
     """Replay the change log in batches until it has nothing newer; return the changes done.
 
     A batch is consumed (deleted from the log) only after its keys were copied and verified:
-    after a crash it is replayed again, which changes nothing.
+    after a crash it is replayed again, which changes nothing. Changes of tables that cannot be
+    replayed by key are consumed too, and their tables added to `unplanned`: the switch copies
+    them whole.
     """
-    done, after = 0, 0
+    # A round covers what was logged when it started; later changes are the next round's (and
+    # one logged earlier that commits late is still in the log then).
+    done, after, upto = 0, 0, last_change(src, tenant)
     while True:
-        ids, keys = pending_changes(src, tenant, REPLAY_BATCH, after)
+        ids, keys = pending_changes(src, tenant, REPLAY_BATCH, after, upto)
         if not ids:
             return done
         for table, table_keys in keys.items():
             pair = pairs.get(table)
-            if pair is not None and pair.target is not None:
+            if pair is not None and pair.target is not None and _keyed(src, pair):
                 sync_keys(src, dst, pair, tenant, table_keys)
-            # else: a table that had no rows at the start; re-planned under the gate
+            elif unplanned is not None:
+                # A table that had no rows at the start, or has no primary key.
+                unplanned.add(table)
         consume_changes(src, tenant, ids)
         done, after = done + len(ids), ids[-1]
         progress.delta_rows += len(ids)
+
+
+def _catch_up(src: Conn, dst: Conn, pairs: dict[str, TablePair], tenant: str,
+              progress: MoveProgress, unplanned: set[str]) -> None:
+    """Rounds of replay until one is small (or MAX_ROUNDS of them): then the last round,
+    under the gate, replays about what the writers did during that small one."""
+    for _ in range(MAX_ROUNDS):
+        replayed = _replay(src, dst, pairs, tenant, progress, unplanned)
+        progress.delta_rounds += 1
+        if replayed <= SMALL_DELTA:
+            return
 
 
 def _verify_outside_gate(shared_dsn: str, dst: Conn, pairs: list[TablePair], tenant: str
@@ -507,8 +567,8 @@ def _verify_outside_gate(shared_dsn: str, dst: Conn, pairs: list[TablePair], ten
             set_tenant(snap, tenant)
             _ids, pending = pending_changes(snap, tenant, None)
             for pair in pairs:
-                if pair.target is None:
-                    continue
+                if pair.target is None or not _keyed(snap, pair):
+                    continue  # copied whole under the gate
                 keys = pending.get(pair.source[1], [])
                 want = fingerprint(snap, *pair.source, tenant, keys, exclude=True)
                 with dst.transaction():
@@ -517,6 +577,12 @@ def _verify_outside_gate(shared_dsn: str, dst: Conn, pairs: list[TablePair], ten
                 _check(pair, want, got)
                 verified[pair] = want
     return verified
+
+
+def _captured_tables(conn: Conn, tenant: str, source: Isolation) -> list[str]:
+    """The source tables that get capture triggers: those holding rows per tenant."""
+    per_tenant = set(database.tenant_tables(conn, source_schema(tenant, source)))
+    return [t for t in source_tables(conn, tenant, source) if t in per_tenant]
 
 
 def move_data(shared_dsn: str, target_dsn: str, tenant: str, source: Isolation,
@@ -531,7 +597,7 @@ def move_data(shared_dsn: str, target_dsn: str, tenant: str, source: Isolation,
     """
     progress = progress if progress is not None else MoveProgress()
     schema = source_schema(tenant, source)
-    with _connect(shared_dsn) as guard, _connect(shared_dsn) as shared, \
+    with _remembering_catalog(), _connect(shared_dsn) as guard, _connect(shared_dsn) as shared, \
             _connect(target_dsn) as dst, guard.transaction():
         # One mover per tenant from here to the end; a second one then finds the work done.
         operator_lock(guard, f"move:{tenant}")
@@ -543,8 +609,7 @@ def move_data(shared_dsn: str, target_dsn: str, tenant: str, source: Isolation,
                 f"tenant {tenant}: the registry says its data lives at"
                 f" {where.value if where else 'nowhere'}, neither {source.value} (the source)"
                 f" nor {target.value} (the target); not moving")
-        tables = [t for t in source_tables(shared, tenant, source)
-                  if t in set(database.tenant_tables(shared, schema))]
+        tables = _captured_tables(shared, tenant, source)
         bulk_done = start_capture(shared, tenant, source.value, target.value, schema, tables)
         pairs, stale = plan_move(shared, dst, tenant, source)
         by_source = {pair.source[1]: pair for pair in pairs}
@@ -554,25 +619,34 @@ def move_data(shared_dsn: str, target_dsn: str, tenant: str, source: Isolation,
             rows = _bulk_copy(shared_dsn, target_dsn, dst, pairs, stale, tenant, progress)
             mark_bulk_done(shared, tenant, True, rows)
         progress.phase = "CatchingUp"
+        unplanned: set[str] = set()
         try:
-            while True:
-                replayed = _replay(shared, dst, by_source, tenant, progress)
-                progress.delta_rounds += 1
-                if replayed <= SMALL_DELTA or progress.delta_rounds >= MAX_ROUNDS:
-                    break
+            started = time.monotonic()
+            _catch_up(shared, dst, by_source, tenant, progress, unplanned)
+            verify_started = time.monotonic()
             verified = _verify_outside_gate(shared_dsn, dst, pairs, tenant)
+            progress.verify_seconds = time.monotonic() - verify_started
+            # What the writers did during the verification: replayed now, not under the gate.
+            _catch_up(shared, dst, by_source, tenant, progress, unplanned)
+            progress.catch_up_seconds = time.monotonic() - started - progress.verify_seconds
             progress.phase = "Switching"
-            return _switch(shared, dst, tenant, source, target, pairs, verified, progress)
+            return _switch(shared, dst, tenant, source, target, (tables, pairs), verified,
+                           progress, unplanned)
         except VerificationFailed:
             mark_bulk_done(shared, tenant, False)  # the next attempt starts from a new copy
             raise
 
 
 def _switch(shared: Conn, dst: Conn, tenant: str, source: Isolation, target: Isolation,
-            pairs: list[TablePair], verified: dict[TablePair, tuple[int, str]],
-            progress: MoveProgress) -> bool:
+            plan: tuple[list[str], list[TablePair]], verified: dict[TablePair, tuple[int, str]],
+            progress: MoveProgress, unplanned: set[str]) -> bool:
     """Under the write gate: replay the last changes, copy what appeared meanwhile, record the
-    verified copies and flip the registry row; the writers wait only for this."""
+    verified copies and flip the registry row; the writers wait only for this.
+
+    `plan` is the source tables and pairs the move started with; it is made again (catalog
+    reads, slow) only when a table without a target got rows or the source has other tables.
+    """
+    tables, pairs = plan
     started = time.monotonic()
     with shared.transaction():
         where = hold_writes(shared, tenant)  # also scopes `shared` to the tenant
@@ -581,16 +655,20 @@ def _switch(shared: Conn, dst: Conn, tenant: str, source: Isolation, target: Iso
         if where != source.value:
             raise RegistryMismatch(f"tenant {tenant}: the registry says its data lives at"
                                    f" {where}, neither {source.value} nor {target.value}")
-        _replay(shared, dst, {p.source[1]: p for p in pairs}, tenant, progress)
+        _replay(shared, dst, {p.source[1]: p for p in pairs}, tenant, progress, unplanned)
         progress.delta_rounds += 1
-        final, stale = plan_move(shared, dst, tenant, source)
+        if unplanned or _captured_tables(shared, tenant, source) != tables:
+            final, stale = plan_move(shared, dst, tenant, source)
+        else:
+            final, stale = pairs, []
         with dst.transaction():
             set_tenant(dst, tenant)
             for table in stale:
                 _clear(dst, table, tenant)
             for pair in final:
                 if pair.target is not None and pair not in verified:
-                    # A table that had no rows when the move started: small, copied whole.
+                    # A table that had no rows when the move started (small), or no primary
+                    # key (never the case for the tables of the migrations): copied whole.
                     verified[pair] = copy_table(shared, dst, pair.source, pair.target, tenant)
                     _check(pair, verified[pair], fingerprint(dst, *pair.target, tenant))
         _record_verified(shared, tenant, target, final, verified)
