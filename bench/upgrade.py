@@ -7,7 +7,7 @@ changes replayed, the write hold at the switch, and the writer's latency p50/p99
 move next to its latency without a move (measured just before, in the same run). Asserts nothing.
 
     .venv/bin/python bench/upgrade.py [--sizes 10000,100000] [--with-1m] [--rate 50]
-        [--baseline-seconds 15] [--workdir DIR]
+        [--baseline-seconds 15] [--no-target-index] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -206,13 +206,17 @@ class Result:
     samples: tuple[int, int]
 
 
-def run_size(server: Postgres, db: str, rows: int, rate: float, baseline: float) -> Result:
+def run_size(server: Postgres, db: str, rows: int, rate: float, baseline: float,
+             target_index: bool) -> Result:
     tenant = f"bench{rows}"
     dsn = server.dsn(db)
     with psycopg.connect(dsn, autocommit=True) as admin:
         log(f"[{rows}] seeding {rows:,} documents + {rows:,} embeddings")
         seed_seconds = seed_tenant(admin, tenant, rows)
         prepare_target(admin, tenant, PASSWORD, DIMS, Hnsw())
+        if not target_index:  # the move then builds none (see --no-target-index)
+            admin.execute(sql.SQL("DROP INDEX {}").format(
+                sql.Identifier(bridge_schema(tenant), "embeddings_hnsw")))
     writer = Writer(server.dsn(db, APP_USER, PASSWORD),
                     server.dsn(db, bridge_role(tenant), PASSWORD), tenant, rate)
     thread = writer.start()
@@ -277,6 +281,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=50.0, help="writer transactions/s")
     parser.add_argument("--baseline-seconds", type=float, default=15.0,
                         help="writer alone before each move (the 'without' latencies)")
+    parser.add_argument("--no-target-index", action="store_true",
+                        help="give the target no HNSW index, so the move builds none (its cost"
+                        " grows faster than linearly; measure it at smaller sizes)")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -293,8 +300,8 @@ def main() -> None:
             database.bootstrap_shared(admin)
             admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE {}").format(
                 sql.Identifier(APP_USER), sql.Literal(PASSWORD), sql.Identifier(APP_ROLE)))
-        results = [run_size(server, "bench", rows, args.rate, args.baseline_seconds)
-                   for rows in sizes]
+        results = [run_size(server, "bench", rows, args.rate, args.baseline_seconds,
+                            not args.no_target_index) for rows in sizes]
         report(results, args.rate)
 
 

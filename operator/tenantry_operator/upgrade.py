@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
@@ -468,18 +469,31 @@ def _bulk_copy(shared_dsn: str, target_dsn: str, dst: Conn, pairs: list[TablePai
                stale: list[tuple[str, str]], tenant: str, progress: MoveProgress) -> int:
     """Copy every table from one consistent snapshot of the source, replacing the target's
     rows, and build the target's HNSW indexes once, after the load; all in one target
-    transaction, so a crash leaves the target as it was."""
+    transaction, so a crash leaves the target as it was.
+
+    In one database (pool -> bridge) the target transaction itself reads the source at its
+    REPEATABLE READ snapshot (INSERT ... SELECT, no round trip); across servers (silo) binary
+    COPY streams from a snapshot session to the target.
+    """
     started = time.monotonic()
     progress.rows_copied = 0
-    with _connect(shared_dsn, autocommit=False) as snap:
-        snap.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        snap.read_only = True
+    same_database = shared_dsn == target_dsn
+    with ExitStack() as stack:
+        if same_database:
+            dst.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            stack.callback(setattr, dst, "isolation_level", None)
+            snapshot: Conn | None = None
+        else:
+            snapshot = stack.enter_context(_connect(shared_dsn, autocommit=False))
+            snapshot.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            snapshot.read_only = True
         with dst.transaction():
+            # The first statement takes the snapshot: after the capture triggers committed.
             set_tenant(dst, tenant)
             rebuild: list[tuple[TablePair, str, int, int]] = []
-            # The snapshot ends with the copy: it would hold back vacuum during the build.
-            with snap.transaction():
-                set_tenant(snap, tenant)
+            with snapshot.transaction() if snapshot else contextlib.nullcontext():
+                if snapshot:
+                    set_tenant(snapshot, tenant)
                 for table in stale:
                     _clear(dst, table, tenant)
                 for pair in pairs:
@@ -492,8 +506,15 @@ def _bulk_copy(shared_dsn: str, target_dsn: str, dst: Conn, pairs: list[TablePai
                         rebuild.append((pair, name, m, ef))
                     # The target schema is the tenant's alone, read by nobody before the switch.
                     dst.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(*pair.target)))
-                    with _CopyMonitor(target_dsn, dst.info.backend_pid, progress):
-                        rows, _digest = _copy_rows(snap, dst, pair.source, pair.target, tenant)
+                    if snapshot is None:
+                        rows = dst.execute(sql.SQL(
+                            "INSERT INTO {} SELECT * FROM {} WHERE tenant_id = %s").format(
+                            sql.Identifier(*pair.target), sql.Identifier(*pair.source)),
+                            (tenant,)).rowcount
+                    else:
+                        with _CopyMonitor(target_dsn, dst.info.backend_pid, progress):
+                            rows, _digest = _copy_rows(snapshot, dst, pair.source, pair.target,
+                                                       tenant)
                     progress.copying, progress.rows_copied = 0, progress.rows_copied + rows
             progress.bulk_seconds = time.monotonic() - started
             index_started = time.monotonic()
