@@ -31,7 +31,7 @@ from pgvector import Vector
 from pgvector.psycopg import register_vector
 from psycopg import sql
 from tenantry_devenv.services import Postgres, start_postgres
-from tenantry_operator import database
+from tenantry_operator import database, upgrade
 from tenantry_operator.model import Hnsw, Isolation
 from tenantry_operator.upgrade import MoveProgress, clean_up_source, move_data, prepare_target
 from tenantry_runtime.contracts.database import (
@@ -284,9 +284,13 @@ def main() -> None:
     parser.add_argument("--no-target-index", action="store_true",
                         help="give the target no HNSW index, so the move builds none (its cost"
                         " grows faster than linearly; measure it at smaller sizes)")
+    parser.add_argument("--index-workers", type=int, default=None,
+                        help="parallel workers of the target's HNSW build (default: the"
+                        " server's max_parallel_maintenance_workers)")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
+    upgrade.INDEX_BUILD_WORKERS = args.index_workers
     if args.with_1m:
         sizes.append(1_000_000)
     with ExitStack() as stack:

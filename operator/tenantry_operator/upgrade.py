@@ -398,6 +398,9 @@ MAX_ROUNDS = 20
 # Upper bound of maintenance_work_mem for the target's HNSW build (a graph that does not fit
 # is built much more slowly, see pgvector's notice); the estimate below stays under it.
 INDEX_MEMORY_LIMIT_MB = 2048
+# Parallel workers of that build (None: the server's max_parallel_maintenance_workers). Fewer
+# leave more CPU to the tenants' queries on a small server; the build then takes longer.
+INDEX_BUILD_WORKERS: int | None = None
 
 
 @dataclass
@@ -526,6 +529,9 @@ def _bulk_copy(shared_dsn: str, target_dsn: str, dst: Conn, pairs: list[TablePai
                 dims = _embedding_dimensions(dst, into, relation) or 0
                 dst.execute("SELECT set_config('maintenance_work_mem', %s, true)",
                             (f"{_index_memory_mb(count, dims, m)}MB",))
+                if INDEX_BUILD_WORKERS is not None:
+                    dst.execute("SELECT set_config('max_parallel_maintenance_workers', %s, true)",
+                                (str(INDEX_BUILD_WORKERS),))
                 database._ensure_hnsw_index(dst, into, relation, name, m, ef, None)
             progress.index_seconds = time.monotonic() - index_started
     return progress.rows_copied
