@@ -46,6 +46,14 @@ def test_upgrading_a_tenant_with_rag_disabled_keeps_its_embeddings(
         (s := tenant_status(control_plane, tenant)).get("migration", {}).get("step")
         == "Done" and s.get("phase") == "Ready" and s), timeout=120)
     assert status["migration"]["rowsCopied"] == 4
+    # Online: at least the last round ran under the hold, whose length is shown.
+    assert status["migration"]["deltaRounds"] >= 2
+    assert status["migration"]["holdMilliseconds"] >= 0
+    events = json.loads(control_plane.kubectl(
+        "get", "events", "-n", "default", "-o", "json",
+        f"--field-selector=involvedObject.name={tenant},involvedObject.kind=Tenant").stdout)
+    reasons = [e["reason"] for e in events["items"]]
+    assert {"UpgradeStarted", "UpgradeSwitched", "UpgradeFinished"} <= set(reasons), reasons
     assert vectors(shared_database, f"{bridge_schema(tenant)}.embeddings", tenant) == before
     assert vectors(shared_database, shared_table, tenant) == []
     delete_tenant(control_plane, tenant)

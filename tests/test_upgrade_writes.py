@@ -18,6 +18,7 @@ from tenantry_operator import database
 from tenantry_operator.model import Hnsw, Isolation
 from tenantry_operator.upgrade import (
     CleanupRefused,
+    MoveProgress,
     MoveRefused,
     RegistryMismatch,
     VerificationFailed,
@@ -104,7 +105,7 @@ def test_concurrent_writes_during_a_move_all_land_in_the_new_location(
     thread = threading.Thread(target=writer)
     thread.start()
     time.sleep(0.3)
-    progress: list[int] = []
+    progress = MoveProgress()
     move_data(dsn, dsn, tenant, Isolation.POOL, Isolation.BRIDGE, progress)
     time.sleep(0.3)
     stop.set()
@@ -117,7 +118,7 @@ def test_concurrent_writes_during_a_move_all_land_in_the_new_location(
     assert len(acknowledged) >= 5
     assert set(acknowledged) <= titles  # every acknowledged write survived the move
     assert {f"seed {i}" for i in range(200)} <= titles
-    assert sum(progress) >= 200
+    assert progress.rows_copied >= 200
 
 
 @pytest.mark.parametrize("change", ["NEW.title := NEW.title || '!'",
@@ -138,7 +139,7 @@ def test_a_copy_that_differs_fails_verification_and_nothing_switches(
             CREATE TRIGGER mangle BEFORE INSERT ON "{schema}".documents
             FOR EACH ROW EXECUTE FUNCTION "{schema}".mangle();""")
     with pytest.raises(VerificationFailed, match="documents"):
-        move_data(dsn, dsn, tenant, Isolation.POOL, Isolation.BRIDGE, [])
+        move_data(dsn, dsn, tenant, Isolation.POOL, Isolation.BRIDGE)
     with psycopg.connect(dsn, autocommit=True) as admin:
         row = admin.execute("SELECT isolation FROM tenantry.tenants WHERE tenant_id = %s",
                             (tenant,)).fetchone()
@@ -208,7 +209,7 @@ def test_embeddings_of_a_tenant_with_rag_disabled_are_moved_not_deleted(
         total, held = survey_source(admin, tenant, Isolation.POOL)
     assert (total, held) == (3 * 5, [3])  # 3 rows in each of 5 tables
     prepare_bridge(dsn, tenant, held[0])
-    assert move_data(dsn, dsn, tenant, Isolation.POOL, Isolation.BRIDGE, [])
+    assert move_data(dsn, dsn, tenant, Isolation.POOL, Isolation.BRIDGE)
     with psycopg.connect(dsn, autocommit=True) as admin:
         clean_up_source(admin, tenant, Isolation.POOL, Isolation.BRIDGE)
         schema = bridge_schema(tenant)
@@ -226,7 +227,7 @@ def test_a_source_table_without_a_verified_copy_blocks_cleanup(
     with psycopg.connect(dsn, autocommit=True) as admin:
         seed(admin, tenant, None)
         prepare_bridge(dsn, tenant, None)
-    assert move_data(dsn, dsn, tenant, Isolation.POOL, Isolation.BRIDGE, [])
+    assert move_data(dsn, dsn, tenant, Isolation.POOL, Isolation.BRIDGE)
     with psycopg.connect(dsn, autocommit=True) as admin:
         # A tenant table the move never saw (e.g. added by hand or by a later migration).
         admin.execute("CREATE TABLE tenantry.notes (tenant_id text NOT NULL, body text)")
@@ -254,7 +255,7 @@ def test_a_bridge_table_that_cannot_be_copied_per_tenant_refuses_the_move(
             database.bootstrap_shared(conn)
         prepare_bridge(silo_dsn, tenant, None)
         with pytest.raises(MoveRefused, match="lookup has rows but no tenant_id column"):
-            move_data(dsn, silo_dsn, tenant, Isolation.BRIDGE, Isolation.SILO, [])
+            move_data(dsn, silo_dsn, tenant, Isolation.BRIDGE, Isolation.SILO)
     with psycopg.connect(dsn, autocommit=True) as admin:
         assert registry(admin, tenant) == "bridge"
 
@@ -270,7 +271,7 @@ def test_a_second_move_after_a_completed_move_keeps_the_target_data(
     with psycopg.connect(dsn, autocommit=True) as admin:
         seed(admin, tenant, None)
     prepare_bridge(dsn, tenant, None)
-    assert move_data(dsn, dsn, tenant, Isolation.POOL, Isolation.BRIDGE, [])
+    assert move_data(dsn, dsn, tenant, Isolation.POOL, Isolation.BRIDGE)
     with psycopg.connect(dsn, autocommit=True) as admin:
         clean_up_source(admin, tenant, Isolation.POOL, Isolation.BRIDGE)
         with write_transaction(admin, tenant, "bridge"):
@@ -279,7 +280,7 @@ def test_a_second_move_after_a_completed_move_keeps_the_target_data(
     assert len(after["documents"]) == 4
     # A reconcile that read the registry before the first move finished tries again.
     prepare_bridge(dsn, tenant, None)
-    assert not move_data(dsn, dsn, tenant, Isolation.POOL, Isolation.BRIDGE, [])
+    assert not move_data(dsn, dsn, tenant, Isolation.POOL, Isolation.BRIDGE)
     with psycopg.connect(dsn, autocommit=True) as admin:
         clean_up_source(admin, tenant, Isolation.POOL, Isolation.BRIDGE)  # idempotent
         assert {t: rows_of(admin, f"{schema}.{t}", tenant) for t in DATA} == after
@@ -295,7 +296,7 @@ def test_a_move_whose_registry_names_neither_end_stops_with_a_clear_error(
         prepare_bridge(dsn, tenant, None)
         database.ensure_pool_tenant(admin, tenant, "silo")  # someone else moved it on
     with pytest.raises(RegistryMismatch, match=r"lives at silo, neither pool .* nor bridge"):
-        move_data(dsn, dsn, tenant, Isolation.POOL, Isolation.BRIDGE, [])
+        move_data(dsn, dsn, tenant, Isolation.POOL, Isolation.BRIDGE)
     with psycopg.connect(dsn, autocommit=True) as admin:
         assert rows_of(admin, f"{bridge_schema(tenant)}.documents", tenant) == []  # nothing copied
         assert registry(admin, tenant) == "silo"
@@ -321,13 +322,13 @@ def test_verification_passes_when_the_target_session_has_other_settings(
             assert conn.execute("SHOW TimeZone").fetchone() == ("Pacific/Chatham",)
             database.bootstrap_shared(conn)
             prepare_target(conn, tenant, "pw-" + unique("p"), 3, Hnsw())
-        progress: list[int] = []
+        progress = MoveProgress()
         assert move_data(dsn, silo_dsn, tenant, Isolation.POOL, Isolation.SILO, progress)
         schema = bridge_schema(tenant)
         with psycopg.connect(postgres.dsn(silo), autocommit=True) as conn:
             assert {t: rows_of(conn, f"{schema}.{t}", tenant) for t in DATA} == before
             assert len(rows_of(conn, f"{schema}.embeddings", tenant)) == 3
-    assert sum(progress) == 3 * 5
+    assert progress.rows_copied == 3 * 5
     with psycopg.connect(dsn, autocommit=True) as admin:
         assert registry(admin, tenant) == "silo"
 
@@ -355,7 +356,7 @@ def test_two_concurrent_moves_copy_once_and_the_second_finds_the_work_done(
         before = {t: rows_of(admin, f"tenantry.{t}", tenant) for t in DATA}
     prepare_bridge(dsn, tenant, None)
     with ThreadPoolExecutor(2) as pool:
-        runs = [pool.submit(move_data, dsn, dsn, tenant, Isolation.POOL, Isolation.BRIDGE, [])
+        runs = [pool.submit(move_data, dsn, dsn, tenant, Isolation.POOL, Isolation.BRIDGE)
                 for _ in range(2)]
         assert sorted(run.result(timeout=60) for run in runs) == [False, True]
     with psycopg.connect(dsn, autocommit=True) as admin:

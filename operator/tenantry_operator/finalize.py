@@ -13,7 +13,7 @@ from lightkube.resources.core_v1 import Namespace, PersistentVolumeClaim, Secret
 from lightkube.types import PatchType
 from redis.asyncio import Redis
 
-from . import api_keys, builders, database, dataplane
+from . import api_keys, builders, capture, database, dataplane
 from .kube import Kube, labels_of
 from .names import ANNOTATION_FORCE_FINALIZE, namespace_name, owned_by
 from .quotas import delete_tenant_keys
@@ -143,6 +143,9 @@ async def finalize(body: Mapping[str, Any], kube: Kube, settings: OperatorSettin
         await part("removing the tenant's Redis keys", redis_keys)
     if settings.database_url is not None:
         async def shared_database() -> str:
+            # A move cut short by the deletion leaves no capture triggers nor change log.
+            await database.in_database(_shared_dsn(settings),
+                                       lambda c: capture.stop_capture(c, name))
             if delete:
                 await database.in_database(_shared_dsn(settings),
                                            lambda c: database.delete_tenant_data(c, name))

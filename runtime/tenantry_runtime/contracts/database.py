@@ -168,6 +168,15 @@ _PRIVATE_TABLES: dict[str, sql.SQL] = {
         " tenant_id text NOT NULL, request_id text NOT NULL, created_at timestamptz NOT NULL,"
         " exported bigint NOT NULL DEFAULT 0, updated_at timestamptz NOT NULL DEFAULT now(),"
         " PRIMARY KEY (exporter, source_schema)"),
+    # Online isolation upgrades (operator/tenantry_operator/capture.py): one row per move in
+    # flight, and the keys of the rows its tenant changed since (filled by triggers).
+    "moves": sql.SQL(
+        "tenant_id text PRIMARY KEY, source text NOT NULL, target text NOT NULL,"
+        " bulk_done boolean NOT NULL DEFAULT false, rows_copied bigint NOT NULL DEFAULT 0,"
+        " started_at timestamptz NOT NULL DEFAULT now()"),
+    "move_changes": sql.SQL(
+        "id bigint GENERATED ALWAYS AS IDENTITY, tenant_id text NOT NULL,"
+        " source_table text NOT NULL, key jsonb NOT NULL, PRIMARY KEY (tenant_id, id)"),
 }
 # Concurrent CREATE ... IF NOT EXISTS can still collide on the catalogs' unique indexes.
 _CREATE_RACES = (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateSchema,

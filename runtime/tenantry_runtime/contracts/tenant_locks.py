@@ -3,8 +3,9 @@
 The gate is the tenant's own row in the registry `tenantry.tenants` (the row that says where
 its data lives). Every runtime write transaction takes a shared row lock on it (FOR KEY SHARE)
 and checks in the same statement that the data still lives where its config says. An upgrade
-locks the row exclusively (FOR UPDATE) for its copy-verify-switch window and flips it, so writes
-wait briefly and then land in the new location; none is lost.
+copies while writers go on, then locks the row exclusively (FOR UPDATE) only for its last round
+and the switch, and flips it, so writes wait briefly and then land in the new location; none is
+lost.
 
 Row locks, not advisory locks: only roles with privileges on the admin-owned registry can take
 them (the runtime's APP_ROLE under RLS, the operator). A bridge tenant's login has no USAGE on
