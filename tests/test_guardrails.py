@@ -22,9 +22,9 @@ from kube_helpers import (
 )
 from tenantry_devenv.controlplane import ControlPlane
 from tenantry_operator import guardrails
-from tenantry_operator.conditions import Condition
+from tenantry_operator.conditions import Condition, transitions
 from tenantry_operator.model import PlanSpec, PlanViolation, TenantSpec, effective_spec
-from tenantry_operator.reconcile import new_failures, phase_of
+from tenantry_operator.reconcile import phase_of
 
 PLAN = PlanSpec.model_validate({"model": "claude-haiku-4-5",
                                 "allowedIsolation": ["pool", "silo"]})
@@ -122,13 +122,17 @@ def test_max_tokens_above_the_plans_tokens_per_minute_is_refused() -> None:
 
 
 def test_failures_are_announced_once_per_transition() -> None:
+    def as_status(*conditions: Condition) -> list[dict[str, str]]:
+        return [{"type": c.type, "status": c.status, "reason": c.reason, "message": c.message}
+                for c in conditions]
+
     bad = Condition("PlanResolved", False, "MaxTokensAboveRateLimit", "too many")
-    assert new_failures([], [bad]) == [bad]
-    reported = [{"type": "PlanResolved", "status": "False", "reason": bad.reason}]
-    assert new_failures(reported, [bad]) == []  # a resync: no second Event
+    warned = transitions([], as_status(bad))
+    assert [(e.type, e.reason) for e in warned] == [("Warning", "MaxTokensAboveRateLimit")]
+    assert transitions(as_status(bad), as_status(bad)) == []  # a resync: no second Event
     other = Condition("PlanResolved", False, "IsolationNotAllowed", "no")
-    assert new_failures(reported, [other]) == [other]
-    assert new_failures([], [Condition("DatabaseReady", False, "WaitingForSiloPod")]) == []
+    assert [e.reason for e in transitions(as_status(bad), as_status(other))] == [
+        "IsolationNotAllowed"]
     assert phase_of(None, [bad]) == "Failed"
     endpoint = Condition("RuntimeRecordReady", False, "EndpointKeyMissing", "no Secret")
     assert phase_of(None, [Condition("PlanResolved", True, "Resolved"), endpoint]) == "Failed"
