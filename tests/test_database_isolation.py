@@ -72,7 +72,7 @@ INSERTS = {
     "embeddings": "INSERT INTO {s}.embeddings (tenant_id, content, embedding)"
                   " VALUES (%(t)s, 'chunk', %(v)s::vector) RETURNING id",
 }
-HOSTILE = ["a; DROP TABLE tenantry.tenants; --", "A", "x'--", "tenant-1", "a" * 41, "",
+HOSTILE = ["a; DROP TABLE tenantry.tenants; --", "A", "x'--", "tenant-", "-tenant", "a" * 41, "",
            "tenant_1", " a", "a\n", "é"]
 
 
