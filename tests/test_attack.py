@@ -153,7 +153,7 @@ def test_a_forgotten_tenant_takes_no_default(world: World, table: str) -> None:
 
 @pytest.mark.parametrize("table", UNCHECKED)
 def test_not_even_the_admin_writes_an_invalid_tenant_id(world: World, table: str) -> None:
-    for bad in ("", "A", "tenant-1"):
+    for bad in ("", "A", "tenant-"):
         with pytest.raises(psycopg.errors.CheckViolation, match="tenant_id_valid"):
             insert(world.admin, "tenantry", table, bad)
 

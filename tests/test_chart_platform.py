@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from tenantry_devenv.controlplane import ControlPlane
-from tenantry_runtime.pricing import load_price_table
+from tenantry_runtime.pricing import load_price_book
 from tenantry_runtime.settings import RuntimeSettings
 from test_chart import (  # noqa: F401 - helm_fixture: the `helm` fixture
     CHART,
@@ -100,9 +100,13 @@ def test_price_table_is_the_shipped_one_and_loads(helm: list[str], tmp_path: Pat
     docs = render(helm)
     table = tmp_path / "prices.json"
     table.write_text(only(docs, "ConfigMap", "runtime")["data"]["prices.json"])
-    assert load_price_table(table) == load_price_table(None)
+    assert load_price_book(table) == load_price_book(None)
     # A changed price rolls the runtime Pods.
-    changed = render(helm, "--set", "runtime.prices.models.claude-stub-1.input=9.50")
+    prices = json.loads(shipped.read_text())
+    prices["versions"][0]["models"]["claude-stub-1"]["input"] = "9.50"
+    raised = tmp_path / "raised.yaml"
+    raised.write_text(yaml.safe_dump({"runtime": {"prices": prices}}))
+    changed = render(helm, "-f", str(raised))
     annotation = "checksum/prices"
     pod_annotations = [only(d, "Deployment", "runtime")["spec"]["template"]["metadata"][
         "annotations"][annotation] for d in (docs, changed)]
@@ -349,8 +353,8 @@ def test_long_release_names_fit_everywhere(helm: list[str], values_file: Path) -
     (["--set", "runtime.env.PATH=/x"], "PATH"),
     (["--set", "runtime.env.TENANTRY_RUNTIME_MAX_IN_FLIGHT=5"], "TENANTRY_RUNTIME_MAX_IN_FLIGHT"),
     (["--set", "runtime.upstream.url=ftp://x"], "url"),
-    (["--set", "runtime.prices.models.m.input=cheap"], "input"),
-    (["--set", "runtime.prices.models.m.inptu=1"], "inptu"),
+    (["--set", "runtime.prices.versions[0].models.m.input=cheap"], "input"),
+    (["--set", "runtime.prices.versions[0].models.m.inptu=1"], "inptu"),
     (["--set", "tenantPlans.plans.gold.modle=x"], "modle"),
     (["--set", "tenantPlans.plans.Gold.model=x"], "Gold"),
     (["--set", "tenantPlans.plans.gold.model=x", "--set",

@@ -54,8 +54,8 @@ from tenantry_runtime.contracts.database import (
 )
 
 DIMS = 3
-SHARED_TABLES = ["ai_conversations", "ai_usage_logs", "documents", "tenant_embeddings_d3",
-                 "tenants", "usage_daily"]
+SHARED_TABLES = ["ai_conversations", "ai_usage_logs", "billing_invoices", "documents",
+                 "tenant_embeddings_d3", "tenants", "usage_daily"]
 # One row for tenant %(t)s in each table; %(v)s is a vector literal for the embeddings tables.
 INSERTS = {
     "tenants": "INSERT INTO {s}.tenants (tenant_id, isolation) VALUES (%(t)s, 'pool')",
@@ -65,6 +65,11 @@ INSERTS = {
                         " VALUES (%(t)s, 'conv', %(at)s)",
     "ai_usage_logs": "INSERT INTO {s}.ai_usage_logs (tenant_id, request_id, created_at, model,"
                      " input_tokens) VALUES (%(t)s, gen_random_uuid()::text, %(at)s, 'm', 5)",
+    # A month after the tenant's latest invoice (one invoice per tenant and month).
+    "billing_invoices": "INSERT INTO {s}.billing_invoices (tenant_id, month, currency, total,"
+                        " document) SELECT %(t)s, coalesce(max(month) + interval '1 month',"
+                        " date '2026-01-01')::date, 'USD', 1, '{{}}'::jsonb"
+                        " FROM {s}.billing_invoices WHERE tenant_id = %(t)s",
     "usage_daily": "INSERT INTO {s}.usage_daily (tenant_id, day, model, requests)"
                    " VALUES (%(t)s, current_date, gen_random_uuid()::text, 1)",
     "tenant_embeddings_d3": "INSERT INTO {s}.tenant_embeddings_d3 (tenant_id, content, embedding)"
@@ -135,7 +140,7 @@ def world(postgres: Postgres) -> Iterator[World]:
                 assert ensure_collection(admin, tenant, "shared", DIMS, 8, 32) == (
                     "tenantry.tenant_embeddings_d3")
                 with tenant_transaction(admin, tenant):
-                    for table in ("documents", "usage_daily"):
+                    for table in ("documents", "usage_daily", "billing_invoices"):
                         insert(admin, "tenantry", table, tenant)
                     for table in ("ai_conversations", "ai_usage_logs"):
                         insert(admin, "tenantry", table, tenant, at=now)

@@ -176,7 +176,7 @@ def test_migration_0006_lets_hyphenated_ids_in_and_keeps_refusing_bad_ones(
         conn.execute("INSERT INTO tenantry.tenants (tenant_id, isolation) VALUES (%s, 'pool')",
                      ("acme-corp",))
 
-    assert migrate(conn, "tenantry") == [6]
+    assert migrate(conn, "tenantry")[0] == 6  # then the later ones
     for tenant in ("acme-corp", "ab", "a-b"):
         with tenant_transaction(conn, tenant):
             conn.execute("INSERT INTO tenantry.tenants (tenant_id, isolation)"

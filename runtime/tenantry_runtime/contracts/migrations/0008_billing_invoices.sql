@@ -15,7 +15,9 @@ CREATE TABLE IF NOT EXISTS billing_invoices (
     total     numeric(24, 6) NOT NULL,
     document  jsonb NOT NULL,
     closed_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (tenant_id, month)
+    PRIMARY KEY (tenant_id, month),
+    -- As 0004/0006 gave every tenant table: no empty or malformed tenant id, not even the admin's.
+    CONSTRAINT tenant_id_valid CHECK (tenant_id ~ '^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$')
 );
 ALTER TABLE billing_invoices ENABLE ROW LEVEL SECURITY;
 ALTER TABLE billing_invoices FORCE ROW LEVEL SECURITY;
