@@ -200,9 +200,11 @@ def test_conditions_and_events_tell_the_story(control_plane: ControlPlane) -> No
     time.sleep(1.1)
     control_plane.kubectl("patch", "tnt", name, "--type=merge", "-p",
                           json.dumps({"spec": {"ai": {"rateLimits": {"requestsPerMinute": 7}}}}))
+    # BudgetAlert is the alert loop's (it follows within its interval, a second here).
     updated = wait_for("generation 2 observed", lambda: (
         (s := tenant_status(control_plane, name)).get("observedGeneration") == 2
-        and s.get("phase") == "Ready" and s))
+        and s.get("phase") == "Ready"
+        and {c["observedGeneration"] for c in s["conditions"]} == {2} and s))
     assert {c["observedGeneration"] for c in updated["conditions"]} == {2}
     assert {c["type"]: c["lastTransitionTime"] for c in updated["conditions"]} == before
     time.sleep(INTERVAL)

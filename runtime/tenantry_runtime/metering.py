@@ -145,7 +145,10 @@ class UsageWriter:
             stream, GROUP, self.consumer, int(self.claim_idle_seconds * 1000), "0-0",
             count=self.batch)
         entries: dict[bytes, dict[bytes, bytes]] = dict(claimed[1])
-        for start in ("0", ">"):
+        # Reading the pending history is a write for Redis even when empty (replicated, and it
+        # dirties the dataset each second per tenant): only when XPENDING (a read) finds some.
+        pending = int((await self.redis.xpending(stream, GROUP))["pending"])
+        for start in ("0", ">") if pending else (">",):
             if len(entries) >= self.batch:
                 break
             # RESP2 shape: [(stream, [(id, fields), ...])]
