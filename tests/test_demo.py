@@ -32,7 +32,7 @@ from test_devenv_signals import (  # noqa: F401 - demo_env is a fixture
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-TENANT_MODELS = {"acme": "claude-haiku-4-5", "globex": "claude-sonnet-4-5"}
+TENANT_MODELS = {"acme": "claude-haiku-4-5", "globex": "claude-sonnet-4-6"}
 
 
 def run_demo(env: dict[str, str], output: Path, timeout: float

@@ -39,7 +39,7 @@ def test_tenant_fields_override_the_plan_and_the_plan_fills_the_rest() -> None:
     spec = effective_spec("globex", "uid-1", 3, globex, PLANS["pro"])
     assert spec.ai.daily_tokens == 500_000  # the tenant's own
     assert spec.ai.monthly_tokens == 40_000_000  # from the plan
-    assert spec.ai.model == "claude-sonnet-4-5"
+    assert spec.ai.model == "claude-sonnet-4-6"
     assert spec.ai.overage_allowed is True
     assert spec.rag.top_k == 8
     assert spec.isolation is Isolation.BRIDGE

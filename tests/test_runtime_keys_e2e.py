@@ -39,7 +39,7 @@ from tenantry_runtime.contracts.database import bridge_role
 pytestmark = [pytest.mark.usefixtures("operator"), pytest.mark.timeout(300)]
 
 PLAN = "pro"
-MODEL = "claude-sonnet-4-5"  # the pro plan's model
+MODEL = "claude-sonnet-4-6"  # the pro plan's model
 KEYS_SECRET = "tenantry-api-keys"
 
 

@@ -274,7 +274,7 @@ def test_hyphenated_pool_bridge_and_silo_tenants_go_ready_and_are_served(
     # cannot resolve: its requests are answered 503, database unreachable.)
     client = anthropic.Anthropic(base_url=kube_runtime_server.url,
                                  api_key=keys_of(plane, "acme-corp")["app"], max_retries=0)
-    reply = client.messages.create(model="claude-sonnet-4-5", max_tokens=16,
+    reply = client.messages.create(model="claude-sonnet-4-6", max_tokens=16,
                                    messages=[{"role": "user", "content": "hello"}])
     assert reply.content[0].type == "text"
     wait_for_metered(shared_database, str(reply._request_id), "acme-corp")
