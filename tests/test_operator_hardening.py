@@ -138,8 +138,8 @@ def test_deleted_credentials_come_back_with_the_same_password_or_are_reported_lo
     ns = "tenant-silocreds"
     admin = secret_data(control_plane, ns, "postgres-admin")
     login = secret_data(control_plane, ns, "tenant-db-credentials")
-    control_plane.kubectl("delete", "secret", "postgres-admin", "tenant-db-credentials",
-                          "-n", ns)
+    control_plane.kubectl("delete", "secret", "--wait=false", "postgres-admin",
+                          "tenant-db-credentials", "-n", ns)
     wait_for("both Secrets to come back", lambda: all(
         get_json(control_plane, "secret", name, "-n", ns)
         for name in ("postgres-admin", "tenant-db-credentials")), timeout=30)
@@ -155,9 +155,9 @@ def test_deleted_credentials_come_back_with_the_same_password_or_are_reported_lo
         if condition(status, "DatabaseReady").get("reason") == "CredentialsLost":
             return status
         # A resync between the two deletions may restore one from the other: delete again.
-        control_plane.kubectl("delete", "secret", backup, "-n", CREDENTIALS_NAMESPACE,
-                              "--ignore-not-found")
-        control_plane.kubectl("delete", "secret", "postgres-admin", "-n", ns,
+        control_plane.kubectl("delete", "secret", "--wait=false", backup, "-n",
+                              CREDENTIALS_NAMESPACE, "--ignore-not-found")
+        control_plane.kubectl("delete", "secret", "--wait=false", "postgres-admin", "-n", ns,
                               "--ignore-not-found")
         return None
 
@@ -199,9 +199,9 @@ def test_a_lost_tenant_login_secret_gets_a_new_password_that_the_role_learns(
             new = secret_data(control_plane, ns, "tenant-db-credentials")["password"]
             if new != old:
                 return new
-        control_plane.kubectl("delete", "secret", backup, "-n", CREDENTIALS_NAMESPACE,
-                              "--ignore-not-found")
-        control_plane.kubectl("delete", "secret", "tenant-db-credentials", "-n", ns,
+        control_plane.kubectl("delete", "secret", "--wait=false", backup, "-n",
+                              CREDENTIALS_NAMESPACE, "--ignore-not-found")
+        control_plane.kubectl("delete", "secret", "--wait=false", "tenant-db-credentials", "-n", ns,
                               "--ignore-not-found")
         return None
 

@@ -249,8 +249,8 @@ def test_settled_resync_writes_nothing_and_a_deleted_copy_comes_back(
     time.sleep(8)  # more than two resyncs of 3 s
     assert versions() == first
     # Someone deletes the runtime's copy: the tenant drops out, the resync restores it.
-    control_plane.kubectl("delete", "secret", runtime_record.secret_name("keyidle"), "-n",
-                          RUNTIME_NAMESPACE)
+    control_plane.kubectl("delete", "secret", "--wait=false",
+                          runtime_record.secret_name("keyidle"), "-n", RUNTIME_NAMESPACE)
     wait_for("the runtime to drop the tenant", lambda: runtime.store.get("keyidle") is None, 10)
     wait_served(runtime, key, "keyidle")
     assert keys_of(control_plane, "keyidle")["app"] == key

@@ -77,7 +77,8 @@ async def test_records_are_listed_watched_refused_and_removed(
     apply_record(control_plane, stale)
     await until("the stale write", lambda: store.stale_ignored >= 1)
     assert store.get("srca") == good
-    control_plane.kubectl("delete", "secret", runtime_record.secret_name("srca"), "-n", NAMESPACE)
+    control_plane.kubectl("delete", "secret", "--wait=false",
+                          runtime_record.secret_name("srca"), "-n", NAMESPACE)
     await until("the removal", lambda: store.get("srca") is None)
     assert store.authenticate(key) is None
     assert store.get("srcb") is None

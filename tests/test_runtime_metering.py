@@ -10,6 +10,7 @@ from pathlib import Path
 
 import anthropic
 import httpx
+import httpx2  # the transport of anthropic's SDK
 import psycopg
 import pytest
 from db_helpers import connect, scratch_database
@@ -213,8 +214,10 @@ async def test_sigkill_under_load_then_restart_every_complete_response_has_exact
                     message = await client.messages.create(model=MODEL, max_tokens=16, messages=[
                         {"role": "user", "content": f"w{n} r{i}"}])
                     complete.append(str(message._request_id))
-            except anthropic.APIError:
-                return  # the runtime was killed under us
+            except (anthropic.APIError, httpx2.TransportError):
+                # The runtime was killed under us: before the answer (APIError) or in the
+                # middle of a stream's body, which the SDK hands up as the transport's error.
+                return
 
     load = asyncio.gather(*(worker(n) for n in range(16)))
     await asyncio.sleep(2.0)
