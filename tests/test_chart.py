@@ -326,6 +326,8 @@ def test_cluster_role_is_least_privilege(helm: list[str], values_file: Path) -> 
     assert "delete" in grants[("", "namespaces")]
     assert grants[("", "persistentvolumeclaims")] == {"list", "patch", "delete"}
     assert "delete" not in grants[("", "secrets")]  # only in the release namespace (Role)
+    # list/watch: the labelled dedicated endpoint Secrets (operator/endpoint_secrets.py).
+    assert grants[("", "secrets")] == {"get", "list", "watch", "create", "patch"}
     assert ("", "pods") not in grants
     assert ("rbac.authorization.k8s.io", "clusterroles") not in grants
     # kopf runs standalone: no peering objects; the Lease is granted by a namespaced Role.

@@ -18,7 +18,7 @@ from lightkube.resources.core_v1 import Secret
 from tenantry_runtime.api_keys import generate_key, record_for
 from tenantry_runtime.contracts import runtime_record
 
-from . import builders, dataplane
+from . import builders, dataplane, endpoint_secrets
 from .conditions import Condition
 from .kube import ForeignObject, Kube, as_dict, labels_of
 from .names import owned_by
@@ -79,6 +79,7 @@ async def ensure_runtime_record(ctx: StepContext) -> Condition:
     endpoint_key: str | None = None
     problem: str | None = None
     ref = ctx.spec.ai.endpoint.secret_ref
+    secret: dict[str, Any] | None = None
     if config.endpoint.type == "dedicated" and ref is not None:
         secret = await live_secret(ctx.kube, ns, ref.name)
         endpoint_key = (decoded(secret).get(ref.key) if secret is not None else None) or None
@@ -88,6 +89,7 @@ async def ensure_runtime_record(ctx: StepContext) -> Condition:
             problem = (f"Secret {ns}/{ref.name} (spec.ai.endpoint.secretRef) {missing}; the"
                        " runtime answers the tenant's requests with 503 until it has one (it"
                        " never falls back to the shared endpoint)")
+    await endpoint_secrets.label_reference(ctx.kube, ns, tenant, secret)
     dsn: str | None = None
     if config.database.credentials_secret:
         credentials = await live_secret(ctx.kube, ns, config.database.credentials_secret)
