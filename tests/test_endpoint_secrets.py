@@ -9,6 +9,7 @@ re-creation each post an `EndpointSecretChanged` Event (the watch's path, not th
 from __future__ import annotations
 
 import base64
+import logging
 import time
 from typing import Any
 
@@ -31,6 +32,7 @@ pytestmark = [pytest.mark.usefixtures("operator"), pytest.mark.timeout(300)]
 
 MODEL = "claude-sonnet-4-6"  # the pro plan's model
 OLD_KEY, NEW_KEY = "sk-dedicated-old", "sk-dedicated-new"
+log = logging.getLogger(__name__)
 
 
 def secret_yaml(namespace: str, key: str) -> str:
@@ -103,7 +105,7 @@ def test_rotated_deleted_and_recreated_endpoint_secret_reaches_the_runtime(
         control_plane.kubectl("apply", "-f", "-", input_text=secret_yaml(namespace, NEW_KEY))
         rotated = seconds_until("the new endpoint key in the runtime",
                                 lambda: endpoint_key(runtime, tenant) == NEW_KEY)
-        print(f"rotation reached the runtime in {rotated:.2f} s")
+        log.info("rotation reached the runtime in %.2f s", rotated)
         wait_for("the rotation's Event", lambda: any(
             "changed" in m for m in changed_events(control_plane, tenant)), 30)
         answered = len(dedicated.received)
@@ -114,7 +116,7 @@ def test_rotated_deleted_and_recreated_endpoint_secret_reaches_the_runtime(
         control_plane.kubectl("delete", "secret", "model-key", "-n", namespace, "--wait=false")
         deleted = seconds_until("the endpoint key gone from the runtime",
                                 lambda: endpoint_key(runtime, tenant) is None)
-        print(f"deletion reached the runtime in {deleted:.2f} s")
+        log.info("deletion reached the runtime in %.2f s", deleted)
         wait_for("the deletion's Event", lambda: any(
             "deleted" in m for m in changed_events(control_plane, tenant)), 30)
         assert condition(tenant_status(control_plane, tenant),
@@ -128,7 +130,7 @@ def test_rotated_deleted_and_recreated_endpoint_secret_reaches_the_runtime(
         control_plane.kubectl("apply", "-f", "-", input_text=secret_yaml(namespace, NEW_KEY))
         recreated = seconds_until("the re-created key in the runtime",
                                   lambda: endpoint_key(runtime, tenant) == NEW_KEY)
-        print(f"re-creation reached the runtime in {recreated:.2f} s")
+        log.info("re-creation reached the runtime in %.2f s", recreated)
         wait_for("the re-creation's Event", lambda: any(
             "created again" in m for m in changed_events(control_plane, tenant)), 30)
         wait_for("the label on the new Secret", lambda: ((get_json(

@@ -13,6 +13,7 @@ from runtime_helpers import write_limits
 from tenantry_devenv.services import Redis as RedisServer
 from tenantry_runtime.limits import (
     ALREADY_SETTLED,
+    SETTLED_BUCKET_SECONDS,
     SETTLED_MARKER_TTL_SECONDS,
     Limiter,
     Settlement,
@@ -68,9 +69,11 @@ async def test_a_second_settlement_of_a_request_id_changes_nothing(
     # The tokens/min state expires once idle (it may be gone by now); the second settlement
     # neither refunds into it nor recreates it.
     assert await client.get(gcra) in (None, after_first[1])
-    marker = settlement.keys[-1]
-    assert marker.startswith("tenantry:v1:{idemtwice}:")  # the tenant's hash slot
-    assert 0 < await client.ttl(marker) <= SETTLED_MARKER_TTL_SECONDS
+    bucket = settlement.keys[-1]
+    assert bucket.startswith("tenantry:v1:{idemtwice}:")  # the tenant's hash slot
+    assert await client.hkeys(bucket) == [b"req_twice"]
+    assert (SETTLED_MARKER_TTL_SECONDS < await client.ttl(bucket)
+            <= SETTLED_MARKER_TTL_SECONDS + SETTLED_BUCKET_SECONDS)
     # Another request of the same tenant is charged as usual.
     assert await limiter.settle(await admitted(limiter, "idemtwice", "req_other")) == RESERVE
     assert await charged(client, "idemtwice") == (200, 200, 0, 2)
@@ -100,3 +103,16 @@ async def test_a_spool_line_from_before_the_marker_still_settles(
     old = Settlement(settlement.keys[:9], settlement.args[:5])
     assert await limiter.settle(old) == RESERVE
     assert await charged(client, "idemold") == (100, 100, 0, 1)
+
+
+async def test_a_spool_line_with_a_marker_key_per_request_stays_idempotent(
+        redis_server: RedisServer, client: Redis, limiter: Limiter) -> None:
+    """Lines spooled by the version before the buckets: a key per request, 6 arguments."""
+    write_limits(redis_server.url, "idemkey")
+    settlement = await admitted(limiter, "idemkey", "req_key")
+    marker = "tenantry:v1:{idemkey}:settled:req_key"
+    old = Settlement([*settlement.keys[:9], marker], [*settlement.args[:5], 60])
+    assert await limiter.settle(old) == RESERVE
+    assert await limiter.settle(old) == ALREADY_SETTLED
+    assert await charged(client, "idemkey") == (100, 100, 0, 1)
+    assert 0 < await client.ttl(marker) <= 60

@@ -21,7 +21,7 @@ import asyncio
 import json
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -128,6 +128,7 @@ class UsageWriter:
     failures: Counter[str] = field(default_factory=Counter)
     _groups: set[str] = field(default_factory=set)
     _waiting: set[str] = field(default_factory=set)
+    _unchecked: set[str] = field(default_factory=set)  # tenants whose pending are not read yet
 
     async def _ensure_group(self, stream: str) -> None:
         if stream in self._groups:
@@ -159,7 +160,10 @@ class UsageWriter:
         return list(entries.items())
 
     async def drain(self, tenant: str) -> int:
-        """Write the tenant's pending and new events; rows written (conflicts included)."""
+        """Write the tenant's pending and new events; rows written (conflicts included).
+
+        The recovery path (a crash, a failed batch, another replica's abandoned entries);
+        new events of every tenant come through `read_new` in one blocking read."""
         written = 0
         stream = usage_stream(tenant)
         await self._ensure_group(stream)
@@ -170,21 +174,71 @@ class UsageWriter:
             entries = await self._next_entries(stream)
             if not entries:
                 return written
-            rows, bad = usage_rows(tenant, entries)
-            for entry_id in bad:
-                self.failures["usage_event_invalid"] += 1
-                log.error("usage event %s of %s is malformed; dropped: %r", entry_id, tenant,
-                          dict(entries)[entry_id])
-            if rows:
-                await asyncio.to_thread(self._write, record, rows)
-            ids = [entry_id for entry_id, _ in entries]
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.xack(stream, GROUP, *ids)
-                pipe.xdel(stream, *ids)
-                await pipe.execute()
-            written += len(rows)
+            written += await self._write_entries(record, stream, entries)
             if len(entries) < self.batch:
                 return written
+
+    async def _write_entries(self, record: TenantRecord, stream: str,
+                             entries: Sequence[Entry]) -> int:
+        """One batch: rows committed, then the entries acknowledged and deleted."""
+        tenant = record.config.tenant
+        rows, bad = usage_rows(tenant, entries)
+        for entry_id in bad:
+            self.failures["usage_event_invalid"] += 1
+            log.error("usage event %s of %s is malformed; dropped: %r", entry_id, tenant,
+                      dict(entries)[entry_id])
+        if rows:
+            await asyncio.to_thread(self._write, record, rows)
+        ids = [entry_id for entry_id, _ in entries]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(stream, GROUP, *ids)
+            pipe.xdel(stream, *ids)
+            await pipe.execute()
+        return len(rows)
+
+    async def read_new(self, block_seconds: float) -> dict[str, list[Entry]]:
+        """New events of every writable tenant in ONE XREADGROUP over all their streams,
+        blocking up to `block_seconds` while there are none: by tenant.
+
+        Single-node Redis (as `resp.py`): a Redis Cluster refuses keys of several slots in one
+        command, and each tenant's stream has its own slot (its hash tag)."""
+        streams = await self._streams()
+        if not streams:
+            await asyncio.sleep(block_seconds)
+            return {}
+        read = cast(list[tuple[bytes, list[Entry]]], await self.redis.xreadgroup(
+            GROUP, self.consumer, dict.fromkeys(streams, ">"), count=self.batch,
+            block=max(1, int(block_seconds * 1000))) or [])
+        return {streams[name.decode()]: found for name, found in read if found}
+
+    async def _streams(self) -> dict[str, str]:
+        """The usage stream of every writable tenant (its group created once): by name."""
+        streams: dict[str, str] = {}
+        for tenant in self.store.tenants():
+            record = self.store.get(tenant)
+            if record is None or not self._writable(record):
+                continue
+            stream = usage_stream(tenant)
+            if stream not in self._groups:
+                # First seen by this writer (its start, a new or reloaded tenant): entries a
+                # previous run of this consumer left pending are read back at once.
+                self._unchecked.add(tenant)
+                await self._ensure_group(stream)
+            streams[stream] = tenant
+        return streams
+
+    async def _pending_tenants(self) -> list[str]:
+        """Tenants whose stream has entries pending for any consumer: one pipelined XPENDING
+        (a read) per stream, in one round trip."""
+        tenants = [t for t in self.store.tenants() if usage_stream(t) in self._groups]
+        if not tenants:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for tenant in tenants:
+                pipe.xpending(usage_stream(tenant), GROUP)
+            summaries = await pipe.execute(raise_on_error=False)
+        return [t for t, summary in zip(tenants, summaries, strict=True)
+                if isinstance(summary, dict) and int(summary["pending"])]
 
     def _writable(self, record: TenantRecord) -> bool:
         """Pool tenants always; bridge and silo ones once their record has a DSN."""
@@ -210,22 +264,63 @@ class UsageWriter:
                                  connect_timeout=5) as data_conn:
                 insert_usage(conn, record.config, rows, data_conn)
 
+    async def _guarded(self, tenant: str, work: Awaitable[object]) -> bool:
+        """Run one tenant's batch; False when its entries stay pending (retried later)."""
+        try:
+            await work
+            return True
+        except psycopg.errors.LockNotAvailable:
+            self.failures["usage_gate_busy"] += 1
+            log.info("usage of %s waits: its write gate is held (isolation change)", tenant)
+        except TenantMoved as moved:
+            # The store reloads the config; the batch stays pending until then.
+            self.failures["usage_tenant_moved"] += 1
+            log.info("usage of %s waits for its new location: %s", tenant, moved)
+        except (RedisError, psycopg.Error, OSError):
+            # Postgres or Redis away: the events stay pending in Redis and are
+            # written when it answers again (nothing is acknowledged before commit).
+            self.failures["usage_write_error"] += 1
+            log.exception("writing usage of %s failed; retrying", tenant)
+        return False
+
     async def run(self, interval: float) -> None:
+        """Block on every tenant's stream at once; recover pending entries now and then.
+
+        New events: one XREADGROUP over all streams, blocking up to `interval` (nothing is
+        polled per tenant; an idle writer sends one command per interval, which writes
+        nothing). Pending entries (a batch that failed, a crash, a replica gone): the tenants
+        whose batch failed, and those first seen (start, new tenant), are drained again each
+        `interval`; every `claim_idle_seconds` / 2 (and at start) one pipelined XPENDING finds the streams with pending entries of any
+        consumer, which are drained through XAUTOCLAIM and our own pending history.
+        """
+        retry: set[str] = set()
+        next_sweep = 0.0
+        loop = asyncio.get_running_loop()
         while True:
-            for tenant in self.store.tenants():
-                try:
-                    await self.drain(tenant)
-                except psycopg.errors.LockNotAvailable:
-                    self.failures["usage_gate_busy"] += 1
-                    log.info("usage of %s waits: its write gate is held (isolation change)",
-                             tenant)
-                except TenantMoved as moved:
-                    # The store reloads the config; the batch stays pending until then.
-                    self.failures["usage_tenant_moved"] += 1
-                    log.info("usage of %s waits for its new location: %s", tenant, moved)
-                except (RedisError, psycopg.Error, OSError):
-                    # Postgres or Redis away: the events stay pending in Redis and are
-                    # written when it answers again (nothing is acknowledged before commit).
-                    self.failures["usage_write_error"] += 1
-                    log.exception("writing usage of %s failed; retrying", tenant)
-            await asyncio.sleep(interval)
+            try:
+                if loop.time() >= next_sweep:
+                    next_sweep = loop.time() + max(interval, self.claim_idle_seconds / 2)
+                    await self._streams()  # the groups of tenants new since the last sweep
+                    retry.update(await self._pending_tenants())
+                retry |= self._unchecked
+                self._unchecked.clear()
+                for tenant in sorted(retry):
+                    if await self._guarded(tenant, self.drain(tenant)):
+                        retry.discard(tenant)
+                started = loop.time()
+                for tenant, entries in (await self.read_new(interval)).items():
+                    record = self.store.get(tenant)
+                    if record is None:
+                        continue
+                    # A failed batch stays pending (drained again); a full one may have more
+                    # behind it, which the next read returns at once.
+                    if not await self._guarded(tenant, self._write_entries(
+                            record, usage_stream(tenant), entries)):
+                        retry.add(tenant)
+                if retry and loop.time() - started < interval:
+                    await asyncio.sleep(interval - (loop.time() - started))
+            except (RedisError, OSError):
+                self.failures["usage_write_error"] += 1
+                log.exception("reading usage streams failed; retrying")
+                next_sweep = 0.0
+                await asyncio.sleep(interval)

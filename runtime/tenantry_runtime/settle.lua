@@ -1,12 +1,21 @@
 -- Settlement of one request: drop its hold, charge the real tokens, give back unused
 -- tokens/min, and append the usage event, atomically.
--- KEYS: as admit.lua, plus 9 usage stream, 10 the request's "settled" marker
+-- KEYS: as admit.lua, plus 9 usage stream, 10 the "settled" bucket (a hash of the request ids
+--       settled in the same few seconds; before ARGV[7] existed: a marker key per request)
 -- ARGV: 1 request id, 2 charged tokens, 3 day key ttl s, 4 month key ttl s,
---       5 the usage event (JSON), 6 the marker's ttl s
+--       5 the usage event (JSON), 6 the marker's ttl s (a bucket's: plus its width), 7 "bucket"
 -- Idempotent per request id: a settlement replayed from the spool after Redis ran it (its
--- reply lost) finds the marker, changes nothing and returns -2. Spool lines written before the
+-- reply lost) finds its id, changes nothing and returns -2. Spool lines written before the
 -- marker existed have 9 keys and settle as before.
-if KEYS[10] and not redis.call('SET', KEYS[10], '1', 'NX', 'EX', ARGV[6]) then
+if ARGV[7] then
+  if redis.call('HSETNX', KEYS[10], ARGV[1], 1) == 0 then
+    return -2
+  end
+  -- The bucket's first id sets its lifetime, for all the ids of its few seconds.
+  if redis.call('HLEN', KEYS[10]) == 1 then
+    redis.call('EXPIRE', KEYS[10], ARGV[6])
+  end
+elseif KEYS[10] and not redis.call('SET', KEYS[10], '1', 'NX', 'EX', ARGV[6]) then
   return -2
 end
 local reserved = tonumber(redis.call('HGET', KEYS[7], ARGV[1]) or '-1')
