@@ -290,8 +290,9 @@ class UsageWriter:
         polled per tenant; an idle writer sends one command per interval, which writes
         nothing). Pending entries (a batch that failed, a crash, a replica gone): the tenants
         whose batch failed, and those first seen (start, new tenant), are drained again each
-        `interval`; every `claim_idle_seconds` / 2 (and at start) one pipelined XPENDING finds the streams with pending entries of any
-        consumer, which are drained through XAUTOCLAIM and our own pending history.
+        `interval`; every `claim_idle_seconds` / 2 (and at start) one pipelined XPENDING
+        finds the streams with pending entries of any consumer, which are drained through
+        XAUTOCLAIM and our own pending history.
         """
         retry: set[str] = set()
         next_sweep = 0.0
