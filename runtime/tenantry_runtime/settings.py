@@ -85,7 +85,8 @@ class RuntimeSettings(BaseSettings):
     settled_marker_seconds: int = Field(
         SETTLED_MARKER_TTL_SECONDS, ge=60,
         description="How long a request id stays marked settled in Redis: a spool replay within"
-        " it is never charged twice; each marker costs ~120 bytes of Redis memory."
+        " it is never charged twice; ~35-110 bytes of Redis memory per request (buckets of"
+        " 2 s per tenant, bench/settled_markers.py)."
     )
     price_table: Path | None = Field(
         None, description="A prices.json to use instead of the one shipped with the runtime."

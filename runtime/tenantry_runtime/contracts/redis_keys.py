@@ -84,8 +84,9 @@ class TenantKeys:
         """Every key of the tenant that can exist at `at`, to delete without a SCAN.
 
         Time-bucketed counters expire at the end of their period, so only the neighbouring
-        periods can still be there. Left out: the per-request `settled:<id>` markers, which
-        expire on their own (settled_marker_seconds) and hold nothing but a request id.
+        periods can still be there. Left out: the `settled:b:<bucket>` hashes of settled
+        request ids (and `settled:<id>` markers of older runtimes), which expire on their own
+        (settled_marker_seconds) and hold nothing but request ids.
         """
         fixed = [self.prefix + suffix for suffix in FIXED_SUFFIXES]
         days = [at + timedelta(days=d) for d in (-1, 0, 1)]
