@@ -89,6 +89,10 @@ def test_rotated_deleted_and_recreated_endpoint_secret_reaches_the_runtime(
         assert managers[LABEL_FIELD_MANAGER]["fieldsV1"] == {
             "f:metadata": {"f:labels": {f"f:{LABEL}": {}}}}
         assert managers[LABEL_FIELD_MANAGER]["operation"] == "Apply"
+        # Labelled once: the resyncs (every 3 s here) write nothing more to it.
+        time.sleep(7)
+        assert (get_json(control_plane, "secret", "model-key", "-n", namespace) or {})[
+            "metadata"]["resourceVersion"] == secret["metadata"]["resourceVersion"]
 
         client = anthropic.Anthropic(base_url=runtime.url, api_key=app_key, max_retries=0)
 
