@@ -19,12 +19,13 @@ with that label (a server-side label selector):
 
 The map from a labelled Secret to its tenant is the label itself (and the namespace must be
 that tenant's). Not a kopf index: kopf holds every handler until each index is filled.
+The kopf handlers are in `endpoint_secret_watch.py` (registered by handlers.py): this module
+is imported by the runtime-record step, and importing kopf handlers creates kopf's registry.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -38,7 +39,6 @@ from lightkube.resources.core_v1 import Secret
 
 from .kube import Kube, Tenant, as_dict
 from .model import GROUP, TenantSpec
-from .names import namespace_name
 from .settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,9 @@ POLL_SECONDS = 2.0
 
 # (namespace, Secret name) -> digest of its data, for every labelled Secret the watch has seen:
 # a label-only change (ours) re-reconciles nothing. In memory: rebuilt by the watch's listing.
-_seen: dict[tuple[str, str], str] = {}
+seen_secrets: dict[tuple[str, str], str] = {}
 # Deleted Secrets still referenced, looked for until they are back.
-_missing: dict[tuple[str, str], asyncio.Task[None]] = {}
+missing_secrets: dict[tuple[str, str], asyncio.Task[None]] = {}
 
 
 def data_digest(body: Mapping[str, Any]) -> str:
@@ -94,18 +94,18 @@ async def label_reference(kube: Kube, namespace: str, tenant: str,
         meta = secret.get("metadata") or {}
         current = meta.get("name")
         if (meta.get("labels") or {}).get(LABEL) != tenant:
-            _seen[(namespace, meta["name"])] = data_digest(secret)  # its ADDED is no change
+            seen_secrets[(namespace, meta["name"])] = data_digest(secret)  # its ADDED is no change
             await set_label(kube, namespace, meta["name"], meta["uid"], tenant)
             log.info("tenant %s: endpoint Secret %s/%s labelled %s (watched for changes)",
                      tenant, namespace, meta["name"], LABEL)
-    for ns, name in list(_seen):
+    for ns, name in list(seen_secrets):
         if ns == namespace and name != current:
             await release(kube, namespace, name)
 
 
 async def release(kube: Kube, namespace: str, name: str) -> None:
     live = await kube.get(Secret, name, namespace)
-    _seen.pop((namespace, name), None)
+    seen_secrets.pop((namespace, name), None)
     if live is not None and (live.metadata.labels or {}).get(LABEL):
         await set_label(kube, namespace, name, live.metadata.uid, None)
         log.info("endpoint Secret %s/%s no longer referred to: label %s removed", namespace,
@@ -149,47 +149,4 @@ async def wait_for_secret(kube: Kube, namespace: str, tenant: str, name: str) ->
     except Exception:  # the tenant's resync is the safety net
         log.exception("waiting for endpoint Secret %s/%s failed", namespace, name)
     finally:
-        _missing.pop((namespace, name), None)
-
-
-@kopf.on.startup()
-async def watch_only_labelled_secrets(settings: kopf.OperatorSettings, **_: Any) -> None:
-    # Server-side: the watch lists and streams only the Secrets this module labelled.
-    settings.watching.label_selectors["v1", "secrets"] = LABEL
-
-
-@kopf.on.cleanup()
-async def stop_waiting(**_: Any) -> None:
-    for task in list(_missing.values()):
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-@kopf.on.event("v1", "secrets", labels={LABEL: kopf.PRESENT})
-async def endpoint_secret_event(type: str, name: str, namespace: str | None,
-                                labels: kopf.Labels, body: kopf.Body, memo: kopf.Memo,
-                                **_: Any) -> None:
-    tenant = labels.get(LABEL, "")
-    if namespace is None:
-        return
-    key = (namespace, name)
-    if namespace != namespace_name(tenant, get_settings().namespace_prefix):
-        return  # not a label of ours: a tenant's Secrets are in its own namespace
-    kube: Kube = memo["kube"]
-    if type == "DELETED":
-        _seen.pop(key, None)
-        if await reconcile_for_secret(kube, tenant, name, "deleted") and key not in _missing:
-            _missing[key] = asyncio.create_task(wait_for_secret(kube, namespace, tenant, name))
-        return
-    digest, previous = data_digest(body), _seen.get(key)
-    _seen[key] = digest
-    if not type:  # None: listed at startup: the tenant's own resume reconciles it
-        live = await kube.get(Tenant, tenant)
-        if live is None or referenced_secret(as_dict(live)) != name:
-            await release(kube, namespace, name)
-        return
-    if previous == digest:
-        return  # labels or annotations only (our own label among them)
-    if not await reconcile_for_secret(kube, tenant, name, "changed"):
-        await release(kube, namespace, name)
+        missing_secrets.pop((namespace, name), None)

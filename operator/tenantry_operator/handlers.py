@@ -187,3 +187,6 @@ async def tenant_deleted(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, re
     patch.status["retained"] = {"location": done.summary}
     kopf.info(body, reason="Finalized", message=done.summary)
     METRICS.forget(name)
+
+
+from . import endpoint_secret_watch  # noqa: E402, F401 - registers its handlers
