@@ -40,6 +40,7 @@ from psycopg.conninfo import make_conninfo
 from psycopg_pool import ConnectionPool
 from tenantry_runtime.contracts.database import (
     APP_ROLE,
+    BILLING_TABLES,
     SHARED_SCHEMA,
     TENANT_ID_CONSTRAINT,
     TENANT_SETTING,
@@ -525,6 +526,17 @@ def _ownership_actions(conn: Conn, schema: str) -> list[Action]:
         sql.Identifier(schema, table))) for table in foreign_tables]
 
 
+def _metering_actions(conn: Conn, schema: str) -> list[Action]:
+    """APP_ROLE (the runtime) may insert usage rows into a bridge schema, and nothing else there.
+
+    Only INSERT: ON CONFLICT DO NOTHING needs no more, and the runtime never reads a tenant's
+    bridge tables with its shared role. RLS and the schema's pin still hold it to one tenant.
+    """
+    return [*_acl_actions(conn, "SCHEMA", (schema,), APP_ROLE, {"USAGE"}, SCHEMA_PRIVILEGES),
+            *_acl_actions(conn, "TABLE", (schema, "ai_usage_logs"), APP_ROLE, {"INSERT"},
+                          TABLE_PRIVILEGES)]
+
+
 def _pin_actions(conn: Conn, schema: str, tenant: str) -> list[Action]:
     """CHECK that tenant_id is the tenant's, on every tenant table of its bridge schema.
 
@@ -690,8 +702,10 @@ def _bridge_actions(conn: Conn, tenant: str) -> list[Action]:
     return [
         *_ownership_actions(conn, schema),
         *_acl_actions(conn, "SCHEMA", (schema,), None, (), SCHEMA_PRIVILEGES),
-        # Its copy of the registry is the operator's to write; the tenant may read it.
-        *_grant_actions(conn, schema, role, read_only={"tenants"}),
+        # Its copy of the registry is the operator's to write, its usage and invoices the
+        # platform's (BILLING_TABLES); the tenant may read them.
+        *_grant_actions(conn, schema, role, read_only={"tenants", *BILLING_TABLES}),
+        *_metering_actions(conn, schema),
         *_pin_actions(conn, schema, tenant),
         *_database_actions(conn, database),
         *_acl_actions(conn, "DATABASE", (database,), role, {"CONNECT"}, DATABASE_PRIVILEGES),
