@@ -88,9 +88,11 @@ def usage_rows(tenant: str, entries: Sequence[Entry]) -> tuple[list[UsageRow], l
 
 
 def _insert(conn: psycopg.Connection[Any], schema: str, rows: Sequence[UsageRow]) -> None:
+    # No conflict target: naming one needs SELECT on its columns, and the runtime may only
+    # INSERT into a bridge tenant's usage. The table's one unique key is its primary key
+    # (tenant_id, request_id, created_at), so a re-read batch still lands once.
     statement = sql.SQL(
-        "INSERT INTO {}.ai_usage_logs ({}) VALUES ({}) "
-        "ON CONFLICT (tenant_id, request_id, created_at) DO NOTHING").format(
+        "INSERT INTO {}.ai_usage_logs ({}) VALUES ({}) ON CONFLICT DO NOTHING").format(
         sql.Identifier(validate_identifier(schema)),
         sql.SQL(", ").join(map(sql.Identifier, _COLUMNS)),
         sql.SQL(", ").join(sql.Placeholder() * len(_COLUMNS)))
