@@ -269,6 +269,23 @@ def test_server_dry_run_accepts_the_export(helm: list[str], control_plane: Contr
         control_plane.kubectl("delete", "namespace", namespace, "--wait=false")
 
 
+def test_notes_say_how_to_run_it_now(helm: list[str], control_plane: ControlPlane) -> None:
+    namespace = f"export-{uuid.uuid4().hex[:8]}"
+    control_plane.kubectl("create", "namespace", namespace)
+    try:
+        result = run_helm(helm, "install", "tenantry", str(CHART), "--dry-run=server",
+                          "--take-ownership",  # the example plans other tests applied
+                          f"--kubeconfig={control_plane.kubeconfig}", "--namespace", namespace,
+                          "-f", str(CUSTOM), "--set", f"runtimeNamespace.name={namespace}-rt")
+        assert result.returncode == 0, result.stderr
+    finally:
+        control_plane.kubectl("delete", "namespace", namespace, "--wait=false")
+    notes = result.stdout.split("NOTES:", 1)[1]
+    name = cronjob(render(helm, "-f", str(CUSTOM)))["metadata"]["name"]
+    assert f"Usage export to openmeter: CronJob {name}" in notes
+    assert f"kubectl -n {namespace} create job --from=cronjob/{name} {name}-now" in notes
+
+
 # --------------------------------------------------------------------------------- for real
 
 
