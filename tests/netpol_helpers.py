@@ -34,7 +34,7 @@ class Peer:
 
 
 # (source, destination Pod or an outside address, port, protocol)
-Query = tuple[Peer, "Peer | str", int, str]
+Query = tuple[Peer, Peer | str, int, str]
 NamespaceLabels = Callable[[str], dict[str, str]]
 
 
