@@ -274,6 +274,12 @@ class Pool:
         self._idle: list[_Connection] = []
         self._open = 0  # connections counted against the cap (idle, busy or connecting)
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self.opened = 0  # connections made so far (tests: keep-alive reuse)
+
+    @property
+    def open_connections(self) -> int:
+        """Connections counted against the cap: idle, busy or being made."""
+        return self._open
 
     def encode(self, path: str, headers: Mapping[str, str], body: bytes) -> bytes:
         """Pure: the request's bytes. A header with a line break (a Secret's trailing newline)
@@ -339,7 +345,7 @@ class Pool:
             except BaseException:
                 if waiter.done() and not waiter.cancelled():
                     self._wake_one()  # pass the turn on
-                else:
+                elif waiter in self._waiters:  # not yet passed over by `_wake_one`
                     self._waiters.remove(waiter)
                 raise
         self._open += 1
@@ -359,6 +365,7 @@ class Pool:
         except OSError as error:  # refused, unreachable, reset, TLS (ssl.SSLError)
             raise ConnectionBroken(f"cannot connect to {self._host}:{self._port}: {error}"
                                    ) from error
+        self.opened += 1
         return connection
 
     def _wake_one(self) -> None:
