@@ -6,7 +6,7 @@ Prints requests/s, the ratio to direct and latency p50/p99 for non-streaming and
 each concurrency, CPU per request of each gateway, and RSS per process. Asserts nothing.
 
     .venv/bin/python bench/runtime_overhead.py [--seconds 5] [--concurrency 1,64]
-        [--workers 1,2] [--no-peer] [--keep-logs] [--baseline CHECKOUT]
+        [--workers 1,2] [--no-peer] [--keep-logs] [--baseline CHECKOUT] [--repeat N]
 
 With --baseline, the runtime of another checkout (its `runtime/` first on PYTHONPATH, e.g. a
 worktree of main) runs as `base xN` next to this one, so a change is measured side by side.
@@ -258,6 +258,8 @@ def main() -> None:
                         help="Runtime processes (one uvicorn worker each) to compare.")
     parser.add_argument("--no-peer", action="store_true", help="Skip LiteLLM's proxy.")
     parser.add_argument("--keep-logs", action="store_true", help="Print the servers' log tails.")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="Runs per row, targets taking turns; the median run is shown.")
     parser.add_argument("--baseline", type=Path, default=None,
                         help="Also run this checkout's runtime (as `base xN`), side by side.")
     args = parser.parse_args()
@@ -317,27 +319,32 @@ def main() -> None:
                         "x-api-key": PEER_KEY, "authorization": f"Bearer {PEER_KEY}"},
                         process_tree(process.pid)))
         results = asyncio.run(run_all(targets, levels, args.seconds,
-                                      [psutil.Process(stub.pid)]))
+                                      [psutil.Process(stub.pid)], args.repeat))
         report(targets, results, peer_note)
 
 
 async def run_all(targets: list[Target], levels: list[int], seconds: float,
-                  stub: list[psutil.Process]) -> dict[tuple[str, int, str], Result]:
-    results: dict[tuple[str, int, str], Result] = {}
+                  stub: list[psutil.Process], repeat: int = 1
+                  ) -> dict[tuple[str, int, str], Result]:
+    """Each row `repeat` times, the targets taking turns (so a burst of load elsewhere on
+    the machine hits them alike); the run with the median rate stands for the row."""
+    runs: dict[tuple[str, int, str], list[Result]] = {}
     for stream in (False, True):
         mode = "stream" if stream else "non-stream"
         for concurrency in levels:
-            for target in targets:
-                try:
-                    result = await closed_loop(target, stream, concurrency, seconds, stub)
-                except (OSError, RuntimeError, asyncio.IncompleteReadError) as error:
-                    print(f"  {mode:10} c={concurrency:<3} {target.name:11} failed: "
-                          f"{str(error)[:300]}", file=sys.stderr)
-                    continue
-                results[mode, concurrency, target.name] = result
-                print(f"  {mode:10} c={concurrency:<3} {target.name:11} {result.rate:8.0f} req/s",
-                      file=sys.stderr)
-    return results
+            for _ in range(repeat):
+                for target in targets:
+                    try:
+                        result = await closed_loop(target, stream, concurrency, seconds, stub)
+                    except (OSError, RuntimeError, asyncio.IncompleteReadError) as error:
+                        print(f"  {mode:10} c={concurrency:<3} {target.name:11} failed: "
+                              f"{str(error)[:300]}", file=sys.stderr)
+                        continue
+                    runs.setdefault((mode, concurrency, target.name), []).append(result)
+                    print(f"  {mode:10} c={concurrency:<3} {target.name:11} "
+                          f"{result.rate:8.0f} req/s", file=sys.stderr)
+    return {row: sorted(results, key=lambda r: r.rate)[len(results) // 2]
+            for row, results in runs.items()}
 
 
 def report(targets: list[Target], results: dict[tuple[str, int, str], Result],

@@ -65,7 +65,7 @@ def alerts_call(tenant: str, at: datetime, now: datetime | None = None) -> Scrip
     """Pure (but for the clock): the alerts.lua run `check_alerts` makes; the runtime sends
     it right behind a settlement, in the same write (`Limiter.settle`)."""
     keys, day, month = _script_keys(tenant, at.astimezone(UTC).toordinal())
-    stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = _stamp(int(time.time())) if now is None else now.strftime(STAMP_FORMAT)
     return ScriptCall(ALERTS, keys, [day, month, DAY_CLAIMS_TTL_SECONDS,
                                      MONTH_CLAIMS_TTL_SECONDS, stamp, STREAM_MAX_LENGTH])
 
@@ -74,6 +74,15 @@ def fired_alerts(reply: Any) -> list[tuple[str, int]]:
     """Pure: alerts.lua's reply as (budget, threshold) pairs claimed now."""
     flat = [item.decode() if isinstance(item, bytes) else str(item) for item in reply or []]
     return [(flat[i], int(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+
+STAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
+@lru_cache(maxsize=2)
+def _stamp(unix_second: int) -> str:
+    """When an alert is claimed, formatted once per second (a check per charged request)."""
+    return datetime.fromtimestamp(unix_second, UTC).strftime(STAMP_FORMAT)
 
 
 @lru_cache(maxsize=4096)
