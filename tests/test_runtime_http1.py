@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import ssl
 import struct
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 from runtime_helpers import MODEL, UPSTREAM_KEY, serve
@@ -324,3 +327,42 @@ def test_the_request_bytes_carry_the_endpoints_base_path_and_host() -> None:
         b"POST /v1/x HTTP/1.1\r\nhost: api.anthropic.com\r\n")
     with pytest.raises(ValueError, match="unsupported endpoint URL"):
         Pool("ftp://x", max_connections=1, connect_timeout=1, read_timeout=1)
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (openssl, as on every machine the tests run on)."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+async def test_https_verifies_the_endpoints_certificate(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cert, key = self_signed_certificate(tmp_path)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+
+    async def answer(_: int, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        while await read_request(reader):
+            writer.write(ok(b'{"over": "tls"}'))
+            await writer.drain()
+
+    server = await asyncio.start_server(
+        lambda r, w: answer(0, r, w), "127.0.0.1", 0, ssl=tls)
+    url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        untrusting = pool_for(url)  # the system's CAs: a self-signed certificate is refused
+        with pytest.raises(ConnectionBroken, match="CERTIFICATE_VERIFY_FAILED"):
+            await untrusting.post("/v1/messages", HEADERS, body())
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        trusting = pool_for(url)
+        for _ in range(3):
+            response = await trusting.post("/v1/messages", HEADERS, body())
+            assert await response.read() == b'{"over": "tls"}'
+        assert trusting.opened == 1
+        await trusting.aclose()
+    finally:
+        server.close()
