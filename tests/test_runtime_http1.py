@@ -366,3 +366,26 @@ async def test_https_verifies_the_endpoints_certificate(
         await trusting.aclose()
     finally:
         server.close()
+
+
+async def test_a_large_body_read_whole_and_streamed_past_the_pause_threshold() -> None:
+    large = b"x" * (3 * 2**20)
+
+    async def answer(_: int, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        while await read_request(reader):
+            writer.write(ok(large))
+            await writer.drain()
+
+    async with raw_server(answer) as url:
+        pool = pool_for(url, read_timeout=2.0)
+        whole = await pool.post("/v1/messages", HEADERS, body())
+        assert await whole.read() == large
+        streamed = await pool.post("/v1/messages", HEADERS, body())
+        received = bytearray()
+        async for piece in streamed.chunks():
+            received += piece
+            await asyncio.sleep(0.01)  # a slow consumer: the socket's reading pauses
+        assert bytes(received) == large
+        assert pool.opened == 1
+        await pool.aclose()

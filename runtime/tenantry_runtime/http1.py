@@ -64,6 +64,7 @@ class _Connection(asyncio.Protocol):
         self.error: BaseException | None = None
         self._last_data = 0.0
         self._paused = False
+        self._streaming = False  # read piece by piece (`pieces`): reading may pause
 
     # --- asyncio.Protocol -----------------------------------------------------------------
 
@@ -107,7 +108,8 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
         self.buffered += len(body)
-        if self.buffered > PAUSE_ABOVE_BYTES and not self._paused and self.transport:
+        if (self._streaming and self.buffered > PAUSE_ABOVE_BYTES and not self._paused
+                and self.transport is not None):
             self._paused = True
             self.transport.pause_reading()
 
@@ -142,6 +144,7 @@ class _Connection(asyncio.Protocol):
 
     async def pieces(self) -> AsyncIterator[bytes]:
         """The body as it arrives: what came in since the last piece, joined."""
+        self._streaming = True
         while True:
             if self.body:
                 data = self.body[0] if len(self.body) == 1 else b"".join(self.body)
