@@ -251,7 +251,7 @@ async def test_an_upstream_error_reaches_the_caller_in_anthropics_shape(
     await retrying.aclose()
 
 
-async def test_a_body_that_ends_with_the_connection_and_a_header_with_a_line_break() -> None:
+async def test_informational_answers_a_body_that_ends_with_the_connection_and_bad_headers() -> None:
     requests: list[bytes] = []
 
     async def until_eof(_: int, reader: asyncio.StreamReader,
@@ -262,6 +262,22 @@ async def test_a_body_that_ends_with_the_connection_and_a_header_with_a_line_bre
         await asyncio.sleep(0.05)
         writer.write(b" true}")
         await writer.drain()
+
+    async def hints_first(_: int, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        while await read_request(reader):
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nlink: </a>; rel=preload\r\n\r\n")
+            writer.write(ok(b'{"after": "hints"}'))
+            await writer.drain()
+
+    async with raw_server(hints_first) as url:
+        pool = pool_for(url)
+        for _ in range(2):
+            response = await pool.post("/v1/messages", HEADERS, body())
+            assert response.status == 200 and "link" not in response.headers
+            assert await response.read() == b'{"after": "hints"}'
+        assert pool.opened == 1
+        await pool.aclose()
 
     async with raw_server(until_eof) as url:
         pool = pool_for(url)

@@ -103,7 +103,7 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.status = self._parser.get_status_code()
-        self.head_done = True
+        self.head_done = self.status >= 200  # a 1xx (103 Early Hints) comes before the answer
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
@@ -114,6 +114,9 @@ class _Connection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def on_message_complete(self) -> None:
+        if not self.head_done:  # the end of a 1xx: the answer follows on this connection
+            self.headers = {}
+            return
         self._finish(keep_alive=self._parser.should_keep_alive())
 
     # --- the request ----------------------------------------------------------------------
