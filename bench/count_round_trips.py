@@ -8,12 +8,13 @@ pipeline sent. A checkout is one connection borrowed from a pool.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import runpy
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,13 @@ import psycopg
 import psycopg_pool
 from redis.asyncio.client import Pipeline, Redis
 
-counts: Counter[str] = Counter()
+counts: defaultdict[str, float] = defaultdict(float)  # counts, and sums of milliseconds
 _lock = threading.Lock()
 
 
-def count(name: str) -> None:
+def count(name: str, by: float = 1) -> None:
     with _lock:
-        counts[name] += 1
+        counts[name] += by
 
 
 def patch() -> None:
@@ -52,12 +53,30 @@ def patch() -> None:
     async def counted_command(self: Any, *args: Any, **kwargs: Any) -> Any:
         count("redis_round_trips")
         count(f"redis_{str(args[0]).lower()}" if args else "redis_?")
-        return await redis_command(self, *args, **kwargs)
+        return await redis_command(self, *args, **kwargs)  # type: ignore[no-untyped-call]
 
     async def counted_pipeline(self: Any, *args: Any, **kwargs: Any) -> Any:
         count("redis_round_trips")
         return await redis_pipeline(self, *args, **kwargs)
 
+    to_thread = asyncio.to_thread
+
+    async def timed_to_thread(func: Any, /, *args: Any, **kwargs: Any) -> Any:
+        """Time waiting for a worker thread (the default executor) and running in it."""
+        submitted = time.perf_counter()
+
+        def run() -> Any:
+            started = time.perf_counter()
+            count("thread_wait_ms", (started - submitted) * 1000)
+            try:
+                return func(*args, **kwargs)
+            finally:
+                count("thread_run_ms", (time.perf_counter() - started) * 1000)
+
+        count("thread_calls")
+        return await to_thread(run)
+
+    asyncio.to_thread = timed_to_thread
     psycopg.Connection.wait = counted_wait  # type: ignore[method-assign]
     psycopg_pool.ConnectionPool.getconn = counted_getconn  # type: ignore[method-assign]
     psycopg.Cursor.execute = counted_execute  # type: ignore[method-assign]
@@ -74,13 +93,14 @@ def pool_waits() -> dict[str, int]:
         stats = pool.get_stats()
         totals["pg_pool_wait_ms"] += stats.get("requests_wait_ms", 0)
         totals["pg_pool_queued"] += stats.get("requests_queued", 0)
-    return dict(totals)
+    return {name: round(value) for name, value in totals.items()}
 
 
 def dump(path: Path) -> None:
     while True:
         with _lock:
-            text = json.dumps({**counts, **pool_waits()})
+            text = json.dumps({**{k: round(v, 1) for k, v in counts.items()},
+                               **pool_waits()})
         path.with_suffix(".tmp").write_text(text)
         path.with_suffix(".tmp").replace(path)
         time.sleep(1)
