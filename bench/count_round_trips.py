@@ -8,13 +8,13 @@ pipeline sent. A checkout is one connection borrowed from a pool.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import runpy
 import threading
 import time
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -59,24 +59,26 @@ def patch() -> None:
         count("redis_round_trips")
         return await redis_pipeline(self, *args, **kwargs)
 
-    to_thread = asyncio.to_thread
+    submit = ThreadPoolExecutor.submit
 
-    async def timed_to_thread(func: Any, /, *args: Any, **kwargs: Any) -> Any:
-        """Time waiting for a worker thread (the default executor) and running in it."""
+    def timed_submit(self: ThreadPoolExecutor, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        """Time waiting for a worker thread and running in it, per executor (the database
+        threads are `tenantry-db`; asyncio's default executor has no name)."""
+        name = "db" if (self._thread_name_prefix or "").startswith("tenantry-db") else "default"
         submitted = time.perf_counter()
 
         def run() -> Any:
             started = time.perf_counter()
-            count("thread_wait_ms", (started - submitted) * 1000)
+            count(f"{name}_thread_wait_ms", (started - submitted) * 1000)
             try:
-                return func(*args, **kwargs)
+                return fn(*args, **kwargs)
             finally:
-                count("thread_run_ms", (time.perf_counter() - started) * 1000)
+                count(f"{name}_thread_run_ms", (time.perf_counter() - started) * 1000)
 
-        count("thread_calls")
-        return await to_thread(run)
+        count(f"{name}_thread_calls")
+        return submit(self, run)
 
-    asyncio.to_thread = timed_to_thread
+    ThreadPoolExecutor.submit = timed_submit  # type: ignore[method-assign,assignment]
     psycopg.Connection.wait = counted_wait  # type: ignore[method-assign]
     psycopg_pool.ConnectionPool.getconn = counted_getconn  # type: ignore[method-assign]
     psycopg.Cursor.execute = counted_execute  # type: ignore[method-assign]
