@@ -37,7 +37,7 @@ class StepContext:
     # ensure_runtime_config without a second read.
     live_config_map: Any = None
     # A pool tenant's collection table (or why it could not be made), made by ensure_database
-    # on the connection it used for the registry row (opdb: one checkout per pool tenant).
+    # on the connection it used for the registry row (one checkout per pool tenant).
     pool_collection: str | Exception | None = None
     # The hashes of the tenant's API keys (never the keys), set by ensure_api_keys.
     api_keys: tuple[ApiKeyRecord, ...] = ()
