@@ -21,14 +21,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import contextvars
 import hashlib
 import hmac
 import re
 import threading
 import unicodedata
 from collections.abc import Callable, Collection, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal, LiteralString, TypeVar
@@ -161,7 +159,7 @@ T = TypeVar("T")
 
 
 async def in_database(dsn: str, work: Callable[[Conn], T]) -> T:
-    """Run `work` on an autocommit connection of `dsn`'s pool, in a database thread.
+    """Run `work` on an autocommit connection of `dsn`'s pool, in a worker thread.
 
     Pooled (bench/README.md, operator_scale: a connection per call cost more than the work
     of a settled reconcile). A connection comes back clean: one left in a transaction is
@@ -172,21 +170,17 @@ async def in_database(dsn: str, work: Callable[[Conn], T]) -> T:
         with _pool(dsn).connection() as conn:
             return work(conn)
 
-    context = contextvars.copy_context()  # as asyncio.to_thread does
-    return await asyncio.get_running_loop().run_in_executor(_threads, context.run, run)
+    return await asyncio.to_thread(run)
 
 
 _pools: dict[str, ConnectionPool] = {}
 _pools_lock = threading.Lock()
 # Connections per DSN. A pool tenant's reconcile borrows one once, for a few milliseconds
-# (bench/README.md, operator_scale): 8 serve worker_limit (32) reconciles without queueing
-# (psycopg-pool's wait counters stay near zero), and more would only add Postgres backends
-# competing for 2 cores. Silo pools close idle connections after a minute.
+# (bench/README.md, operator_scale): 8 serve worker_limit (32) reconciles with under 2 ms of
+# waiting per tenant (psycopg-pool's counters; asyncio's default executor, 6 threads on 2
+# cores, runs them), and more would only add Postgres backends competing for 2 cores. Silo
+# pools close idle connections after a minute.
 POOL_MAX_SIZE = 8
-# Database calls run in threads of their own, as many as a pool lends connections: none waits
-# for a thread while a connection is free (the default executor has cores + 4 threads, 6 on 2
-# cores, shared with every other to_thread), and none holds a thread waiting for a connection.
-_threads = ThreadPoolExecutor(max_workers=POOL_MAX_SIZE, thread_name_prefix="tenantry-db")
 
 
 def _pool(dsn: str) -> ConnectionPool:
