@@ -8,7 +8,7 @@ git revision (extracted with `git archive`) against the same servers, and every 
 applied to both in turn, so the columns are side by side. Prints, per phase and worker, RSS,
 RssAnon, RssFile (/proc/<pid>/smaps_rollup) and the peak (VmHWM). Asserts nothing.
 
-    .venv/bin/python bench/runtime_memory.py [--baseline main] [--seconds 5] [--keep-logs]
+    .venv/bin/python bench/runtime_memory.py [--baseline main] [--malloc-arena-max 2] [--seconds 5] [--keep-logs]
 """
 
 from __future__ import annotations
@@ -192,6 +192,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--baseline", default=None,
                         help="A git revision whose runtime runs side by side (e.g. main).")
+    parser.add_argument("--malloc-arena-max", type=int, default=None,
+                        help="Also run this tree with MALLOC_ARENA_MAX set to this.")
     parser.add_argument("--seconds", type=float, default=5.0, help="Length of each burst.")
     parser.add_argument("--keep-logs", action="store_true", help="Print the servers' log tails.")
     args = parser.parse_args()
@@ -212,7 +214,8 @@ def main() -> None:
         password = secrets.token_urlsafe(12)
         tenants = workdir / "tenants"
         tenants.mkdir()
-        names = ["current", *([] if args.baseline is None else ["baseline"])]
+        names = ["current", *([] if args.malloc_arena_max is None else ["arena"]),
+                 *([] if args.baseline is None else ["baseline"])]
         keys = {}
         with psycopg.connect(postgres.dsn("tenantry"), autocommit=True) as admin:
             bootstrap_shared(admin)
@@ -242,7 +245,11 @@ def main() -> None:
                     "TENANTRY_RUNTIME_UPSTREAM_API_KEY": UPSTREAM_KEY,
                     "TENANTRY_RUNTIME_DATABASE_URL": postgres.dsn("tenantry", APP_USER,
                                                                   password),
-                    "TENANTRY_RUNTIME_MAX_CONCURRENT_PER_TENANT": "100000"}))
+                    "TENANTRY_RUNTIME_MAX_CONCURRENT_PER_TENANT": "100000",
+                    # The machine may be busy: a slow Redis answer is no refusal here.
+                    "TENANTRY_RUNTIME_REDIS_TIMEOUT_SECONDS": "10",
+                    **({"MALLOC_ARENA_MAX": str(args.malloc_arena_max)} if name == "arena"
+                       else {})}))
             workers.append(Worker(name, f"http://127.0.0.1:{port}", keys[name],
                                   psutil.Process(process.pid)))
         phases: list[tuple[str, Callable[[Worker], None]]] = [
@@ -267,15 +274,17 @@ def main() -> None:
                 print(f"  {title}: {worker.name} done in {time.monotonic() - started:.1f} s",
                       file=sys.stderr)
             rows.append((title, figures))
-        report(rows, names, args.baseline)
+        labels = {"current": "this tree", "baseline": f"baseline {args.baseline}",
+                  "arena": f"this tree, MALLOC_ARENA_MAX={args.malloc_arena_max}"}
+        report(rows, [(name, labels[name]) for name in names])
 
 
-def report(rows: list[tuple[str, dict[str, dict[str, float]]]], names: list[str],
-           baseline: str | None) -> None:
-    labels = {"current": "this tree", "baseline": f"baseline {baseline}"}
+def report(rows: list[tuple[str, dict[str, dict[str, float]]]],
+           workers: list[tuple[str, str]]) -> None:
+    names = [name for name, _ in workers]
     print("MB per worker process: RSS = RssAnon + RssFile (/proc/<pid>/smaps_rollup); peak = "
           "VmHWM so far")
-    head = f"{'phase':42}" + "".join(f" | {labels[n]:>29}" for n in names)
+    head = f"{'phase':42}" + "".join(f" | {label[-29:]:>29}" for _, label in workers)
     print(head)
     print(f"{'':42}" + "".join(f" | {'RSS':>5} {'anon':>5} {'file':>5} {'peak':>5} {'':5}"
                                for _ in names))

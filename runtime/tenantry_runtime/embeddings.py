@@ -261,6 +261,7 @@ class MiniLMWeights:
     wordpiece: WordPiece
     config: dict[str, Any]
     mapped: mmap.mmap
+    mapped_path: Path
     word_embeddings: Array
     dense: dict[str, NDArray[Any]]  # "<prefix>.weight" -> (in, out), bfloat16 bits or float32
     small: dict[str, Array]  # biases, LayerNorms, position and token type embeddings
@@ -320,17 +321,23 @@ class LocalMiniLM:
         pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
         if not pooling.get("pooling_mode_mean_tokens"):
             raise EmbeddingError(f"{folder}: only mean pooling is implemented")
-        mapped, tensors = read_safetensors(folder / "model.safetensors")
+        path = folder / "model.safetensors"
+        mapped, tensors = read_safetensors(path)
         # Rows are read at random: no read-ahead of neighbouring pages.
         mapped.madvise(mmap.MADV_RANDOM)
         store = to_bfloat16 if self.precision == "bfloat16" else np.ascontiguousarray
-        dense = {name: store(t.T) for name, t in tensors.items()
-                 if name.startswith("encoder.") and t.ndim == 2}
-        small = {name: np.array(t, dtype=np.float32) for name, t in tensors.items()
-                 if name not in dense and name != "embeddings.word_embeddings.weight"}
-        weights = MiniLMWeights(WordPiece.load(folder / "vocab.txt"), config, mapped,
+        dense: dict[str, NDArray[Any]] = {}
+        small: dict[str, Array] = {}
+        for name, tensor in tensors.items():
+            if name.startswith("encoder.") and tensor.ndim == 2:
+                dense[name] = store(tensor.T)
+            elif name != "embeddings.word_embeddings.weight":
+                small[name] = np.array(tensor, dtype=np.float32)
+            # Each copy paged its part of the file in: dropped at once, so that loading
+            # never holds the whole file (90 MB) in this process's RSS.
+            mapped.madvise(mmap.MADV_DONTNEED)
+        weights = MiniLMWeights(WordPiece.load(folder / "vocab.txt"), config, mapped, path,
                                 tensors["embeddings.word_embeddings.weight"], dense, small)
-        weights.release_mapped()  # the copies above paged in the whole file
         return weights
 
     def tokenize(self, text: str) -> list[int]:
