@@ -3,12 +3,14 @@ idle, after chat, after RAG use with the in-process embedding model, and after l
 
 Starts the embedded Postgres (pgvector; the shared schema, one pool tenant with a collection),
 redis-server, the local Messages-API endpoint and `python -m tenantry_runtime` (one uvicorn
-worker, as the chart runs it). With `--baseline REF` a second worker runs the runtime of that
-git revision (extracted with `git archive`) against the same servers, and every phase is
-applied to both in turn, so the columns are side by side. Prints, per phase and worker, RSS,
+worker, as the chart runs it). With `--baseline REF` another worker runs the runtime of that
+git revision (extracted with `git archive`), and with `--malloc-arena-max N` another runs this
+tree with glibc's MALLOC_ARENA_MAX=N, against the same servers; every phase is applied to each
+worker in turn, so the columns are side by side. Prints, per phase and worker, RSS,
 RssAnon, RssFile (/proc/<pid>/smaps_rollup) and the peak (VmHWM). Asserts nothing.
 
-    .venv/bin/python bench/runtime_memory.py [--baseline main] [--malloc-arena-max 2] [--seconds 5] [--keep-logs]
+    .venv/bin/python bench/runtime_memory.py [--baseline main] [--malloc-arena-max 2]
+        [--seconds 5] [--keep-logs]
 """
 
 from __future__ import annotations
