@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, BinaryIO, Literal, Protocol
 
 # One BLAS thread per process, unless the deployment says otherwise: runtime workers already
 # share the cores, and OpenBLAS's own threads made a query 5x slower on a busy 2-core machine
@@ -61,16 +61,17 @@ _DTYPES: dict[str, np.dtype[Any]] = {
     "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "I64": np.dtype("<i8")}
 
 
-def read_safetensors(path: Path) -> tuple[mmap.mmap, dict[str, NDArray[Any]]]:
-    """The mapping of a .safetensors file (read-only, pages shared between workers through the
-    page cache) and its tensors, as views of it. Format: u64 little-endian header length, a
-    JSON header {name: {dtype, shape, data_offsets}}, then the raw little-endian data."""
+def read_safetensors(path: Path) -> tuple[mmap.mmap, dict[str, NDArray[Any]], dict[str, int]]:
+    """The read-only mapping of a .safetensors file, its tensors as views of it, and their
+    offsets in the file. Format: u64 little-endian header length, a JSON header {name: {dtype,
+    shape, data_offsets}}, then the raw little-endian data."""
     with path.open("rb") as file:
         mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
     (length,) = struct.unpack("<Q", mapped[:8])
     header = json.loads(mapped[8:8 + length])
     base = 8 + length
     tensors: dict[str, NDArray[Any]] = {}
+    offsets: dict[str, int] = {}
     for name, spec in header.items():
         if name == "__metadata__":
             continue
@@ -83,9 +84,10 @@ def read_safetensors(path: Path) -> tuple[mmap.mmap, dict[str, NDArray[Any]]]:
         if end - start != count * dtype.itemsize:
             raise EmbeddingError(f"{path.name}: tensor {name} has {end - start} bytes for "
                                  f"shape {spec['shape']}")
+        offsets[name] = base + start
         tensors[name] = np.frombuffer(mapped, dtype=dtype, count=count,
                                       offset=base + start).reshape(spec["shape"])
-    return mapped, tensors
+    return mapped, tensors, offsets
 
 
 # --- BERT uncased tokenizer -------------------------------------------------------------------
@@ -193,8 +195,8 @@ class WordPiece:
 # Tokens per forward pass, and rows per feed-forward slice: they bound the working memory of
 # one pass (~10 MB) whatever the number and length of the texts (a batch of 16 x 256 tokens in
 # one piece took 46 MB more RSS, never given back).
-_PASS_TOKENS = 1024
-_FEED_FORWARD_ROWS = 256
+_PASS_TOKENS = 512
+_FEED_FORWARD_ROWS = 128
 
 Precision = Literal["bfloat16", "float32"]
 
@@ -249,29 +251,55 @@ _MALLOC_TRIM = _malloc_trim()
 
 
 @dataclass(frozen=True)
+class FileRows:
+    """Rows of a matrix in a file, read with pread when a pass needs them: never mapped, so the
+    table takes no RSS (the page cache keeps it, shared by every worker on the node). Read
+    through a mapping instead, each page fault mapped 16 neighbouring pages too: 900 tokens
+    held 31 MB of the 47 MB word embeddings in the process until the pass ended."""
+
+    file: BinaryIO
+    offset: int
+    rows: int
+    dtype: np.dtype[Any]
+    width: int
+
+    def take(self, ids: NDArray[np.int64]) -> Array:
+        unique, inverse = np.unique(ids, return_inverse=True)
+        found = np.empty((len(unique), self.width), dtype=self.dtype)
+        size = self.width * self.dtype.itemsize
+        for at, row in enumerate(unique.tolist()):
+            if not 0 <= row < self.rows or os.preadv(
+                    self.file.fileno(), [found[at]], self.offset + row * size) != size:
+                raise EmbeddingError(f"{self.file.name}: cannot read row {row}")
+        return found.astype(np.float32, copy=False)[inverse]
+
+
+@dataclass(frozen=True)
 class MiniLMWeights:
-    """The loaded model. `word_embeddings` (30,522 x 384 float32, 47 MB) is a view of the
-    memory-mapped file: the rows a pass needs are read through it and the mapping's pages are
-    dropped from the process after each pass (`release_mapped`), so they count in no worker's
-    RSS while idle; the page cache keeps them for the next pass and for every worker. The
-    encoder's dense matrices are private copies, transposed and contiguous (the mapped ones are
-    unaligned, which keeps numpy off BLAS: 25x slower): bfloat16 bits by default (21 MB instead
-    of 43 MB), widened to float32 one matrix at a time, so the arithmetic stays float32."""
+    """The loaded model. The word embeddings (30,522 x 384 float32, 47 MB) stay in the file and
+    are read row by row (`FileRows`). The encoder's dense matrices are private copies,
+    transposed and contiguous (the file's are unaligned, which keeps numpy off BLAS: 25x
+    slower): bfloat16 bits by default (21 MB instead of 43 MB), widened to float32 one matrix
+    at a time, so the arithmetic stays float32."""
 
     wordpiece: WordPiece
     config: dict[str, Any]
-    mapped: mmap.mmap
-    mapped_path: Path
-    word_embeddings: Array
+    words: FileRows
     dense: dict[str, NDArray[Any]]  # "<prefix>.weight" -> (in, out), bfloat16 bits or float32
     small: dict[str, Array]  # biases, LayerNorms, position and token type embeddings
 
-    def matrix(self, name: str) -> Array:
+    def matrix(self, name: str, buffers: dict[tuple[int, ...], Array]) -> Array:
+        """The float32 matrix: widened into the caller's buffer for its shape (valid until the
+        next matrix of that shape; no allocation, no page faults per matrix), or the float32
+        weights themselves."""
         weight = self.dense[name]
-        return from_bfloat16(weight) if weight.dtype == np.uint16 else weight
-
-    def release_mapped(self) -> None:
-        self.mapped.madvise(mmap.MADV_DONTNEED)
+        if weight.dtype != np.uint16:
+            return weight
+        buffer = buffers.get(weight.shape)
+        if buffer is None:
+            buffer = buffers[weight.shape] = np.empty(weight.shape, dtype=np.float32)
+        np.left_shift(weight, 16, out=buffer.view(np.uint32), dtype=np.uint32)
+        return buffer
 
     @property
     def private_bytes(self) -> int:
@@ -322,23 +350,24 @@ class LocalMiniLM:
         if not pooling.get("pooling_mode_mean_tokens"):
             raise EmbeddingError(f"{folder}: only mean pooling is implemented")
         path = folder / "model.safetensors"
-        mapped, tensors = read_safetensors(path)
-        # Rows are read at random: no read-ahead of neighbouring pages.
-        mapped.madvise(mmap.MADV_RANDOM)
+        mapped, tensors, offsets = read_safetensors(path)
         store = to_bfloat16 if self.precision == "bfloat16" else np.ascontiguousarray
         dense: dict[str, NDArray[Any]] = {}
         small: dict[str, Array] = {}
         for name, tensor in tensors.items():
             if name.startswith("encoder.") and tensor.ndim == 2:
                 dense[name] = store(tensor.T)
-            elif name != "embeddings.word_embeddings.weight":
+            elif name != "embeddings.word_embeddings.weight":  # stays in the file
                 small[name] = np.array(tensor, dtype=np.float32)
             # Each copy paged its part of the file in: dropped at once, so that loading
             # never holds the whole file (90 MB) in this process's RSS.
             mapped.madvise(mmap.MADV_DONTNEED)
-        weights = MiniLMWeights(WordPiece.load(folder / "vocab.txt"), config, mapped, path,
-                                tensors["embeddings.word_embeddings.weight"], dense, small)
-        return weights
+        table = tensors.pop("embeddings.word_embeddings.weight")
+        words = FileRows(path.open("rb"), offsets["embeddings.word_embeddings.weight"],
+                         table.shape[0], table.dtype, table.shape[1])
+        del table, tensor, tensors
+        mapped.close()  # fails loudly if any view of the file were kept
+        return MiniLMWeights(WordPiece.load(folder / "vocab.txt"), config, words, dense, small)
 
     def tokenize(self, text: str) -> list[int]:
         return self.load().wordpiece.encode(text, self.max_tokens)
@@ -355,7 +384,6 @@ class LocalMiniLM:
                 for chosen in self._passes(tokens):
                     out[chosen] = self._encode_pass(model, [tokens[n] for n in chosen])
             finally:
-                model.release_mapped()
                 _release_freed_memory()
         return out
 
@@ -385,7 +413,7 @@ class LocalMiniLM:
         bounds = np.cumsum([0, *lengths]).tolist()
         ids = np.fromiter((t for row in batch for t in row), dtype=np.int64, count=bounds[-1])
         positions = np.concatenate([np.arange(n) for n in lengths])
-        x = (model.word_embeddings[ids] + small["embeddings.position_embeddings.weight"][positions]
+        x = (model.words.take(ids) + small["embeddings.position_embeddings.weight"][positions]
              + small["embeddings.token_type_embeddings.weight"][0])
         x = _layer_norm(x, small["embeddings.LayerNorm.weight"],
                         small["embeddings.LayerNorm.bias"], eps)
@@ -393,9 +421,13 @@ class LocalMiniLM:
         head_size = hidden // heads
         scale = np.float32(1.0 / np.sqrt(head_size))
 
-        def dense(value: Array, prefix: str) -> Array:
-            # Weights were transposed at load; one 2-D matmul for all the pass's tokens.
-            out: Array = value @ model.matrix(prefix + ".weight") + small[prefix + ".bias"]
+        buffers: dict[tuple[int, ...], Array] = {}  # one float32 matrix per shape, this pass
+
+        def dense(value: Array, prefix: str, matrix: Array | None = None) -> Array:
+            # Weights were transposed at load; one 2-D matmul for all the given tokens.
+            if matrix is None:
+                matrix = model.matrix(prefix + ".weight", buffers)
+            out: Array = value @ matrix + small[prefix + ".bias"]
             return out
 
         def heads_of(value: Array) -> Array:
@@ -418,11 +450,13 @@ class LocalMiniLM:
             x = _layer_norm(dense(context, p + "attention.output.dense") + x,
                             small[p + "attention.output.LayerNorm.weight"],
                             small[p + "attention.output.LayerNorm.bias"], eps)
+            widen = model.matrix(p + "intermediate.dense.weight", buffers)
+            narrow = model.matrix(p + "output.dense.weight", buffers)
             for at in range(0, len(x), _FEED_FORWARD_ROWS):
                 part = x[at:at + _FEED_FORWARD_ROWS]
-                inner = _gelu(dense(part, p + "intermediate.dense"))
+                inner = _gelu(dense(part, p + "intermediate.dense", widen))
                 x[at:at + _FEED_FORWARD_ROWS] = _layer_norm(
-                    dense(inner, p + "output.dense") + part, small[p + "output.LayerNorm.weight"],
+                    dense(inner, p + "output.dense", narrow) + part, small[p + "output.LayerNorm.weight"],
                     small[p + "output.LayerNorm.bias"], eps)
         pooled = np.stack([x[start:end].mean(axis=0)
                            for start, end in pairwise(bounds)])
