@@ -1,6 +1,6 @@
 """The in-process embedding model's memory layout (bfloat16 dense weights, word embeddings read
-from the file row by row, passes of bounded size) and the
-precision it keeps: its vectors against the float32 model's, and retrieval ranking."""
+from the file row by row, passes of bounded size) and the precision it keeps: its vectors
+against the float32 model's, and retrieval ranking."""
 
 from __future__ import annotations
 

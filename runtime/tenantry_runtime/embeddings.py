@@ -456,8 +456,8 @@ class LocalMiniLM:
                 part = x[at:at + _FEED_FORWARD_ROWS]
                 inner = _gelu(dense(part, p + "intermediate.dense", widen))
                 x[at:at + _FEED_FORWARD_ROWS] = _layer_norm(
-                    dense(inner, p + "output.dense", narrow) + part, small[p + "output.LayerNorm.weight"],
-                    small[p + "output.LayerNorm.bias"], eps)
+                    dense(inner, p + "output.dense", narrow) + part,
+                    small[p + "output.LayerNorm.weight"], small[p + "output.LayerNorm.bias"], eps)
         pooled = np.stack([x[start:end].mean(axis=0)
                            for start, end in pairwise(bounds)])
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)
