@@ -63,6 +63,7 @@ class Stack:
     runs: int = 0
     extra_env: dict[str, str] = field(default_factory=dict)
     profile_dir: Path | None = None
+    count_trips: bool = False
 
 
 @contextmanager
@@ -90,6 +91,10 @@ def start_operator(bench: Stack) -> Process:
     bench.runs += 1
     health = free_port()
     argv: list[str | Path] = [sys.executable, "-m", "tenantry_operator"]
+    trips: dict[str, str] = {}
+    if bench.count_trips:
+        argv[1:] = [Path(__file__).with_name("count_round_trips.py")]
+        trips["TENANTRY_BENCH_TRIPS"] = str(trips_file(bench))
     if bench.profile_dir is not None:
         bench.profile_dir.mkdir(parents=True, exist_ok=True)
         argv[1:1] = ["-m", "cProfile", "-o", bench.profile_dir / f"operator-{bench.runs}.prof"]
@@ -104,6 +109,7 @@ def start_operator(bench: Stack) -> Process:
         # Out of the way: the full resync is measured by a restart instead.
         "TENANTRY_RECONCILE_INTERVAL_SECONDS": "3600",
         "TENANTRY_SILO_DSN_OVERRIDES": json.dumps({SILO: bench.pg.dsn(f"silo_{SILO}")}),
+        **trips,
         **bench.extra_env,
     })
     bench.operator = operator
@@ -119,6 +125,21 @@ def start_operator(bench: Stack) -> Process:
     bench.sampling = True
     threading.Thread(target=sample_rss, args=(bench, operator.pid), daemon=True).start()
     return operator
+
+
+def trips_file(bench: Stack) -> Path:
+    return bench.workdir / f"trips-{bench.runs}.json"
+
+
+def trips_now(bench: Stack) -> collections.Counter[str]:
+    """The running operator's round-trip counters (count_round_trips.py), as last dumped."""
+    time.sleep(1.5)  # the next dump
+    path = trips_file(bench)
+    return collections.Counter(json.loads(path.read_text()) if path.exists() else {})
+
+
+def per_tenant(counts: collections.Counter[str], count: int) -> dict[str, float]:
+    return {name: round(value / count, 2) for name, value in sorted(counts.items())}
 
 
 def stop_operator(bench: Stack) -> None:
@@ -230,6 +251,7 @@ def run_pool(bench: Stack, count: int, concurrency: int) -> dict[str, Any]:
     start_operator(bench)
     bench.peak_rss = 0
     offset, api_before = plane.audit_offset(), plane.write_requests_total()
+    trips_before = trips_now(bench) if bench.count_trips else None
     bodies = [tenant_body(f"t{index:05d}") for index in range(count)]
     say(f"==> {count} pool tenants at once")
     first = time.monotonic()
@@ -252,11 +274,14 @@ def run_pool(bench: Stack, count: int, concurrency: int) -> dict[str, Any]:
         # Robust to a shared machine: the operator's own CPU, not the wall clock.
         "operator_cpu_ms_per_tenant": result_cpu * 1000 / count,
     }
+    if trips_before is not None:
+        result["trips_per_tenant_create"] = per_tenant(trips_now(bench) - trips_before, count)
     # One full resync of the settled state: a restart resumes (reconciles) every tenant.
     stop_operator(bench)
     offset = plane.audit_offset()
     started = time.monotonic()
     operator = start_operator(bench)
+    trips_before = trips_now(bench) if bench.count_trips else None
     wait_until("the resync of every tenant", lambda: log_text(operator).count(
         "Handler 'tenant_changed' succeeded") >= count, operator, max(300.0, count * 0.6))
     result["resync_s"] = time.monotonic() - started
@@ -266,6 +291,8 @@ def run_pool(bench: Stack, count: int, concurrency: int) -> dict[str, Any]:
     result["resync_writes"] = sum(resync.values())
     result["resync_write_kinds"] = dict(resync)
     result["peak_rss_mb"] = max(result["peak_rss_mb"], bench.peak_rss / 2**20)
+    if trips_before is not None:
+        result["trips_per_tenant_resync"] = per_tenant(trips_now(bench) - trips_before, count)
     return result
 
 
@@ -298,6 +325,8 @@ def main() -> None:
     parser.add_argument("--operator-env", nargs="*", default=[], help="KEY=VALUE for the operator")
     parser.add_argument("--profile", type=Path, help="cProfile the operator into this directory")
     parser.add_argument("--no-single", action="store_true", help="skip the bridge and silo runs")
+    parser.add_argument("--count-trips", action="store_true",
+                        help="count Postgres/Redis round trips (bench/count_round_trips.py)")
     parser.add_argument("--keep", type=Path, help="work here and keep it (logs, audit log)")
     args = parser.parse_args()
     extra = dict(item.split("=", 1) for item in args.operator_env)
@@ -305,6 +334,7 @@ def main() -> None:
         root = args.keep or Path(tmp)
         for index, count in enumerate(int(n) for n in args.tenants.split(",")):
             with stack(root / f"run{index}-{count}", extra, args.profile) as bench:
+                bench.count_trips = args.count_trips
                 result = run_pool(bench, count, args.concurrency)
                 if not args.no_single:
                     result["bridge_create_to_ready_s"] = run_single(

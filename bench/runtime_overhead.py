@@ -6,7 +6,10 @@ Prints requests/s, the ratio to direct and latency p50/p99 for non-streaming and
 each concurrency, CPU per request of each gateway, and RSS per process. Asserts nothing.
 
     .venv/bin/python bench/runtime_overhead.py [--seconds 5] [--concurrency 1,64]
-        [--workers 1,2] [--no-peer] [--keep-logs]
+        [--workers 1,2] [--no-peer] [--keep-logs] [--baseline CHECKOUT] [--repeat N]
+
+With --baseline, the runtime of another checkout (its `runtime/` first on PYTHONPATH, e.g. a
+worktree of main) runs as `base xN` next to this one, so a change is measured side by side.
 """
 
 from __future__ import annotations
@@ -222,15 +225,19 @@ def peer_config(workdir: Path, stub_url: str) -> Path:
 
 
 @contextmanager
-def runtimes(count: int, tenants: Path, redis_url: str, stub_url: str,
-             workdir: Path) -> Iterator[list[tuple[str, Process]]]:
-    """`count` runtime processes, one uvicorn worker each, as the chart runs them."""
+def runtimes(count: int, tenants: Path, redis_url: str, stub_url: str, workdir: Path,
+             checkout: Path | None = None) -> Iterator[list[tuple[str, Process]]]:
+    """`count` runtime processes, one uvicorn worker each, as the chart runs them; with
+    `checkout`, that checkout's runtime code instead of this one's."""
+    code = {} if checkout is None else {"PYTHONPATH": os.pathsep.join(
+        str(checkout / part) for part in ("runtime", "operator", "tools"))}
+    label = "runtime" if checkout is None else "base"
     with ExitStack() as stack:
         started = []
         for n in range(count):
             port = free_port()
             process = stack.enter_context(server(
-                f"runtime{count}-{n}",
+                f"{label}{count}-{n}",
                 [sys.executable, "-m", "tenantry_runtime", "--host", "127.0.0.1", "--port",
                  str(port)], port, workdir, env={
                     "TENANTRY_RUNTIME_TENANTS_DIR": str(tenants),
@@ -238,7 +245,7 @@ def runtimes(count: int, tenants: Path, redis_url: str, stub_url: str,
                     "TENANTRY_RUNTIME_UPSTREAM_URL": stub_url,
                     "TENANTRY_RUNTIME_UPSTREAM_API_KEY": UPSTREAM_KEY,
                     # One tenant drives all the load: lift its share of the replica.
-                    "TENANTRY_RUNTIME_MAX_CONCURRENT_PER_TENANT": "100000"}))
+                    "TENANTRY_RUNTIME_MAX_CONCURRENT_PER_TENANT": "100000", **code}))
             started.append((f"http://127.0.0.1:{port}", process))
         yield started
 
@@ -251,6 +258,10 @@ def main() -> None:
                         help="Runtime processes (one uvicorn worker each) to compare.")
     parser.add_argument("--no-peer", action="store_true", help="Skip LiteLLM's proxy.")
     parser.add_argument("--keep-logs", action="store_true", help="Print the servers' log tails.")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="Runs per row, targets taking turns; the median run is shown.")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="Also run this checkout's runtime (as `base xN`), side by side.")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     worker_counts = [int(w) for w in args.workers.split(",")]
@@ -273,12 +284,16 @@ def main() -> None:
             "stub", [sys.executable, "-m", "tenantry_runtime.upstream_stub", "--port",
                      str(stub_port), "--api-key", UPSTREAM_KEY], stub_port, workdir))
         targets = [Target("direct", [stub_url], {"x-api-key": UPSTREAM_KEY}, [])]
+        checkouts: list[tuple[Path | None, str]] = [(None, "runtime")]
+        if args.baseline is not None:
+            checkouts.insert(0, (args.baseline.resolve(), "base"))
         for count in worker_counts:
-            started = stack.enter_context(runtimes(count, tenants, redis_server.url, stub_url,
-                                                   workdir))
-            targets.append(Target(f"runtime x{count}", [url for url, _ in started],
-                                  {"x-api-key": key},
-                                  [psutil.Process(p.pid) for _, p in started]))
+            for checkout, label in checkouts:
+                started = stack.enter_context(runtimes(count, tenants, redis_server.url,
+                                                       stub_url, workdir, checkout))
+                targets.append(Target(f"{label} x{count}", [url for url, _ in started],
+                                      {"x-api-key": key},
+                                      [psutil.Process(p.pid) for _, p in started]))
         peer_note = "LiteLLM: skipped (--no-peer)"
         if not args.no_peer:
             peer = install_peer()
@@ -304,27 +319,32 @@ def main() -> None:
                         "x-api-key": PEER_KEY, "authorization": f"Bearer {PEER_KEY}"},
                         process_tree(process.pid)))
         results = asyncio.run(run_all(targets, levels, args.seconds,
-                                      [psutil.Process(stub.pid)]))
+                                      [psutil.Process(stub.pid)], args.repeat))
         report(targets, results, peer_note)
 
 
 async def run_all(targets: list[Target], levels: list[int], seconds: float,
-                  stub: list[psutil.Process]) -> dict[tuple[str, int, str], Result]:
-    results: dict[tuple[str, int, str], Result] = {}
+                  stub: list[psutil.Process], repeat: int = 1
+                  ) -> dict[tuple[str, int, str], Result]:
+    """Each row `repeat` times, the targets taking turns (so a burst of load elsewhere on
+    the machine hits them alike); the run with the median rate stands for the row."""
+    runs: dict[tuple[str, int, str], list[Result]] = {}
     for stream in (False, True):
         mode = "stream" if stream else "non-stream"
         for concurrency in levels:
-            for target in targets:
-                try:
-                    result = await closed_loop(target, stream, concurrency, seconds, stub)
-                except (OSError, RuntimeError, asyncio.IncompleteReadError) as error:
-                    print(f"  {mode:10} c={concurrency:<3} {target.name:11} failed: "
-                          f"{str(error)[:300]}", file=sys.stderr)
-                    continue
-                results[mode, concurrency, target.name] = result
-                print(f"  {mode:10} c={concurrency:<3} {target.name:11} {result.rate:8.0f} req/s",
-                      file=sys.stderr)
-    return results
+            for _ in range(repeat):
+                for target in targets:
+                    try:
+                        result = await closed_loop(target, stream, concurrency, seconds, stub)
+                    except (OSError, RuntimeError, asyncio.IncompleteReadError) as error:
+                        print(f"  {mode:10} c={concurrency:<3} {target.name:11} failed: "
+                              f"{str(error)[:300]}", file=sys.stderr)
+                        continue
+                    runs.setdefault((mode, concurrency, target.name), []).append(result)
+                    print(f"  {mode:10} c={concurrency:<3} {target.name:11} "
+                          f"{result.rate:8.0f} req/s", file=sys.stderr)
+    return {row: sorted(results, key=lambda r: r.rate)[len(results) // 2]
+            for row, results in runs.items()}
 
 
 def report(targets: list[Target], results: dict[tuple[str, int, str], Result],

@@ -178,9 +178,15 @@ def test_a_bridge_tenants_invoice_lives_in_its_own_schema(db: Db) -> None:
     db.roles.append(bridge_role(tenant))
     dsn = db.postgres.dsn(db.name, bridge_role(tenant), password)
     schema = bridge_schema(tenant)
-    add_row(dsn, tenant, datetime(2026, 9, 5, tzinfo=UTC), "m", 10, "0.125", schema)
-    closed = close(dsn, tenant, date(2026, 9, 1), {}, schema)
+    # The runtime's role meters it; the operator's admin closes its month (the CLI does).
+    add_row(db.app_dsn, tenant, datetime(2026, 9, 5, tzinfo=UTC), "m", 10, "0.125", schema)
+    # Its own login reads its usage and invoices but may not close (write) one.
+    assert invoice_of(dsn, tenant, date(2026, 9, 1), {}, schema).total == Decimal("0.12")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        close(dsn, tenant, date(2026, 9, 1), {}, schema)
+    closed = close(db.admin_dsn, tenant, date(2026, 9, 1), {}, schema)
     assert closed.total == Decimal("0.12")
+    assert invoice_of(dsn, tenant, date(2026, 9, 1), {}, schema) == closed
     with psycopg.connect(db.admin_dsn, autocommit=True) as conn:
         assert conn.execute(f"SELECT tenant_id, total FROM {schema}.billing_invoices"  # noqa: S608
                             ).fetchall() == [(tenant, Decimal("0.120000"))]

@@ -68,8 +68,9 @@ def render(helm: list[str], *args: str, release: str = RELEASE,
 
 
 # The runtime, the evaluation mode's data stores and the TenantPlans have tests of their own
-# (tests/test_chart_platform.py); the tests here look at the operator's objects.
-NOT_OPERATOR_COMPONENTS = {"runtime", "postgres", "redis"}
+# (tests/test_chart_platform.py), as has the usage export (tests/test_chart_export.py); the
+# tests here look at the operator's objects.
+NOT_OPERATOR_COMPONENTS = {"runtime", "postgres", "redis", "usage-export"}
 
 
 def operator_part(docs: list[Manifest]) -> list[Manifest]:

@@ -143,10 +143,13 @@ def literal_env(deployment: Manifest) -> dict[str, str]:
 
 
 def chart_env(deployment: Manifest, **overrides: str) -> dict[str, str]:
+    return container_env(deployment["spec"]["template"]["spec"]["containers"][0], **overrides)
+
+
+def container_env(container: Manifest, **overrides: str) -> dict[str, str]:
     """The container's literal env as the chart renders it; `overrides` stand in for what a
     Pod would get from Secrets and the downward API (and for ports and paths of this machine).
     Every variable the chart takes from elsewhere must be given, so none is forgotten."""
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
     env: dict[str, str] = {}
     for entry in container["env"]:
         if "value" in entry:

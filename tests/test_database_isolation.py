@@ -41,8 +41,11 @@ from tenantry_operator.database import (
     shared_embeddings_table,
     tenant_tables,
 )
+from tenantry_runtime.billing.invoices import close_invoice
+from tenantry_runtime.billing.terms import BillingTerms
 from tenantry_runtime.contracts.database import (
     APP_ROLE,
+    BILLING_TABLES,
     InvalidTenantId,
     bridge_role,
     bridge_schema,
@@ -389,6 +392,69 @@ def test_a_bridge_role_cannot_grant_its_tables_on(world: World) -> None:
         conn.execute(q("GRANT ALL ON {t} TO {r}", t=table, r=APP_ROLE))
     assert scalar(world.admin, "SELECT relacl::text FROM pg_class WHERE oid = %s::regclass",
                   (table,)) == acl
+
+
+# --- a bridge tenant's usage and invoices: the platform's record, not the tenant's -----------
+
+
+@pytest.mark.parametrize("table", BILLING_TABLES)
+@pytest.mark.parametrize("statement", [
+    "INSERT", "UPDATE {t} SET tenant_id = tenant_id", "DELETE FROM {t}", "TRUNCATE {t}",
+    "LOCK TABLE {t} IN SHARE ROW EXCLUSIVE MODE", "SELECT * FROM {t} FOR UPDATE",
+])
+def test_a_bridge_login_reads_its_usage_and_invoices_but_cannot_write_them(
+        world: World, table: str, statement: str) -> None:
+    """Its password is in a Secret of its namespace: were the rows writable, it could delete
+    its usage, or insert a request's row before the runtime does (ON CONFLICT DO NOTHING keeps
+    the first) or next month's invoice at zero."""
+    schema = bridge_schema(world.c)
+    with world.bridge(world.c) as conn:
+        with tenant_transaction(conn, world.c):
+            conn.execute(q("SELECT count(*) FROM {t}", t=f"{schema}.{table}"))
+        query = (sql.SQL(INSERTS[table]).format(s=sql.Identifier(schema))
+                 if statement == "INSERT" else q(statement, t=f"{schema}.{table}"))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege), \
+                tenant_transaction(conn, world.c):
+            conn.execute(query, {"t": world.c, "at": datetime.now(UTC)})
+
+
+def test_the_runtime_role_meters_into_a_bridge_schema_and_reads_nothing_there(
+        world: World) -> None:
+    schema = bridge_schema(world.c)
+    before = world.count(f"{schema}.ai_usage_logs", world.c)
+    with world.app() as app:
+        row = (world.c, "req-metered", datetime.now(UTC), "m", 5)
+        for _ in range(2):  # the runtime's statement: a batch read twice lands once
+            with tenant_transaction(app, world.c):
+                app.execute(q("INSERT INTO {t} (tenant_id, request_id, created_at, model,"
+                              " input_tokens) VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                              t=f"{schema}.ai_usage_logs"), row)
+        assert world.count(f"{schema}.ai_usage_logs", world.c) == before + 1
+        # Another tenant's row in c's schema: refused by the schema's pin (and RLS).
+        with pytest.raises(psycopg.errors.CheckViolation, match="tenant_id_pinned"), \
+                tenant_transaction(app, world.d):
+            insert(app, schema, "ai_usage_logs", world.d)
+        for statement in ("SELECT * FROM {t}.ai_usage_logs", "SELECT * FROM {t}.documents",
+                          "UPDATE {t}.ai_usage_logs SET model = 'x'",
+                          "DELETE FROM {t}.ai_usage_logs", "SELECT * FROM {t}.billing_invoices"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege), \
+                    tenant_transaction(app, world.c):
+                app.execute(q(statement, t=schema))
+
+
+def test_a_bridge_login_cannot_stall_closing_invoices(world: World) -> None:
+    """The closer's table lock conflicts with nothing a read-only login can hold."""
+    schema = bridge_schema(world.c)
+    terms = BillingTerms.from_plan({})
+    with world.bridge(world.c) as conn, tenant_transaction(conn, world.c):
+        conn.execute(q("LOCK TABLE {t} IN ACCESS SHARE MODE", t=f"{schema}.billing_invoices"))
+        conn.execute(q("SELECT * FROM {t}", t=f"{schema}.billing_invoices")).fetchall()
+        conn.execute("SELECT pg_advisory_lock(hashtext('tenantry-billing:' || %s))",
+                     (world.c,))
+        with connect(world.pg, world.db) as admin, tenant_transaction(admin, world.c):
+            admin.execute("SET LOCAL lock_timeout = '5s'")
+            invoice = close_invoice(admin, schema, world.c, date(2001, 1, 1), terms)
+        assert invoice.status == "closed"
 
 
 def test_a_wrong_password_is_refused(world: World) -> None:

@@ -8,20 +8,16 @@ and a few outside addresses, whether the traffic is allowed. The analyzer is run
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import netpol_helpers
 import pytest
 import yaml
+from netpol_helpers import Peer, cyclonus_fixture  # noqa: F401 - the `cyclonus` fixture
 from tenantry_operator import builders, guardrails
 from tenantry_operator.model import PlanSpec, TenantSpec, effective_spec
 
-BUILD_SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "controlplane" / "build.sh"
 RUNTIME_NS = "tenantry-runtime"
 OPERATOR_NS = "tenantry-operator"
 INGRESS_NS = "ingress-nginx"  # allowed into tenant alpha only
@@ -37,16 +33,6 @@ BRAVO = effective_spec("bravo", "uid-b", 1, TenantSpec.from_body({
     "planRef": {"name": "p"}, "isolation": "silo", "database": {"storage": {"size": "1Gi"}},
     "network": {"allowIngressFromNamespaces": ["tenant-alpha"],
                 "allowEgressCIDRs": ["0.0.0.0/0"]}}), PLAN)
-
-
-@dataclass(frozen=True)
-class Peer:
-    name: str
-    namespace: str
-    labels: dict[str, str]
-    ip: str
-    port: int
-    protocol: str = "TCP"
 
 
 def namespace_labels(name: str) -> dict[str, str]:
@@ -108,50 +94,14 @@ def rendered_policies(directory: Path) -> Path:
         if m["kind"] == "NetworkPolicy"]
     assert {p["metadata"]["name"] for p in policies if p["metadata"]["namespace"]
             == "tenant-bravo"} >= {guardrails.POLICY_SILO_DATABASE}
-    path = directory / "policies"
-    path.mkdir()
-    for policy in policies:  # one object per file: the analyzer reads the first of a stream
-        meta = policy["metadata"]
-        (path / f"{meta['namespace']}.{meta['name']}.yaml").write_text(yaml.safe_dump(policy))
-    return path
-
-
-def peer_json(pod: Peer | str) -> dict[str, Any]:
-    if isinstance(pod, str):  # an address outside the cluster
-        return {"Internal": None, "IP": pod}
-    return {"Internal": {"PodLabels": pod.labels, "Namespace": pod.namespace,
-                         "NamespaceLabels": namespace_labels(pod.namespace)}, "IP": pod.ip}
-
-
-def traffic(source: Peer, destination: Peer | str, port: int, protocol: str) -> dict[str, Any]:
-    return {"Source": peer_json(source), "Destination": peer_json(destination),
-            "Protocol": protocol, "ResolvedPort": port, "ResolvedPortName": ""}
-
-
-@pytest.fixture(scope="module")
-def cyclonus() -> str:
-    built = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True,
-                           check=False)
-    assert built.returncode == 0, f"{BUILD_SCRIPT} failed:\n{built.stderr[-4000:]}"
-    binary = Path(built.stdout.strip().splitlines()[-1]) / "cyclonus"
-    assert binary.is_file() and os.access(binary, os.X_OK), f"build.sh left no cyclonus at {binary}"
-    return str(binary)
+    return netpol_helpers.write_policies(directory, policies)
 
 
 def analyze(cyclonus: str, directory: Path,
             queries: list[tuple[Peer, Peer | str, int, str]]) -> list[bool]:
     """The analyzer's verdict on each (source, destination, port, protocol), in order."""
-    traffic_file = directory / "traffic.json"
-    traffic_file.write_text(json.dumps([traffic(*q) for q in queries]))
-    result = subprocess.run(
-        [cyclonus, "analyze", "--mode", "query-traffic", "--policy-path",
-         str(rendered_policies(directory)), "--traffic-path", str(traffic_file)],
-        capture_output=True, text=True, check=False, timeout=120)
-    assert result.returncode == 0, result.stderr[-4000:]
-    # One table per query, its footer reads "IS ALLOWED? | TRUE" (or FALSE).
-    verdicts = re.findall(r"IS ALLOWED\?\s*\|\s*(TRUE|FALSE)", result.stdout)
-    assert len(verdicts) == len(queries), result.stdout[-4000:]
-    return [v == "TRUE" for v in verdicts]
+    return netpol_helpers.analyze(cyclonus, rendered_policies(directory), directory, queries,
+                                  namespace_labels)
 
 
 @pytest.fixture(scope="module")

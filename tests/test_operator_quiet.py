@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import time
 from collections.abc import Iterable, Iterator
@@ -24,7 +25,7 @@ from tenantry_devenv.services import Postgres
 from tenantry_devenv.services import Redis as RedisServer
 from tenantry_operator.kube import Kube, Tenant, as_dict
 from tenantry_operator.pipeline import reconcile_steps
-from tenantry_operator.reconcile import reconcile_tenant
+from tenantry_operator.reconcile import Settled, reconcile_tenant
 from tenantry_operator.settings import get_settings
 from tenantry_runtime.contracts.redis_keys import TenantKeys
 
@@ -211,6 +212,41 @@ def test_conditions_and_events_tell_the_story(control_plane: ControlPlane) -> No
     assert len(events_of(control_plane, name)) == count  # no transition, no Event
     delete_tenant(control_plane, name)
     control_plane.kubectl("delete", "tenantplan", plan)
+
+
+async def reconcile_in_order(name: str) -> list[Settled]:
+    """Reconcile a Ready tenant twice in one loop: first from its live body, then from a stale
+    copy whose conditions predate its plan (what a handler queued behind the plan's roll-out
+    holds when it gets the lock)."""
+    kube = Kube.from_env()
+    try:
+        live = as_dict(await kube.get(Tenant, name))
+        stale = copy.deepcopy(live)
+        for cond in stale["status"]["conditions"]:
+            if cond["type"] in ("PlanResolved", "Ready"):
+                cond.update(status="False", reason="PlanNotFound",
+                            lastTransitionTime="2020-01-01T00:00:00Z")
+        return [await reconcile_tenant(body, kube, get_settings(), reconcile_steps())
+                for body in (live, stale)]
+    finally:
+        await kube.close()
+
+
+def test_a_reconcile_from_a_stale_body_stamps_no_transition_twice(
+        control_plane: ControlPlane) -> None:
+    name = "qstale"
+    apply_tenant(control_plane, name, deletionPolicy="Delete")
+    ready = wait_ready_for(control_plane, name)
+    stamps = {c["type"]: c["lastTransitionTime"] for c in ready["conditions"]}
+    time.sleep(1.1)  # a second stamp would differ
+    first, second = asyncio.run(reconcile_in_order(name))
+    assert (first.status_patch, first.events) == ({}, [])
+    # The stale body's conditions are replaced by those just computed: no second Ready Event,
+    # and the patch (still against the stale body) writes the times they already have.
+    assert second.events == []
+    assert {c["type"]: c["lastTransitionTime"] for c in second.status_patch["conditions"]
+            if c["type"] in stamps} == stamps
+    delete_tenant(control_plane, name)
 
 
 def test_a_plan_edit_reaches_the_tenants_limits_within_seconds(

@@ -7,7 +7,12 @@ import base64
 import time
 
 import pytest
-from tenantry_operator.conditions import Transition, status_changes, transitions
+from tenantry_operator.conditions import (
+    Transition,
+    latest_conditions,
+    status_changes,
+    transitions,
+)
 from tenantry_operator.kube import APPLIED_HASH_ANNOTATION, contains, stamped, up_to_date
 from tenantry_operator.plans import roll_out, start_offsets
 
@@ -131,3 +136,15 @@ async def test_roll_out_is_rate_limited(per_second: float) -> None:
 
     await roll_out("p", [f"t{i}" for i in range(5)], reconcile, per_second, concurrency=10)
     assert starts[-1] - starts[0] >= 4 / per_second * 0.9
+
+
+def test_latest_conditions_take_each_type_from_the_last_computation() -> None:
+    stored = [{"type": "Ready", "status": "False", "lastTransitionTime": "t0"},
+              {"type": "BudgetAlert", "status": "True", "lastTransitionTime": "t0"}]
+    computed = [{"type": "Ready", "status": "True", "lastTransitionTime": "t1"},
+                {"type": "PlanResolved", "status": "True", "lastTransitionTime": "t1"}]
+    assert sorted(latest_conditions(stored, computed), key=lambda c: c["type"]) == [
+        {"type": "BudgetAlert", "status": "True", "lastTransitionTime": "t0"},
+        {"type": "PlanResolved", "status": "True", "lastTransitionTime": "t1"},
+        {"type": "Ready", "status": "True", "lastTransitionTime": "t1"}]
+    assert latest_conditions(stored, []) == stored

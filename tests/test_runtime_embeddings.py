@@ -65,8 +65,8 @@ def test_tokenizer_is_bert_uncased() -> None:
     assert MODEL.tokenize("It's so sunny outside!") == [
         101, 2009, 1005, 1055, 2061, 11559, 2648, 999, 102]
     assert basic_tokens("Café RÉSUMÉ,東京\tok") == ["cafe", "resume", ",", "東", "京", "ok"]
-    vocab = MODEL.load()[0].vocab
-    assert [vocab[p] for p in MODEL.load()[0].pieces("embeddings")] == [
+    vocab = MODEL.load().wordpiece.vocab
+    assert [vocab[p] for p in MODEL.load().wordpiece.pieces("embeddings")] == [
         vocab["em"], vocab["##bed"], vocab["##ding"], vocab["##s"]]
     long = MODEL.tokenize("word " * 1000)
     assert len(long) == 256 and long[0] == 101 and long[-1] == 102

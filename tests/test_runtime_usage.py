@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -131,6 +132,18 @@ def test_0005_adds_the_billing_columns_everywhere_and_can_run_twice(shared: Shar
 # --- metering into the tenant's own tables ----------------------------------------------------
 
 
+@contextmanager
+def silo_database(shared: Shared, tenant: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A migrated database standing in for a silo's (its DSN), and the tenant's location."""
+    with connect(shared.postgres, shared.name) as conn:
+        ensure_pool_tenant(conn, tenant, "silo")  # the registry row: the gate, in the SHARED db
+    with scratch_database(shared.postgres, "silo") as silo_db:
+        with connect(shared.postgres, silo_db) as conn:
+            migrate(conn, "tenantry")
+        yield shared.postgres.dsn(silo_db), {"isolation": "silo", "database": DatabaseLocation(
+            kind="dedicated", schema_name="tenantry", database=silo_db)}
+
+
 def check_row(row: dict[str, Any], event: dict[str, Any]) -> None:
     assert row["cost"] == Decimal(event["cost"]) and row["cost"] > 0
     assert (row["currency"], row["price_version"]) == (event["currency"],
@@ -190,15 +203,9 @@ def test_silo_usage_lands_in_its_own_database_while_the_shared_gate_is_free(
         shared: Shared, redis_server: Any, upstream_stub: tuple[str, object],
         tmp_path: Path) -> None:
     silo = unique("usgsilo")
-    with connect(shared.postgres, shared.name) as conn:
-        ensure_pool_tenant(conn, silo, "silo")  # the registry row: the gate, in the SHARED db
-    with scratch_database(shared.postgres, "silo") as silo_db:
-        with connect(shared.postgres, silo_db) as conn:
-            migrate(conn, "tenantry")
-        silo_dsn = shared.postgres.dsn(silo_db)
+    with silo_database(shared, silo) as (silo_dsn, location):
         with running_app(tmp_path, redis_server.url, upstream_stub[0], shared.app_dsn) as app:
-            app.server.add_tenant(silo, isolation="silo", database=DatabaseLocation(
-                kind="dedicated", schema_name="tenantry", database=silo_db))
+            app.server.add_tenant(silo, **location)
             with_dsn(app, silo, silo_dsn)
             pool = unique("usgbeside")
             shared.pool_tenant(pool)
@@ -224,22 +231,38 @@ def test_silo_usage_lands_in_its_own_database_while_the_shared_gate_is_free(
         assert rows_in(shared.admin_dsn, "tenantry", silo) == []
 
 
-async def test_a_bridge_tenant_without_credentials_keeps_its_usage_in_redis(
+def test_a_bridge_tenants_usage_needs_no_login_of_its_own(
         shared: Shared, redis_server: Any, upstream_stub: tuple[str, object],
         tmp_path: Path) -> None:
+    """The runtime's role meters a bridge tenant (its own login may only read usage)."""
     bridge = unique("usgnodsn")
-    bridge_dsn = shared.bridge_tenant(bridge)
+    shared.bridge_tenant(bridge)
     with running_app(tmp_path, redis_server.url, upstream_stub[0], shared.app_dsn) as app:
         app.server.add_tenant(bridge, **bridge_location(bridge))
-        request_id = app.call(bridge, "waits")
-        wait_for(lambda: app.server.app.state.runtime.writer.failures[
-            "usage_no_database_credentials"] > 0, 10, "the writer to see the tenant")
-        assert rows_in(shared.admin_dsn, bridge_schema(bridge), bridge) == []
-        with_dsn(app, bridge, bridge_dsn)
+        assert app.server.record(bridge).database_dsn is None
+        request_id = app.call(bridge, "metered")
         wait_for(lambda: rows_in(shared.admin_dsn, bridge_schema(bridge), bridge), 15,
-                 "the row once the DSN is known")
+                 "the bridge row")
+        assert app.server.app.state.runtime.writer.failures[
+            "usage_no_database_credentials"] == 0
     assert [r["request_id"] for r in rows_in(shared.admin_dsn, bridge_schema(bridge),
                                              bridge)] == [request_id]
+
+
+async def test_a_silo_tenant_without_credentials_keeps_its_usage_in_redis(
+        shared: Shared, redis_server: Any, upstream_stub: tuple[str, object],
+        tmp_path: Path) -> None:
+    silo = unique("usgsilonodsn")
+    with silo_database(shared, silo) as (silo_dsn, location), \
+            running_app(tmp_path, redis_server.url, upstream_stub[0], shared.app_dsn) as app:
+        app.server.add_tenant(silo, **location)
+        request_id = app.call(silo, "waits")
+        wait_for(lambda: app.server.app.state.runtime.writer.failures[
+            "usage_no_database_credentials"] > 0, 10, "the writer to see the tenant")
+        assert rows_in(silo_dsn, "tenantry", silo) == []
+        with_dsn(app, silo, silo_dsn)
+        wait_for(lambda: rows_in(silo_dsn, "tenantry", silo), 15, "the row once the DSN is known")
+        assert [r["request_id"] for r in rows_in(silo_dsn, "tenantry", silo)] == [request_id]
 
 
 # --- Postgres down ----------------------------------------------------------------------------
@@ -248,22 +271,24 @@ async def test_a_bridge_tenant_without_credentials_keeps_its_usage_in_redis(
 def test_postgres_down_chat_goes_on_usage_waits_in_redis_then_lands_once(
         shared: Shared, redis_server: Any, upstream_stub: tuple[str, object],
         tmp_path: Path) -> None:
-    pool, bridge = unique("usgpgpool"), unique("usgpgbridge")
+    pool, silo = unique("usgpgpool"), unique("usgpgsilo")
     shared.pool_tenant(pool)
-    bridge_dsn = shared.bridge_tenant(bridge)
     closed = f"postgresql://x:y@127.0.0.1:{free_port()}/none"
-    # The bridge tenant's database is unreachable (its DSN points at a closed port) ...
-    with running_app(tmp_path, redis_server.url, upstream_stub[0], shared.app_dsn) as app:
-        app.server.add_tenant(bridge, **bridge_location(bridge))
-        with_dsn(app, bridge, closed)
-        ids = [app.call(bridge, f"while down {n}", stream=bool(n % 2)) for n in range(3)]
+    # The silo tenant's database is unreachable (its DSN points at a closed port) ...
+    with silo_database(shared, silo) as (silo_dsn, location), \
+            running_app(tmp_path, redis_server.url, upstream_stub[0], shared.app_dsn) as app:
+        app.server.add_tenant(silo, **location)
+        with_dsn(app, silo, closed)
+        ids = [app.call(silo, f"while down {n}", stream=bool(n % 2)) for n in range(3)]
         writer = app.server.app.state.runtime.writer
         wait_for(lambda: writer.failures["usage_write_error"] >= 2, 10, "failed writes")
-        assert len(usage_events(redis_server.url, bridge)) == 3  # all kept in Redis
+        assert len(usage_events(redis_server.url, silo)) == 3  # all kept in Redis
         # ... and comes back: the same events land, once each.
-        with_dsn(app, bridge, bridge_dsn)
-        wait_for(lambda: len(rows_in(shared.admin_dsn, bridge_schema(bridge), bridge)) == 3,
-                 15, "the bridge rows after recovery")
+        with_dsn(app, silo, silo_dsn)
+        wait_for(lambda: len(rows_in(silo_dsn, "tenantry", silo)) == 3, 15,
+                 "the silo rows after recovery")
+        found = rows_in(silo_dsn, "tenantry", silo)
+        assert sorted(r["request_id"] for r in found) == sorted(ids)
     # The whole shared database unreachable: chat still answers, on the cached config.
     with running_app(tmp_path, redis_server.url, upstream_stub[0], closed) as app:
         app.server.add_tenant(pool)
@@ -280,8 +305,6 @@ def test_postgres_down_chat_goes_on_usage_waits_in_redis_then_lands_once(
                  "the pool rows after recovery")
     assert sorted(r["request_id"] for r in rows_in(shared.admin_dsn, "tenantry", pool)) == \
         sorted(pool_ids)
-    found = rows_in(shared.admin_dsn, bridge_schema(bridge), bridge)
-    assert sorted(r["request_id"] for r in found) == sorted(ids)
 
 
 # --- GET /v1/usage ----------------------------------------------------------------------------

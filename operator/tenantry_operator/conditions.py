@@ -48,6 +48,20 @@ def merge_conditions(
     return sorted(by_type.values(), key=lambda c: (c["type"] != "Ready", c["type"]))
 
 
+def latest_conditions(
+    stored: Sequence[Mapping[str, Any]], computed: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """Pure: the stored conditions, each replaced by the one computed last, if any.
+
+    A reconcile that waited for the tenant's lock holds a body from before the reconcile it
+    waited for, whose status may not even be written yet: compared with those stale
+    conditions, its own would look like transitions again (a second stamp, a second Event).
+    """
+    latest = {c["type"]: dict(c) for c in stored}
+    latest.update({c["type"]: dict(c) for c in computed})
+    return list(latest.values())
+
+
 def ready_condition(steps: Sequence[Condition]) -> Condition:
     """Ready summarises the step conditions: true only when every step is."""
     failing = [c for c in steps if not c.ok]

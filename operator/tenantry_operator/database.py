@@ -27,6 +27,7 @@ import re
 import threading
 import unicodedata
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal, LiteralString, TypeVar
 from uuid import UUID
@@ -40,6 +41,7 @@ from psycopg.conninfo import make_conninfo
 from psycopg_pool import ConnectionPool
 from tenantry_runtime.contracts.database import (
     APP_ROLE,
+    BILLING_TABLES,
     SHARED_SCHEMA,
     TENANT_ID_CONSTRAINT,
     TENANT_SETTING,
@@ -65,7 +67,9 @@ __all__ = [
     "ROLE_REGISTRY",
     "SCHEMA_EMBEDDINGS",
     "CollectionMismatch",
+    "CollectionRequest",
     "IsolationLowered",
+    "PoolTenant",
     "RoleDropError",
     "UnmanagedRole",
     "bootstrap_shared",
@@ -77,6 +81,7 @@ __all__ = [
     "ensure_pool_tenant",
     "grant_app_role",
     "pool_index_name",
+    "provision_pool_tenant",
     "retain_tenant",
     "search_collection",
     "search_sql",
@@ -122,17 +127,33 @@ DML_PRIVILEGES = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE"})
 _SCRAM_VERIFIER = re.compile(
     r"^SCRAM-SHA-256\$(\d+):([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+):([A-Za-z0-9+/=]+)$")
 AclKind = Literal["DATABASE", "SCHEMA", "TABLE"]
-# An ACL is read from the object's catalog row, with the built-in default when it is NULL.
+# An ACL is read from the object's catalog row, with the built-in default when it is NULL;
+# the parameters are the object's (schema and) name.
 _ACL_SOURCE: dict[AclKind, LiteralString] = {
     "DATABASE": "SELECT coalesce(datacl, acldefault('d', datdba)), datdba FROM pg_database"
-                " WHERE datname = %(name)s",
+                " WHERE datname = %s",
     "SCHEMA": "SELECT coalesce(nspacl, acldefault('n', nspowner)), nspowner FROM pg_namespace"
-              " WHERE nspname = %(name)s",
+              " WHERE nspname = %s",
     "TABLE": "SELECT coalesce(c.relacl, acldefault('r', c.relowner)), c.relowner FROM pg_class c"
              " JOIN pg_namespace n ON n.oid = c.relnamespace"
-             " WHERE n.nspname = %(schema)s AND c.relname = %(name)s",
+             " WHERE n.nspname = %s AND c.relname = %s",
 }
 Action = Callable[[], object]
+
+
+@dataclass(frozen=True)
+class Check:
+    """A read-only SQL expression with its positional parameters. Several go to the server as
+    one SELECT (`ask`): a settled reconcile costs one round trip, not one per check."""
+
+    expr: sql.Composable
+    params: list[Any] = field(default_factory=list)
+
+
+def ask(conn: Conn, *checks: Check) -> list[Any]:
+    """The value of each check, in one query."""
+    query = sql.SQL("SELECT {}").format(sql.SQL(", ").join(c.expr for c in checks))
+    return list(fetch_rows(conn, query, [p for c in checks for p in c.params])[0])
 
 
 T = TypeVar("T")
@@ -155,8 +176,11 @@ async def in_database(dsn: str, work: Callable[[Conn], T]) -> T:
 
 _pools: dict[str, ConnectionPool] = {}
 _pools_lock = threading.Lock()
-# Enough for the operator's concurrent reconciles (worker_limit) and the default thread pool
-# asyncio.to_thread runs them in; silo pools close idle connections after a minute.
+# Connections per DSN. A pool tenant's reconcile borrows one once, for a few milliseconds
+# (bench/README.md, operator_scale): 8 serve worker_limit (32) reconciles with under 2 ms of
+# waiting per tenant (psycopg-pool's counters; asyncio's default executor, 6 threads on 2
+# cores, runs them), and more would only add Postgres backends competing for 2 cores. Silo
+# pools close idle connections after a minute.
 POOL_MAX_SIZE = 8
 
 
@@ -335,6 +359,28 @@ def _run(conn: Conn, query: sql.Composable, params: Sequence[Any] | None = None)
     return partial(conn.execute, query, params)
 
 
+def _held_privileges(kind: AclKind, target: Sequence[str], grantee: str | None) -> Check:
+    """The privileges (text[]) that `grantee` (None: PUBLIC) holds on the object from its
+    owner: those are what the owner, or a superuser acting as it, grants and revokes."""
+    return Check(sql.SQL("""
+        (SELECT coalesce(array_agg(DISTINCT a.privilege_type::text), '{{}}'::text[])
+         FROM ({}) AS o(acl, owner), aclexplode(o.acl) AS a
+         WHERE a.grantor = o.owner
+           AND a.grantee = CASE WHEN %s::text IS NULL THEN 0
+                           ELSE (SELECT oid FROM pg_roles WHERE rolname = %s) END)
+        """).format(sql.SQL(_ACL_SOURCE[kind])), [*target, grantee, grantee])
+
+
+def _acl_settled(kind: AclKind, target: Sequence[str], grantee: str | None,
+                 wanted: Collection[str], managed: Collection[str]) -> Check:
+    """True when `grantee` holds exactly `wanted` of `managed` (what _acl_actions converges)."""
+    held = _held_privileges(kind, target, grantee)
+    return Check(sql.SQL("""
+        ((SELECT coalesce(array_agg(p ORDER BY p COLLATE "C"), '{{}}'::text[])
+          FROM unnest({}) AS p WHERE p = ANY(%s::text[])) = %s::text[])""").format(held.expr),
+        [*held.params, sorted(managed), sorted(wanted)])
+
+
 def _acl_actions(conn: Conn, kind: AclKind, target: Sequence[str], grantee: str | None,
                  wanted: Collection[str], managed: Collection[str]) -> list[Action]:
     """GRANT what `grantee` (None: PUBLIC) lacks of `wanted`, REVOKE the rest of `managed`.
@@ -344,15 +390,7 @@ def _acl_actions(conn: Conn, kind: AclKind, target: Sequence[str], grantee: str 
     """
     if not set(wanted) <= set(managed) <= set(_PRIVILEGE_SQL):
         raise ValueError(f"unexpected privileges {sorted(set(managed) - set(_PRIVILEGE_SQL))}")
-    *schema, name = target
-    rows = fetch_rows(conn, sql.SQL("""
-        SELECT DISTINCT a.privilege_type FROM ({}) AS o(acl, owner), aclexplode(o.acl) AS a
-        WHERE a.grantor = o.owner
-          AND a.grantee = CASE WHEN %(grantee)s::text IS NULL THEN 0
-                          ELSE (SELECT oid FROM pg_roles WHERE rolname = %(grantee)s) END
-        """).format(sql.SQL(_ACL_SOURCE[kind])),
-        {"name": name, "schema": schema[0] if schema else None, "grantee": grantee})
-    held = {str(privilege) for (privilege,) in rows}
+    held = set(ask(conn, _held_privileges(kind, target, grantee))[0])
     to_grant, to_revoke = set(wanted) - held, (held & set(managed)) - set(wanted)
     obj = sql.SQL("{} {}").format(sql.SQL(kind), sql.Identifier(*target))
     who = sql.SQL("PUBLIC") if grantee is None else sql.Identifier(grantee)
@@ -525,6 +563,17 @@ def _ownership_actions(conn: Conn, schema: str) -> list[Action]:
         sql.Identifier(schema, table))) for table in foreign_tables]
 
 
+def _metering_actions(conn: Conn, schema: str) -> list[Action]:
+    """APP_ROLE (the runtime) may insert usage rows into a bridge schema, and nothing else there.
+
+    Only INSERT: ON CONFLICT DO NOTHING needs no more, and the runtime never reads a tenant's
+    bridge tables with its shared role. RLS and the schema's pin still hold it to one tenant.
+    """
+    return [*_acl_actions(conn, "SCHEMA", (schema,), APP_ROLE, {"USAGE"}, SCHEMA_PRIVILEGES),
+            *_acl_actions(conn, "TABLE", (schema, "ai_usage_logs"), APP_ROLE, {"INSERT"},
+                          TABLE_PRIVILEGES)]
+
+
 def _pin_actions(conn: Conn, schema: str, tenant: str) -> list[Action]:
     """CHECK that tenant_id is the tenant's, on every tenant table of its bridge schema.
 
@@ -572,10 +621,16 @@ def _database_actions(conn: Conn, database: str) -> list[Action]:
     return actions
 
 
+def _shared_ready() -> Check:
+    """bootstrap_shared() has run: the shared schema, its role registry and APP_ROLE exist."""
+    return Check(sql.SQL("""
+        (to_regnamespace(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL
+         AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = %s))"""),
+        [SHARED_SCHEMA, f"{SHARED_SCHEMA}.{ROLE_REGISTRY}", APP_ROLE])
+
+
 def _require_shared(conn: Conn) -> None:
-    if (not _schema_exists(conn, SHARED_SCHEMA) or _role_attributes(conn, APP_ROLE) is None
-            or not fetch_rows(conn, "SELECT to_regclass(%s)",
-                              (f"{SHARED_SCHEMA}.{ROLE_REGISTRY}",))[0][0]):
+    if not ask(conn, _shared_ready())[0]:
         raise RuntimeError(f"schema {SHARED_SCHEMA!r}, its role registry or role {APP_ROLE!r}"
                            " missing: run bootstrap_shared() first")
 
@@ -659,6 +714,70 @@ def ensure_pool_tenant(conn: Conn, tenant: str, isolation: Isolation = "pool") -
     _upsert_tenant_row(conn, SHARED_SCHEMA, tenant, isolation)
 
 
+@dataclass(frozen=True)
+class CollectionRequest:
+    """A tenant's collection, as ensure_collection takes it."""
+
+    dimensions: int
+    m: int
+    ef_construction: int
+    pool_index: PoolIndex = "partial"
+
+
+@dataclass(frozen=True)
+class PoolTenant:
+    """What provision_pool_tenant found and did."""
+
+    recorded: Isolation | None  # the registry's isolation before the call (None: no row)
+    collection: str | Exception | None = None  # its table, or why not (None: not asked for)
+
+
+def provision_pool_tenant(conn: Conn, tenant: str,
+                          collection: CollectionRequest | None) -> PoolTenant:
+    """A pool tenant's registry row and collection, on one connection (one pool checkout).
+
+    Settled, as on every resync, this is one read-only query: the registry row and every
+    check of the collection. The admin bypasses RLS (see the top of this module), so the row
+    is read without setting the tenant. When the registry records a higher isolation nothing
+    is written: the caller reports it. A collection that cannot be made is returned, not
+    raised, for the collection step to report.
+    """
+    validate_tenant_id(tenant)
+    checks = [_shared_ready()]
+    if collection is not None:
+        table = shared_embeddings_table(collection.dimensions)
+        checks += _collection_checks(
+            tenant, SHARED_SCHEMA, table, APP_ROLE, collection.dimensions, collection.m,
+            collection.ef_construction,
+            _collection_index("shared", table, collection.dimensions, tenant,
+                              collection.pool_index))
+    query = sql.SQL("SELECT t.isolation, t.state, {} FROM (VALUES (1)) AS one"
+                    " LEFT JOIN {} AS t ON t.tenant_id = %s").format(
+        sql.SQL(", ").join(c.expr for c in checks), sql.Identifier(SHARED_SCHEMA, "tenants"))
+    try:
+        recorded, state, *settled = fetch_rows(
+            conn, query, [*(p for c in checks for p in c.params), tenant])[0]
+    except psycopg.errors.UndefinedTable:  # not bootstrapped: ensure_pool_tenant says so
+        recorded, state, settled = None, None, [False]
+    if recorded is not None and recorded != "pool":
+        return PoolTenant(recorded)
+    if (recorded, state) != ("pool", "active"):
+        if settled[0]:  # bootstrapped: the row only
+            _upsert_tenant_row(conn, SHARED_SCHEMA, tenant, "pool")
+        else:
+            ensure_pool_tenant(conn, tenant)
+    if collection is None:
+        return PoolTenant(recorded)
+    if all(settled[1:]):
+        return PoolTenant(recorded, f"{SHARED_SCHEMA}.{table}")
+    try:
+        made = ensure_collection(conn, tenant, "shared", collection.dimensions, collection.m,
+                                 collection.ef_construction, collection.pool_index)
+    except Exception as err:  # the collection step's to report, as when it made the call
+        return PoolTenant(recorded, err)
+    return PoolTenant(recorded, made)
+
+
 def _rename_legacy(conn: Conn, tenant: str) -> None:
     """Give a bridge schema and role created under the legacy name `tenant_<id>` their
     opaque names (once; the role only if it is the operator's, the schema if the admin owns
@@ -690,8 +809,10 @@ def _bridge_actions(conn: Conn, tenant: str) -> list[Action]:
     return [
         *_ownership_actions(conn, schema),
         *_acl_actions(conn, "SCHEMA", (schema,), None, (), SCHEMA_PRIVILEGES),
-        # Its copy of the registry is the operator's to write; the tenant may read it.
-        *_grant_actions(conn, schema, role, read_only={"tenants"}),
+        # Its copy of the registry is the operator's to write, its usage and invoices the
+        # platform's (BILLING_TABLES); the tenant may read them.
+        *_grant_actions(conn, schema, role, read_only={"tenants", *BILLING_TABLES}),
+        *_metering_actions(conn, schema),
         *_pin_actions(conn, schema, tenant),
         *_database_actions(conn, database),
         *_acl_actions(conn, "DATABASE", (database,), role, {"CONNECT"}, DATABASE_PRIVILEGES),
@@ -776,19 +897,11 @@ def ensure_collection(
                           TABLE_PRIVILEGES),
             *(_pin_actions(conn, target, tenant) if pinned else [])]
 
-    index: tuple[str, str | None, bool]  # name, partial for tenant, follows m/ef_construction
-    if location == "schema":
-        index = (f"{table}_hnsw", None, True)
-    elif pool_index == "partial":
-        index = (pool_index_name(dimensions, tenant), tenant, True)
-    else:
-        index = (pool_index_name(dimensions, None), None, False)
-    # Settled: read only, no lock (taking the lock row is itself a write).
-    if (_embeddings_table_settled(conn, target, table, dimensions)
-            and _hnsw_index_settled(conn, target, table, index[0], m, ef_construction,
-                                    index[1], index[2])
-            and not _stray_partial_indexes(conn, dimensions, tenant, keep=index[0])
-            and not grants()):
+    index = _collection_index(location, table, dimensions, tenant, pool_index)
+    # Settled: read only, no lock (taking the lock row is itself a write), one round trip.
+    if all(ask(conn, *_collection_checks(tenant, target, table, grantee, dimensions, m,
+                                         ef_construction, index))) and not (
+            pinned and _pin_actions(conn, target, tenant)):
         return f"{target}.{table}"
     with conn.transaction():
         operator_lock(conn, f"collection:{target}.{table}")
@@ -807,26 +920,51 @@ def ensure_collection(
     return f"{target}.{table}"
 
 
-def _embeddings_table_settled(conn: Conn, schema: str, table: str, dimensions: int) -> bool:
+def _table_settled(schema: str, table: str, dimensions: int) -> Check:
     """The table exists with `vector(dimensions)`, RLS forced with its policy and check."""
-    rows = fetch_rows(conn, """
-        SELECT format_type(a.atttypid, a.atttypmod), c.relrowsecurity, c.relforcerowsecurity,
-               EXISTS (SELECT 1 FROM pg_policy p
-                       WHERE p.polrelid = c.oid AND p.polname = 'tenant_isolation'),
-               EXISTS (SELECT 1 FROM pg_constraint co
-                       WHERE co.conrelid = c.oid AND co.conname = %s)
-        FROM pg_attribute a
-        JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE n.nspname = %s AND c.relname = %s AND a.attname = 'embedding'
-          AND NOT a.attisdropped""", (TENANT_ID_CONSTRAINT, schema, table))
-    return bool(rows) and rows[0] == (f"vector({dimensions})", True, True, True, True)
+    return Check(sql.SQL("""
+        EXISTS (SELECT 1 FROM pg_attribute a
+                JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE n.nspname = %s AND c.relname = %s AND a.attname = 'embedding'
+                  AND NOT a.attisdropped AND format_type(a.atttypid, a.atttypmod) = %s
+                  AND c.relrowsecurity AND c.relforcerowsecurity
+                  AND EXISTS (SELECT 1 FROM pg_policy p
+                              WHERE p.polrelid = c.oid AND p.polname = 'tenant_isolation')
+                  AND EXISTS (SELECT 1 FROM pg_constraint co
+                              WHERE co.conrelid = c.oid AND co.conname = %s))"""),
+        [schema, table, f"vector({dimensions})", TENANT_ID_CONSTRAINT])
 
 
-def _stray_partial_indexes(conn: Conn, dimensions: int, tenant: str, keep: str) -> bool:
+def _no_stray_partial_indexes(dimensions: int, tenant: str, keep: str) -> Check:
     names = [n for n in _partial_index_names(dimensions, tenant) if n != keep]
-    return bool(fetch_rows(conn, """
-        SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE n.nspname = %s AND c.relname = ANY(%s)""", (SHARED_SCHEMA, names)))
+    return Check(sql.SQL("""
+        NOT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                    WHERE n.nspname = %s AND c.relname = ANY(%s::text[]))"""),
+        [SHARED_SCHEMA, names])
+
+
+def _collection_index(location: Location, table: str, dimensions: int, tenant: str,
+                      pool_index: PoolIndex) -> tuple[str, str | None, bool]:
+    """The collection's HNSW index: name, partial for which tenant, follows m/ef_construction."""
+    if location == "schema":
+        return f"{table}_hnsw", None, True
+    if pool_index == "partial":
+        return pool_index_name(dimensions, tenant), tenant, True
+    return pool_index_name(dimensions, None), None, False
+
+
+def _collection_checks(tenant: str, target: str, table: str, grantee: str, dimensions: int,
+                       m: int, ef_construction: int,
+                       index: tuple[str, str | None, bool]) -> list[Check]:
+    """Everything ensure_collection converges, but a bridge schema's pins, as checks."""
+    name, partial_for, follow = index
+    return [
+        _table_settled(target, table, dimensions),
+        _index_settled(target, table, name, m, ef_construction, partial_for, follow),
+        _no_stray_partial_indexes(dimensions, tenant, keep=name),
+        _acl_settled("SCHEMA", (target,), grantee, {"USAGE"}, SCHEMA_PRIVILEGES),
+        _acl_settled("TABLE", (target, table), grantee, DML_PRIVILEGES, TABLE_PRIVILEGES),
+    ]
 
 
 def _ensure_embeddings_table(conn: Conn, schema: str, table: str, dimensions: int) -> None:
@@ -858,8 +996,8 @@ def _ensure_hnsw_index(conn: Conn, schema: str, table: str, name: str, m: int,
                        follow_parameters: bool = True) -> None:
     """Create the cosine HNSW index, or rebuild it when its shape differs (or its parameters,
     with `follow_parameters`)."""
-    if _hnsw_index_settled(conn, schema, table, name, m, ef_construction, tenant,
-                           follow_parameters):
+    if ask(conn, _index_settled(schema, table, name, m, ef_construction, tenant,
+                                follow_parameters))[0]:
         return
     predicate = None if tenant is None else sql.SQL("WHERE tenant_id = {}").format(
         sql.Literal(tenant))
@@ -871,24 +1009,20 @@ def _ensure_hnsw_index(conn: Conn, schema: str, table: str, name: str, m: int,
              sql.Literal(ef_construction), predicate or sql.SQL("")))
 
 
-def _hnsw_index_settled(conn: Conn, schema: str, table: str, name: str, m: int,
-                        ef_construction: int, tenant: str | None,
-                        follow_parameters: bool = True) -> bool:
-    """The index exists, valid, HNSW on `table`, of the right shape (and parameters)."""
-    rows = fetch_rows(conn, """
-        SELECT coalesce(c.reloptions, '{}'), i.indisvalid, am.amname,
-               pg_get_expr(i.indpred, i.indrelid), t.relname
-        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-        JOIN pg_index i ON i.indexrelid = c.oid JOIN pg_class t ON t.oid = i.indrelid
-        JOIN pg_am am ON am.oid = c.relam
-        WHERE n.nspname = %s AND c.relname = %s""", (schema, name))
-    if not rows:
-        return False
-    options, valid, method, current_predicate, on_table = rows[0]
-    same_shape = (tenant is None) == (current_predicate is None)
-    return bool(valid and method == "hnsw" and on_table == table and same_shape
-                and (set(options) == {f"m={m}", f"ef_construction={ef_construction}"}
-                     or not follow_parameters))
+def _index_settled(schema: str, table: str, name: str, m: int, ef_construction: int,
+                   tenant: str | None, follow_parameters: bool = True) -> Check:
+    """The index exists, valid, HNSW on `table`, of the right shape (partial for a tenant or
+    whole) and, with `follow_parameters`, with exactly these m/ef_construction."""
+    options = [f"m={m}", f"ef_construction={ef_construction}"]
+    return Check(sql.SQL("""
+        EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                JOIN pg_index i ON i.indexrelid = c.oid JOIN pg_class t ON t.oid = i.indrelid
+                JOIN pg_am am ON am.oid = c.relam
+                WHERE n.nspname = %s AND c.relname = %s AND i.indisvalid
+                  AND am.amname = 'hnsw' AND t.relname = %s AND (i.indpred IS NULL) = %s
+                  AND (NOT %s OR (coalesce(c.reloptions, '{{}}') @> %s::text[]
+                                  AND coalesce(c.reloptions, '{{}}') <@ %s::text[])))"""),
+        [schema, name, table, tenant is None, follow_parameters, options, options])
 
 
 def _split_table(table: str) -> tuple[str, str]:

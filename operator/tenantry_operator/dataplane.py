@@ -232,18 +232,11 @@ async def silo_dsn(kube: Kube, settings: OperatorSettings, tenant: str, namespac
 async def ensure_database(ctx: StepContext) -> Condition:
     """Provision the tenant at its isolation level; raise it in place when the spec asks."""
     spec, shared = ctx.spec, shared_dsn(ctx.settings)
+    if spec.isolation is Isolation.POOL and not upgrade.cleanup_pending(ctx):
+        await ensure_pool_database(ctx, shared)
+        return database_ready(ctx)
     current = await database.in_database(shared, lambda c: upgrade.current_isolation(c, spec.name))
-    if current is not None and current.rank > spec.isolation.rank:
-        # Stop here: going on would provision a lower location and a config pointing at it
-        # while the data stays where the registry says.
-        raise StepFailed(Condition(
-            "DatabaseReady", False, "IsolationLowered",
-            f"the data of tenant {spec.name} lives at isolation {current.value} (registry row in"
-            f" {SHARED_SCHEMA}.tenants, e.g. kept by deletionPolicy Retain from an earlier Tenant"
-            f" of this name); lowering it to {spec.isolation.value} is not supported and nothing"
-            f" was provisioned. Set spec.isolation to {current.value} (or higher) to take the"
-            " data back, or remove the retained data first (delete a Tenant of this name at"
-            f" isolation {current.value} with deletionPolicy Delete)"), retry_after=60)
+    stop_if_lowered(spec, current)
     password = ""
     if spec.isolation is not Isolation.POOL:
         host = (builders.silo_host(ctx.namespace) if spec.isolation is Isolation.SILO
@@ -269,6 +262,40 @@ async def ensure_database(ctx: StepContext) -> Condition:
         await database.in_database(shared, lambda c: database.ensure_pool_tenant(
             c, spec.name, spec.isolation.value))
     await upgrade.finish_cleanup(ctx, shared)
+    return database_ready(ctx)
+
+
+def stop_if_lowered(spec: EffectiveSpec, current: Isolation | None) -> None:
+    """Stop when the registry records a higher isolation: going on would provision a lower
+    location and a config pointing at it while the data stays where the registry says."""
+    if current is None or current.rank <= spec.isolation.rank:
+        return
+    raise StepFailed(Condition(
+        "DatabaseReady", False, "IsolationLowered",
+        f"the data of tenant {spec.name} lives at isolation {current.value} (registry row in"
+        f" {SHARED_SCHEMA}.tenants, e.g. kept by deletionPolicy Retain from an earlier Tenant"
+        f" of this name); lowering it to {spec.isolation.value} is not supported and nothing"
+        f" was provisioned. Set spec.isolation to {current.value} (or higher) to take the"
+        " data back, or remove the retained data first (delete a Tenant of this name at"
+        f" isolation {current.value} with deletionPolicy Delete)"), retry_after=60)
+
+
+async def ensure_pool_database(ctx: StepContext, shared: str) -> None:
+    """A pool tenant's registry row, and its collection for ensure_collection, in one pool
+    checkout: one read-only query when settled (bench/README.md, operator_scale)."""
+    spec, rag = ctx.spec, ctx.spec.rag
+    request = (database.CollectionRequest(rag.embedding_dimensions, rag.hnsw.m,
+                                          rag.hnsw.ef_construction,
+                                          ctx.settings.pool_index_strategy)
+               if rag.enabled else None)
+    found = await database.in_database(
+        shared, lambda c: database.provision_pool_tenant(c, spec.name, request))
+    stop_if_lowered(spec, Isolation(found.recorded) if found.recorded else None)
+    ctx.pool_collection = found.collection
+
+
+def database_ready(ctx: StepContext) -> Condition:
+    spec = ctx.spec
     location = {Isolation.POOL: "shared", Isolation.BRIDGE: "schema",
                 Isolation.SILO: "dedicated"}[spec.isolation]
     ctx.provisioned["databaseLocation"] = location
@@ -284,10 +311,14 @@ async def ensure_collection(ctx: StepContext) -> Condition:
         ctx.provisioned.pop("collectionTable", None)
         return Condition("CollectionReady", True, "Disabled", "RAG is disabled for this tenant")
     location: database.Location = "shared" if ctx.spec.isolation is Isolation.POOL else "schema"
-    dsn = ctx.database_dsn or shared_dsn(ctx.settings)
-    table = await database.in_database(dsn, lambda c: database.ensure_collection(
-        c, ctx.spec.name, location, rag.embedding_dimensions, rag.hnsw.m,
-        rag.hnsw.ef_construction, ctx.settings.pool_index_strategy))
+    if isinstance(ctx.pool_collection, Exception):
+        raise ctx.pool_collection
+    table = ctx.pool_collection  # made by ensure_pool_database on its connection
+    if table is None:
+        dsn = ctx.database_dsn or shared_dsn(ctx.settings)
+        table = await database.in_database(dsn, lambda c: database.ensure_collection(
+            c, ctx.spec.name, location, rag.embedding_dimensions, rag.hnsw.m,
+            rag.hnsw.ef_construction, ctx.settings.pool_index_strategy))
     ctx.provisioned["collectionTable"] = table
     return Condition("CollectionReady", True, "Provisioned",
                      f"{table}, {rag.embedding_dimensions} dimensions, HNSW m={rag.hnsw.m}")

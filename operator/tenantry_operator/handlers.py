@@ -18,7 +18,7 @@ from .metrics import METRICS
 from .model import GROUP, VERSION
 from .names import ANNOTATION_FORCE_FINALIZE
 from .pipeline import reconcile_steps
-from .reconcile import Settled, reconcile_tenant, tenant_lock
+from .reconcile import Settled, forget_tenant, reconcile_tenant, tenant_lock
 from .settings import get_settings
 
 FINALIZER = f"{GROUP}/cleanup"
@@ -187,6 +187,7 @@ async def tenant_deleted(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, re
     patch.status["retained"] = {"location": done.summary}
     kopf.info(body, reason="Finalized", message=done.summary)
     METRICS.forget(name)
+    forget_tenant(body["metadata"].get("uid", ""))
 
 
 from . import endpoint_secret_watch  # noqa: E402, F401 - registers its handlers

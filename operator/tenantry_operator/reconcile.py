@@ -12,9 +12,11 @@ from typing import Any
 from pydantic import ValidationError
 from tenantry_runtime.contracts.database import InvalidTenantId, validate_tenant_id
 
+from .alerts import CONDITION as BUDGET_ALERT
 from .conditions import (
     Condition,
     Transition,
+    latest_conditions,
     merge_conditions,
     ready_condition,
     status_changes,
@@ -149,13 +151,37 @@ class Settled:
     events: list[Transition]
 
 
+# Per event loop, by Tenant uid: the conditions its last reconcile computed (not the alert
+# loop's BudgetAlert, which that loop writes on its own). Dropped when the Tenant is gone.
+_computed: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, list[dict[str, Any]]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def computed_conditions() -> dict[str, list[dict[str, Any]]]:
+    return _computed.setdefault(asyncio.get_running_loop(), {})
+
+
 async def reconcile_tenant(
     body: Mapping[str, Any], kube: Kube, settings: OperatorSettings, steps: Sequence[Step]
 ) -> Settled:
-    """Reconcile under the tenant's lock; compare the result with the status it had."""
-    async with tenant_lock(body["metadata"]["name"]):
-        outcome = await reconcile(body, kube, settings, steps)
+    """Reconcile under the tenant's lock; compare the result with the status it had.
+
+    "Had": the body's conditions, or those the previous reconcile computed when the body
+    predates it (`latest_conditions`); the status patch is still against the body.
+    """
+    uid = body["metadata"].get("uid", "")
     current: Mapping[str, Any] = body.get("status") or {}
+    async with tenant_lock(body["metadata"]["name"]):
+        before = latest_conditions(current.get("conditions") or [],
+                                   computed_conditions().get(uid, []))
+        outcome = await reconcile({**body, "status": {**current, "conditions": before}}, kube,
+                                  settings, steps)
+        computed_conditions()[uid] = [c for c in outcome.status["conditions"]
+                                      if c["type"] != BUDGET_ALERT]
     return Settled(outcome=outcome, status_patch=status_changes(current, outcome.status),
-                   events=transitions(current.get("conditions") or [],
-                                      outcome.status["conditions"]))
+                   events=transitions(before, outcome.status["conditions"]))
+
+
+def forget_tenant(uid: str) -> None:
+    """The Tenant is gone: drop what its reconciles remembered."""
+    computed_conditions().pop(uid, None)

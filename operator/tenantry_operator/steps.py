@@ -36,6 +36,9 @@ class StepContext:
     # The live runtime ConfigMap as settle_revision read it (None: absent), applied over by
     # ensure_runtime_config without a second read.
     live_config_map: Any = None
+    # A pool tenant's collection table (or why it could not be made), made by ensure_database
+    # on the connection it used for the registry row (one checkout per pool tenant).
+    pool_collection: str | Exception | None = None
     # The hashes of the tenant's API keys (never the keys), set by ensure_api_keys.
     api_keys: tuple[ApiKeyRecord, ...] = ()
 

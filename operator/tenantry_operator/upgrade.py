@@ -865,11 +865,17 @@ def clean_up_source(conn: Conn, tenant: str, source: Isolation, target: Isolatio
     conn.execute(forget, (tenant, schema))  # after the drop: a crash in between retries it
 
 
+def cleanup_pending(ctx: StepContext) -> bool:
+    """An isolation upgrade has yet to remove the old copy of the tenant's data."""
+    migration = ctx.status_updates.get("migration") or ctx.status.get("migration") or {}
+    return migration.get("step") in (*MOVING_STEPS, "CleaningUp")
+
+
 async def finish_cleanup(ctx: StepContext, shared_dsn: str) -> None:
     """Remove the old copy once the registry says the data moved (idempotent, crash-safe)."""
-    migration = ctx.status_updates.get("migration") or ctx.status.get("migration") or {}
-    if migration.get("step") not in (*MOVING_STEPS, "CleaningUp"):
+    if not cleanup_pending(ctx):
         return
+    migration = ctx.status_updates.get("migration") or ctx.status.get("migration") or {}
     await database.in_database(shared_dsn, lambda c: clean_up_source(
         c, ctx.spec.name, Isolation(migration["from"]), ctx.spec.isolation))
     ctx.status_updates["migration"] = migration

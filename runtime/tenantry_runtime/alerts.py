@@ -24,9 +24,10 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from importlib.resources import files
+from typing import Any
 
 from .contracts.redis_keys import TenantKeys
-from .resp import PipelinedRedis, Script
+from .resp import PipelinedRedis, Script, ScriptCall
 
 ALERTS = Script(files(__package__).joinpath("alerts.lua").read_text())
 THRESHOLDS = (80, 100)
@@ -56,13 +57,32 @@ async def check_alerts(redis: PipelinedRedis, tenant: str, at: datetime,
                        now: datetime | None = None) -> list[tuple[str, int]]:
     """Claim the thresholds the tenant's spend has crossed in the periods of `at` (the
     request's start, whose counters the settlement charged); returns those claimed now."""
+    call = alerts_call(tenant, at, now)
+    return fired_alerts(await redis.run_script(call.script, call.keys, call.args))
+
+
+def alerts_call(tenant: str, at: datetime, now: datetime | None = None) -> ScriptCall:
+    """Pure (but for the clock): the alerts.lua run `check_alerts` makes; the runtime sends
+    it right behind a settlement, in the same write (`Limiter.settle`)."""
     keys, day, month = _script_keys(tenant, at.astimezone(UTC).toordinal())
-    stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    reply = await redis.run_script(
-        ALERTS, keys, [day, month, DAY_CLAIMS_TTL_SECONDS, MONTH_CLAIMS_TTL_SECONDS, stamp,
-                       STREAM_MAX_LENGTH])
+    stamp = _stamp(int(time.time())) if now is None else now.strftime(STAMP_FORMAT)
+    return ScriptCall(ALERTS, keys, [day, month, DAY_CLAIMS_TTL_SECONDS,
+                                     MONTH_CLAIMS_TTL_SECONDS, stamp, STREAM_MAX_LENGTH])
+
+
+def fired_alerts(reply: Any) -> list[tuple[str, int]]:
+    """Pure: alerts.lua's reply as (budget, threshold) pairs claimed now."""
     flat = [item.decode() if isinstance(item, bytes) else str(item) for item in reply or []]
     return [(flat[i], int(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+
+STAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
+@lru_cache(maxsize=2)
+def _stamp(unix_second: int) -> str:
+    """When an alert is claimed, formatted once per second (a check per charged request)."""
+    return datetime.fromtimestamp(unix_second, UTC).strftime(STAMP_FORMAT)
 
 
 @lru_cache(maxsize=4096)

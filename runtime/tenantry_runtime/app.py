@@ -20,7 +20,7 @@ from redis.asyncio import Redis as StreamRedis
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from .alerts import check_alerts
+from .alerts import alerts_call, fired_alerts
 from .asgi import (
     EVENT_STREAM,
     JSON,
@@ -154,24 +154,24 @@ class Admitted:
                      price_version=version)
         settlement = Settlement.of(self.keys, self.request_id, usage, event,
                                    self.runtime.settings.settled_marker_seconds)
+        tenant = self.caller.config.tenant
+        alerts: Any = None
         try:
-            await self.runtime.limiter.settle(settlement)
+            if usage.charged > 0:
+                # Budget alerts (issue 10) ride in the settlement's write; a miss is caught
+                # by the next request.
+                _, alerts = await self.runtime.limiter.settle_then(
+                    settlement, alerts_call(tenant, self.at))
+            else:
+                await self.runtime.limiter.settle(settlement)
         except REDIS_ERRORS as error:
             self.runtime.failures["settle_redis_error"] += 1
             await self._spool(settlement, error)
             return
-        if usage.charged > 0:
-            self.runtime.spawn(self._check_alerts())
-
-    async def _check_alerts(self) -> None:
-        """Budget alerts (issue 10): off the response path; a miss is caught next request."""
-        tenant = self.caller.config.tenant
-        try:
-            fired = await check_alerts(self.runtime.redis, tenant, self.at)
-        except REDIS_ERRORS:
+        if isinstance(alerts, ReplyError):
             self.runtime.failures["alert_check_redis_error"] += 1
             return
-        for budget, threshold in fired:
+        for budget, threshold in fired_alerts(alerts):
             self.runtime.metrics.alert(tenant, budget, threshold)
             log.info("tenant %s reached %d%% of its %s budget", tenant, threshold, budget)
 

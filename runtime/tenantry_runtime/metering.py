@@ -8,10 +8,11 @@ created_at being the request's start, so a re-read batch is never counted twice.
 through `contracts.tenant_locks.write_transaction`; on TenantMoved the batch stays pending
 and is retried with the config the store holds by then.
 
-Where the rows go: a pool tenant's into the shared database (`dsn`, the runtime's login); a
-bridge or silo tenant's into its own schema or database through its login DSN from the tenant
-record (`database_dsn`), while the gate is held on the shared database, whose registry row is
-the gate of every tenant. A bridge or silo tenant without a DSN keeps its events in Redis
+Where the rows go: a pool tenant's and a bridge tenant's into the shared database (`dsn`, the
+runtime's login; a bridge tenant's into its own schema, where its login may read usage but not
+write it: `BILLING_TABLES`); a silo tenant's into its database through its login DSN from the
+tenant record (`database_dsn`), while the gate is held on the shared database, whose registry
+row is the gate of every tenant. A silo tenant without a DSN keeps its events in Redis
 (counted, logged once) until its record carries one.
 """
 
@@ -87,9 +88,11 @@ def usage_rows(tenant: str, entries: Sequence[Entry]) -> tuple[list[UsageRow], l
 
 
 def _insert(conn: psycopg.Connection[Any], schema: str, rows: Sequence[UsageRow]) -> None:
+    # No conflict target: naming one needs SELECT on its columns, and the runtime may only
+    # INSERT into a bridge tenant's usage. The table's one unique key is its primary key
+    # (tenant_id, request_id, created_at), so a re-read batch still lands once.
     statement = sql.SQL(
-        "INSERT INTO {}.ai_usage_logs ({}) VALUES ({}) "
-        "ON CONFLICT (tenant_id, request_id, created_at) DO NOTHING").format(
+        "INSERT INTO {}.ai_usage_logs ({}) VALUES ({}) ON CONFLICT DO NOTHING").format(
         sql.Identifier(validate_identifier(schema)),
         sql.SQL(", ").join(map(sql.Identifier, _COLUMNS)),
         sql.SQL(", ").join(sql.Placeholder() * len(_COLUMNS)))
@@ -102,8 +105,8 @@ def insert_usage(conn: psycopg.Connection[Any], config: TenantRuntimeConfig,
                  data_conn: psycopg.Connection[Any] | None = None) -> None:
     """Idempotent on the request, under the tenant's write gate on the shared database `conn`.
 
-    Without `data_conn` the rows go into `conn` in the gate's transaction (pool tenants);
-    with it (bridge, silo) they are committed there, as the tenant, while the gate is held,
+    Without `data_conn` the rows go into `conn` in the gate's transaction (pool and bridge
+    tenants); with it (silo) they are committed there, as the tenant, while the gate is held,
     so an isolation upgrade waits for the batch and a stale location raises TenantMoved.
     """
     with write_transaction(conn, config.tenant, config.isolation):
@@ -112,6 +115,11 @@ def insert_usage(conn: psycopg.Connection[Any], config: TenantRuntimeConfig,
         else:
             with tenant_transaction(data_conn, config.tenant):
                 _insert(data_conn, config.database.schema_name, rows)
+
+
+def _in_own_database(record: TenantRecord) -> bool:
+    """A silo tenant: its usage lives in its own database, reached through its login."""
+    return record.config.database.kind == "dedicated"
 
 
 @dataclass
@@ -241,9 +249,9 @@ class UsageWriter:
                 if isinstance(summary, dict) and int(summary["pending"])]
 
     def _writable(self, record: TenantRecord) -> bool:
-        """Pool tenants always; bridge and silo ones once their record has a DSN."""
+        """Pool and bridge tenants always; silo ones once their record has a DSN."""
         tenant = record.config.tenant
-        if record.config.database.kind == "shared" or record.database_dsn is not None:
+        if not _in_own_database(record) or record.database_dsn is not None:
             self._waiting.discard(tenant)
             return True
         self.failures["usage_no_database_credentials"] += 1
@@ -257,7 +265,7 @@ class UsageWriter:
         with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
             conn.execute(sql.SQL("SET lock_timeout = {}").format(
                 sql.Literal(f"{int(self.gate_wait_seconds * 1000)}ms")))
-            if record.config.database.kind == "shared" or record.database_dsn is None:
+            if not _in_own_database(record) or record.database_dsn is None:
                 insert_usage(conn, record.config, rows)
                 return
             with psycopg.connect(record.database_dsn.get_secret_value(), autocommit=True,

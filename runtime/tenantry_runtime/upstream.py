@@ -10,9 +10,8 @@ import random
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
-import aiohttp
-
 from .errors import ApiError, kind_for_status
+from .http1 import ConnectionBroken, Pool, Response
 from .settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
@@ -69,54 +68,49 @@ def forwarded_headers(incoming: Mapping[str, str], endpoint: Endpoint) -> dict[s
 class UpstreamResponse:
     """A 2xx answer: the whole body (non-streaming) or its chunks as they arrive."""
 
-    def __init__(self, response: aiohttp.ClientResponse, content: bytes | None) -> None:
+    def __init__(self, response: Response, content: bytes | None) -> None:
         self._response = response
         self.status = response.status
         self.content = content if content is not None else b""
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        async for chunk in self._response.content.iter_any():
+        async for chunk in self._response.chunks():
             yield chunk
 
     def close(self) -> None:
-        self._response.release()
+        self._response.close()
 
 
 # Errors that mean "no (complete) answer from the endpoint" while reading it.
-STREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
+STREAM_ERRORS = (ConnectionBroken, TimeoutError)
 
 
 class Upstreams:
-    """A pooled HTTP client per endpoint URL, created on first use.
+    """A pooled HTTP/1.1 client per endpoint URL, created on first use.
 
-    aiohttp rather than httpx: bench/runtime_overhead.py measured httpx 0.28's pool at
-    ~150 req/s with 64 concurrent requests on this machine, aiohttp at ~2,800.
+    `http1.Pool` rather than aiohttp (its per-request Python was ~15% of the runtime's CPU)
+    or httpx (its pool measured ~150 req/s at 64 concurrent here, aiohttp ~2,800):
+    bench/README.md.
     """
 
     def __init__(self, settings: RuntimeSettings) -> None:
         self._settings = settings
-        self._clients: dict[str, aiohttp.ClientSession] = {}
+        self._pools: dict[str, Pool] = {}
 
-    def _client(self, url: str) -> aiohttp.ClientSession:
-        client = self._clients.get(url)
-        if client is None:
+    def _pool(self, url: str) -> Pool:
+        pool = self._pools.get(url)
+        if pool is None:
             s = self._settings
-            client = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=s.upstream_max_connections),
-                # Model endpoints set no cookies the runtime should keep (and matching a jar
-                # costs every request).
-                cookie_jar=aiohttp.DummyCookieJar(),
-                timeout=aiohttp.ClientTimeout(total=None,
-                                              connect=s.upstream_connect_timeout_seconds,
-                                              sock_read=s.upstream_read_timeout_seconds),
-            )
-            self._clients[url] = client
-        return client
+            pool = Pool(url, max_connections=s.upstream_max_connections,
+                        connect_timeout=s.upstream_connect_timeout_seconds,
+                        read_timeout=s.upstream_read_timeout_seconds)
+            self._pools[url] = pool
+        return pool
 
     async def aclose(self) -> None:
-        for client in self._clients.values():
-            await client.close()
-        self._clients.clear()
+        for pool in self._pools.values():
+            await pool.aclose()
+        self._pools.clear()
 
     async def send(self, endpoint: Endpoint, path: str, body: bytes,
                    headers: Mapping[str, str], *, read_body: bool) -> UpstreamResponse:
@@ -126,19 +120,16 @@ class Upstreams:
         the response is returned open and the caller streams it (no retries after that).
         Raises ApiError for an error the retries did not cure.
         """
-        client = self._client(endpoint.url)
         outgoing = forwarded_headers(headers, endpoint)
         s = self._settings
         for attempt in range(s.upstream_retries + 1):
             last = attempt == s.upstream_retries
             try:
-                response = await client.post(endpoint.url.rstrip("/") + path, data=body,
-                                             headers=outgoing)
+                response = await self._pool(endpoint.url).post(path, outgoing, body)
                 if response.status < 300:
                     content = await response.read() if read_body else None
                     return UpstreamResponse(response, content)
                 error_body = await response.read()
-                response.release()
                 if last or response.status not in RETRYABLE_STATUS:
                     raise upstream_error(response.status, error_body)
                 retry_after = response.headers.get("retry-after")
@@ -147,7 +138,12 @@ class Upstreams:
                     raise ApiError("api_error", "The model endpoint timed out.",
                                    status=504) from None
                 retry_after = None
-            except aiohttp.ClientError as error:
+            except ValueError as error:
+                # Not worth a retry: its URL or its key (a line break) is misconfigured.
+                log.error("upstream %s request not sent: %s", endpoint.kind, error)
+                raise ApiError("api_error", "The model endpoint is misconfigured.",
+                               status=502) from None
+            except ConnectionBroken as error:
                 if last:
                     raise ApiError("api_error", "The model endpoint is unreachable.",
                                    status=502) from error

@@ -292,3 +292,42 @@ One place decides, for the Deployment's env and for what the runtime Secret must
 {{- define "tenantry.evaluation.initName" -}}
 {{- printf "%s-postgres-init" (include "tenantry.fullname" . | trunc 49 | trimSuffix "-") }}
 {{- end }}
+
+{{/* ===== Evaluation NetworkPolicies and the usage export (chartops) ======================= */}}
+
+{{/*
+The env entry of the operator's admin DSN (the bundled Postgres's superuser in evaluation mode,
+else database.existingSecret or the chart's copy of database.url); nothing when none is set.
+One place for the operator's Deployment and the usage export's CronJob, which reads every
+tenant's usage and so needs the same login. Call with (dict "env" NAME "root" $).
+*/}}
+{{- define "tenantry.adminDatabaseEnv" -}}
+{{- $v := .root.Values }}
+{{- if $v.evaluation.enabled }}
+{{- include "tenantry.secretKeyEnv" (dict "name" .env "ref" (list (include "tenantry.evaluation.secretName" .root) "database-url")) }}
+{{- else }}
+{{- include "tenantry.secretEnv" (dict "env" .env "conn" $v.database "key" "database-url" "what" "database" "root" .root) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The usage export's name: a CronJob name may be 52 characters at most (its Jobs add 11), so the
+full name is cut to 39 before "-usage-export".
+*/}}
+{{- define "tenantry.usageExport.fullname" -}}
+{{- printf "%s-usage-export" (include "tenantry.fullname" . | trunc 39 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "tenantry.usageExport.selectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-usage-export" (include "tenantry.name" . | trunc 50 | trimSuffix "-") }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: usage-export
+{{- end }}
+
+{{- define "tenantry.usageExport.labels" -}}
+helm.sh/chart: {{ include "tenantry.chart" . }}
+{{ include "tenantry.usageExport.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: tenantry
+{{- end }}

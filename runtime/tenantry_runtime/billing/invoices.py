@@ -130,15 +130,18 @@ def close_invoice(conn: Conn, schema: str, tenant: str, month: date, terms: Bill
                   now: datetime | None = None) -> Invoice:
     """Freeze the invoice of an ended month; closing again returns the stored one unchanged.
 
-    Serialised per tenant (a transaction-level advisory lock), so two closers never bill the
-    same late usage twice; the first insert wins, later ones read it back.
+    Closers are serialised by a table lock on the invoices (SHARE ROW EXCLUSIVE conflicts with
+    itself, not with readers), so two of them never bill the same late usage twice; the first
+    insert wins, later ones read it back. Not an advisory lock: any login can take one with a
+    key it computes, and a bridge tenant's login, which may only SELECT these tables, can take
+    no lock on them that would block this one.
     """
     now = now or datetime.now(UTC)
     if now < month_bounds(month)[1]:
         raise MonthNotOver(f"{month:%Y-%m} ends at {next_month(month)} 00:00 UTC; "
                            "close it after that")
-    conn.execute("SELECT pg_advisory_xact_lock(hashtext('tenantry-billing:' || %s))",
-                 (tenant,))
+    conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(
+        _table(schema, "billing_invoices")))
     invoice = compute_invoice(conn, schema, tenant, month, terms)
     if invoice.status == "closed":
         return invoice

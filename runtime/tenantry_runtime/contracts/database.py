@@ -18,6 +18,7 @@ from psycopg.rows import tuple_row
 
 __all__ = [
     "APP_ROLE",
+    "BILLING_TABLES",
     "PARTITIONED_TABLES",
     "PRIVATE_SCHEMA",
     "SHARED_SCHEMA",
@@ -65,6 +66,12 @@ TENANT_ID_PATTERN = re.compile(r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$")
 IDENTIFIER_PATTERN = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 SHARED_SCHEMA = "tenantry"
+# The platform's record of what a tenant owes. A bridge tenant's login (whose password sits in a
+# Secret of its namespace) may read these tables in its schema but never write them: the runtime
+# meters into them with APP_ROLE, and invoices are closed with the operator's admin. Otherwise a
+# tenant could delete its usage, or insert the row of a request before the runtime does (ON
+# CONFLICT DO NOTHING would then keep the tenant's version) or its next invoice.
+BILLING_TABLES = ("ai_usage_logs", "billing_invoices", "usage_daily")
 # The operator's own bookkeeping (locks, verified copies): no role but its owner may use it, so no
 # tenant login can take, hold or even name its locks.
 PRIVATE_SCHEMA = "tenantry_private"
