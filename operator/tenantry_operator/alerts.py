@@ -257,6 +257,10 @@ class AlertDispatcher:
     async def update_condition(self, body: Mapping[str, Any]) -> None:
         """Patch the BudgetAlert condition when it differs from what the claims say."""
         tenant = body["metadata"]["name"]
+        if not (body.get("status") or {}).get("conditions"):
+            # Not reconciled yet: its first status carries the condition (reconcile.py); a
+            # patch now would only race kopf's first patches of the new Tenant.
+            return
         wanted = alert_condition(await self.claimed_now(tenant))
         if _holds(body, wanted):
             return
