@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from lightkube import AsyncClient, KubeConfig
+from lightkube import ApiError, AsyncClient, KubeConfig
 from lightkube.resources.core_v1 import ConfigMap, Namespace
 from tenantry_devenv.controlplane import ControlPlane
 from tenantry_operator.cache import MISS, KindCache, compact
@@ -34,6 +34,7 @@ async def kube(control_plane: ControlPlane) -> AsyncIterator[Kube]:
     client = AsyncClient(config=KubeConfig.from_file(control_plane.kubeconfig),
                          field_manager=FIELD_MANAGER)
     found = Kube(client)
+    assert found.use_fast_path()  # a client certificate: requests go over aiohttp
     assert await found.start_caches(wait_seconds=60)
     try:
         yield found
@@ -65,6 +66,18 @@ async def test_a_write_is_read_back_at_once_and_a_settled_object_is_read_from_th
     # Applying the same again is no write: the cached object is up to date.
     again = await kube.apply(config_map("cache-one", value="1"))
     assert again["metadata"]["resourceVersion"] == applied["metadata"]["resourceVersion"]
+
+
+async def test_a_refused_request_is_lightkubes_api_error_with_the_servers_status(
+    kube: Kube,
+) -> None:
+    manifest = {**config_map("cache-nowhere", value="1")}
+    manifest["metadata"] = {**manifest["metadata"], "namespace": "no-such-namespace"}
+    with pytest.raises(ApiError) as refused:
+        await kube.apply(manifest)
+    assert refused.value.status.code == 404
+    assert "no-such-namespace" in str(refused.value.status.message)
+    assert await kube.read(ConfigMap, "cache-nowhere", "no-such-namespace") is None
 
 
 async def test_a_restarted_operator_finds_its_settled_objects_up_to_date_in_the_list(

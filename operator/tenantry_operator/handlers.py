@@ -48,6 +48,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     )
     settings.posting.level = logging.INFO
     memo["kube"] = kube = Kube.from_env()
+    kube.use_fast_path()  # aiohttp for the per-tenant GETs and applies (fastpath.py)
     # Reads from watches (cache.py); until they are listed, reads go to the API server.
     if not await kube.start_caches(wait_seconds=30):
         log.warning("caches not listed within 30 s: reading from the API server meanwhile")

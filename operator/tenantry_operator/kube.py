@@ -26,6 +26,7 @@ from lightkube.types import PatchType
 from lightkube.utils.quantity import parse_quantity
 
 from .cache import MISS, Caches
+from .fastpath import FastPath
 from .model import GROUP, VERSION
 from .names import FIELD_MANAGER, LABEL_MANAGED_BY, LABEL_TENANT, MANAGER, owned_by
 
@@ -153,6 +154,7 @@ class Kube:
         # lightkube's overloads split global and namespaced kinds; these wrappers take both.
         self._untyped: Any = client
         self.caches: Caches | None = None  # start_caches: reads served from watches
+        self.fast: FastPath | None = None  # use_fast_path: aiohttp for GET and apply
 
     async def start_caches(self, wait_seconds: float = 60.0) -> bool:
         """Watch what the operator owns (cache.py); True once every cache is listed (until
@@ -161,6 +163,11 @@ class Kube:
             self.caches = Caches(self.client, cached_kinds())
             self.caches.start()
         return await self.caches.wait_listed(wait_seconds)
+
+    def use_fast_path(self) -> bool:
+        """GETs and applies over aiohttp (fastpath.py) when the credentials allow it."""
+        self.fast = FastPath.for_client(self.client)
+        return self.fast is not None
 
     def _cache(self, kind: Any) -> Any:
         return self.caches.by_kind.get(kind) if self.caches is not None else None
@@ -175,10 +182,13 @@ class Kube:
             if hit is not MISS:
                 found: dict[str, Any] | None = hit
                 return found
-        obj = await self.get(kind, name, namespace)
-        if obj is None:
+        if self.fast is not None:
+            result = await self.fast.get(kind, name, namespace)
+        else:
+            obj = await self.get(kind, name, namespace)
+            result = as_dict(obj) if obj is not None else None
+        if result is None:
             return None
-        result = as_dict(obj)
         if cache is not None:
             cache.put(result)
         return result
@@ -198,18 +208,22 @@ class Kube:
         caller just read it (None: absent), to spare a second read.
         """
         desired = stamped(manifest)
-        obj = codecs.from_dict(desired)
+        kind: Any = codecs.resource_registry.load(manifest["apiVersion"], manifest["kind"])
         meta = manifest["metadata"]
         tenant = (meta.get("labels") or {}).get(LABEL_TENANT)
-        existing = (await self.read(type(obj), meta["name"], meta.get("namespace"))
+        existing = (await self.read(kind, meta["name"], meta.get("namespace"))
                     if live is NOT_READ else live)
         if existing is not None:
             if tenant is not None and not owned_by(labels_of(existing), tenant):
                 raise ForeignObject(manifest["kind"], meta["name"], meta.get("namespace"), tenant)
             if up_to_date(as_dict(existing), manifest):
                 return existing
-        applied = as_dict(await self.client.apply(obj, field_manager=FIELD_MANAGER, force=True))
-        cache = self._cache(type(obj))
+        if self.fast is not None:
+            applied = await self.fast.apply(kind, desired, FIELD_MANAGER)
+        else:
+            applied = as_dict(await self.client.apply(codecs.from_dict(desired),
+                                                      field_manager=FIELD_MANAGER, force=True))
+        cache = self._cache(kind)
         if cache is not None:  # read after write: the watch event may come later
             cache.put(applied)
         return applied
@@ -245,6 +259,8 @@ class Kube:
     async def close(self) -> None:
         if self.caches is not None:
             await self.caches.stop()
+        if self.fast is not None:
+            await self.fast.close()
         await self.client.close()
 
 
