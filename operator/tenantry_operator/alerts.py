@@ -257,12 +257,13 @@ class AlertDispatcher:
     async def update_condition(self, body: Mapping[str, Any]) -> None:
         """Patch the BudgetAlert condition when it differs from what the claims say."""
         tenant = body["metadata"]["name"]
-        if not (body.get("status") or {}).get("conditions"):
-            # Not reconciled yet: its first status carries the condition (reconcile.py); a
-            # patch now would only race kopf's first patches of the new Tenant.
-            return
         wanted = alert_condition(await self.claimed_now(tenant))
         if _holds(body, wanted):
+            return
+        if not wanted.ok and not (body.get("status") or {}).get("conditions"):
+            # Not reconciled yet and nothing claimed: its first status carries this condition
+            # (reconcile.budget_condition); a patch now would only race kopf's first patches of
+            # the new Tenant (its finalizer's, refused with 422, then redone).
             return
         # The list is replaced whole: patch a fresh copy, on the condition that nobody changed
         # the Tenant since (resourceVersion), so a reconcile's newer conditions are never
