@@ -3,7 +3,7 @@
 One `KindCache` per kind lists, then watches, the objects that carry the operator's
 managed-by label (or every object of a kind the platform team keeps few of, TenantPlans), so
 its memory follows the number of tenants, not what tenants create in their namespaces. Each
-object is kept as compact JSON without its managedFields.
+object is kept as compressed JSON without its managedFields.
 
 Rules that keep the reads correct (Kube.read):
 - a hit is served from the cache; the watch removes an object deleted (or unlabelled) by hand
@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import time
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,9 +47,16 @@ def _key(obj: Mapping[str, Any]) -> Key:
 
 
 def compact(obj: Mapping[str, Any]) -> bytes:
-    """Pure: the object as stored: without managedFields (most of an object's size)."""
+    """Pure: the object as stored: without managedFields (most of an object's size), as
+    compressed JSON (a runtime record Secret: 966 bytes of JSON, 610 stored)."""
     meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k != "managedFields"}
-    return json.dumps({**obj, "metadata": meta}, separators=(",", ":")).encode()
+    return zlib.compress(json.dumps({**obj, "metadata": meta}, separators=(",", ":")).encode(), 1)
+
+
+def expand(stored: bytes) -> dict[str, Any]:
+    """Pure: the object `compact` stored."""
+    found: dict[str, Any] = json.loads(zlib.decompress(stored))
+    return found
 
 
 class Gone(Exception):
@@ -90,8 +98,7 @@ class KindCache:
             return _MISS
         entry = self._store.get((namespace, name))
         if entry is not None:
-            result: dict[str, Any] = json.loads(entry[1])
-            return result
+            return expand(entry[1])
         return None if self.complete else _MISS
 
     def put(self, obj: Mapping[str, Any]) -> None:
