@@ -22,6 +22,7 @@ from lightkube import ApiError, AsyncClient
 from lightkube.config.client_adapter import verify_cluster
 
 _TOKEN_SECONDS = 60.0
+CONNECTIONS = 16
 
 
 class FastPath:
@@ -67,6 +68,9 @@ class FastPath:
                        ) -> tuple[int, bytes]:
         if self._session is None:  # made in the running loop, as aiohttp requires
             self._session = aiohttp.ClientSession(
+                # Each TLS connection holds a read buffer (see __main__.SSL_READ_BUFFER);
+                # a reconcile spends most of its time off the API server, so 16 serve 32.
+                connector=aiohttp.TCPConnector(limit=CONNECTIONS),
                 timeout=aiohttp.ClientTimeout(sock_connect=10, sock_read=10))
         for attempt in (1, 2):
             async with self._session.request(

@@ -30,10 +30,9 @@ log = logging.getLogger(__name__)
 @kopf.on.startup(backoff=5)
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     ours = get_settings()
-    # Bounded concurrency: kopf's default worker limit is unbounded. The reconciles themselves
-    # are bounded by reconcile.reconcile_slot (worker_limit); kopf gets twice as many workers,
-    # so its own work (finalizers, the echo of each status patch) never waits behind them.
-    settings.queueing.worker_limit = 2 * ours.worker_limit
+    # Bounded concurrency: kopf's default worker limit is unbounded. Plan roll-outs and
+    # deletions also take one of reconcile.reconcile_slot's worker_limit slots.
+    settings.queueing.worker_limit = ours.worker_limit
     # A worker holds its slot while idle: kopf's default of 5 s after each object's last event
     # capped a burst of new tenants at about worker_limit / 5 s (1,000 tenants: 173 s).
     settings.queueing.idle_timeout = 0.2
