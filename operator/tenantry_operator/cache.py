@@ -59,6 +59,11 @@ def expand(stored: bytes) -> dict[str, Any]:
     return found
 
 
+def _refused(err: Exception) -> bool:
+    response = getattr(err, "response", None)
+    return getattr(response, "status_code", None) == 403
+
+
 class Gone(Exception):
     """The watch's resourceVersion is too old (410): list again."""
 
@@ -81,6 +86,7 @@ class KindCache:
         self._healthy_until = 0.0  # monotonic; reads use the cache only before this
         self._connected = False
         self.listed = asyncio.Event()
+        self.settled = asyncio.Event()  # listed, or refused for good: startup waits no longer
         self.relists = 0
 
     @property
@@ -158,6 +164,7 @@ class KindCache:
         self._resource_version = str(page["metadata"]["resourceVersion"])
         self._store = store
         self.listed.set()
+        self.settled.set()
 
     async def _watch(self) -> None:
         params = {"resourceVersion": self._resource_version, "allowWatchBookmarks": "true",
@@ -204,6 +211,11 @@ class KindCache:
             except asyncio.CancelledError:
                 raise
             except Exception as err:
+                if _refused(err):  # RBAC without list/watch: reads stay with the API server
+                    log.warning("no cache of %ss (not allowed to list and watch them): reading"
+                                " them from the API server", self.kind.__name__)
+                    self.settled.set()
+                    return
                 if not isinstance(err, Gone):
                     log.warning("cache of %s: %s; listing again", self.kind.__name__, err)
                 need_list = True
@@ -226,9 +238,9 @@ class Caches:
         """Until every cache has its first list; False on timeout (reads then go to the API
         server until it comes)."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(c.listed.wait()
+            await asyncio.wait_for(asyncio.gather(*(c.settled.wait()
                                                     for c in self.by_kind.values())), wait_seconds)
-            return True
+            return all(c.listed.is_set() for c in self.by_kind.values())
         return False
 
     async def stop(self) -> None:
