@@ -72,7 +72,8 @@ class KindCache:
     """list+watch of one kind, across namespaces, filtered by a label selector."""
 
     def __init__(self, client: AsyncClient, kind: Any, label_selector: str | None,
-                 stale_after: float = 10.0, watch_seconds: int = 290) -> None:
+                 stale_after: float = 10.0, watch_seconds: int = 290,
+                 listing: asyncio.Lock | None = None) -> None:
         self.kind = kind
         self.label_selector = label_selector
         # A cache of every object of its kind: a miss proves absence.
@@ -88,6 +89,9 @@ class KindCache:
         self.listed = asyncio.Event()
         self.settled = asyncio.Event()  # listed, or refused for good: startup waits no longer
         self.relists = 0
+        # One list at a time across the caches, in pages of 100: a restarted operator's lists
+        # of every kind at once raised its peak RSS by the parsed pages.
+        self._listing = listing or asyncio.Lock()
 
     @property
     def usable(self) -> bool:
@@ -146,10 +150,14 @@ class KindCache:
         return self._generic.build_adapter_request(request)
 
     async def _list(self) -> None:
+        async with self._listing:
+            await self._list_pages()
+
+    async def _list_pages(self) -> None:
         store: dict[Key, tuple[int, bytes]] = {}
         token: str | None = None
         while True:
-            response = await self._generic.send(self._request(False, {"limit": 500,
+            response = await self._generic.send(self._request(False, {"limit": 100,
                                                                       "continue": token}))
             response.raise_for_status()
             page = json.loads(response.content)
@@ -227,7 +235,9 @@ class Caches:
     """The caches of one operator process, by kind; started once, stopped at cleanup."""
 
     def __init__(self, client: AsyncClient, kinds: Mapping[Any, str | None]) -> None:
-        self.by_kind = {kind: KindCache(client, kind, selector) for kind, selector in kinds.items()}
+        listing = asyncio.Lock()
+        self.by_kind = {kind: KindCache(client, kind, selector, listing=listing)
+                        for kind, selector in kinds.items()}
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
