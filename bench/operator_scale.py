@@ -41,7 +41,8 @@ from tenantry_devenv.services import Postgres, Redis, start_postgres, start_redi
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TENANTS = "/apis/tenantry.dev/v1alpha1/tenants"
-OPERATOR_AGENTS = ("kopf/", "python-httpx2/")  # kopf's own requests, and lightkube's
+# kopf's own requests, lightkube's, and the operator's aiohttp fast path (fastpath.py)
+OPERATOR_AGENTS = ("kopf/", "python-httpx2/", "tenantry-operator/")
 RUNTIME_NAMESPACE = "tenantry-system"
 SILO = "benchsilo"
 

@@ -489,6 +489,11 @@ def test_service_account_can_do_what_the_operator_does(helm: list[str],
         assert can("delete", "persistentvolumeclaims", "-n", "tenant-x")
         assert can("patch", "persistentvolumeclaims", "-n", "tenant-x")
         assert can("get", "storageclasses.storage.k8s.io")
+        # The operator's caches (cache.py) list and watch what it creates, cluster-wide.
+        for kind in ("secrets", "configmaps", "resourcequotas", "limitranges", "serviceaccounts",
+                     "networkpolicies.networking.k8s.io", "namespaces",
+                     "tenantplans.tenantry.dev"):
+            assert can("watch", kind, "--all-namespaces")
         assert can("delete", "secrets", "-n", namespace)  # credential copies
         # The runtime records of deleted tenants (docs/api-keys.md).
         assert can("delete", "secrets", "-n", runtime_namespace)

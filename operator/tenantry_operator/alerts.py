@@ -281,6 +281,11 @@ class AlertDispatcher:
         wanted = alert_condition(claims)
         if _holds(body, wanted):
             return
+        if not wanted.ok and not (body.get("status") or {}).get("conditions"):
+            # Not reconciled yet and nothing claimed: its first status carries this condition
+            # (reconcile.budget_condition); a patch now would only race kopf's first patches of
+            # the new Tenant (its finalizer's, refused with 422, then redone).
+            return
         # The list is replaced whole: patch a fresh copy, on the condition that nobody changed
         # the Tenant since (resourceVersion), so a reconcile's newer conditions are never
         # overwritten with older ones. A conflict is retried next round.

@@ -20,7 +20,7 @@ from tenantry_runtime.contracts import runtime_record
 
 from . import builders, dataplane, endpoint_secrets
 from .conditions import Condition
-from .kube import ForeignObject, Kube, as_dict, labels_of
+from .kube import ForeignObject, Kube, labels_of
 from .names import owned_by
 from .settings import OperatorSettings
 from .steps import StepContext, StepFailed
@@ -29,8 +29,7 @@ log = logging.getLogger(__name__)
 
 
 async def live_secret(kube: Kube, namespace: str, name: str) -> dict[str, Any] | None:
-    obj = await kube.get(Secret, name, namespace)
-    return as_dict(obj) if obj is not None else None
+    return await kube.read(Secret, name, namespace)
 
 
 def decoded(secret: dict[str, Any]) -> dict[str, str]:
@@ -51,7 +50,7 @@ def _aware(moment: datetime | None) -> datetime | None:
 async def ensure_api_keys(ctx: StepContext) -> Condition:
     """Generate a key for each new name; never replace one whose plaintext entry exists."""
     ns, tenant = ctx.namespace, ctx.spec.name
-    live = await live_secret(ctx.kube, ns, builders.API_KEYS_SECRET)
+    live = await ctx.live(Secret, builders.API_KEYS_SECRET)
     if live is not None and not owned_by(labels_of(live), tenant):
         # Never read (or hand out) keys from a Secret someone else made.
         raise ForeignObject("Secret", builders.API_KEYS_SECRET, ns, tenant)
@@ -60,7 +59,7 @@ async def ensure_api_keys(ctx: StepContext) -> Condition:
                                            lambda: generate_key()[0])
     manifest = builders.api_keys_secret(tenant, ns, keys)
     if builders.secret_differs(live, manifest):
-        await ctx.kube.apply(manifest)
+        await ctx.kube.apply(manifest, live=live)
     for name in issued:  # the name only: a key is never logged
         log.info("tenant %s: key %r issued into Secret %s/%s", tenant, name, ns,
                  builders.API_KEYS_SECRET)
@@ -106,7 +105,7 @@ async def ensure_runtime_record(ctx: StepContext) -> Condition:
     if builders.secret_differs(live, manifest):
         if live is None:
             await dataplane.ensure_own_namespace(ctx.kube, runtime_ns)
-        await ctx.kube.apply(manifest)
+        await ctx.kube.apply(manifest, live=live)
     if problem is not None:
         raise StepFailed(Condition("RuntimeRecordReady", False, "EndpointKeyMissing", problem),
                          retry_after=15)

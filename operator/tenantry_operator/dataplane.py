@@ -99,7 +99,7 @@ async def backup_password(kube: Kube, namespace: str, tenant: str, secret: str) 
 async def ensure_own_namespace(kube: Kube, name: str) -> None:
     """The chart installs the operator's and the runtime's namespaces; an operator run by hand
     may not have them yet."""
-    if await kube.get(Namespace, name) is None:
+    if await kube.read(Namespace, name) is None:
         await kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {
             "name": name, "labels": {LABEL_MANAGED_BY: MANAGER}}})
 
@@ -408,8 +408,7 @@ async def settle_revision(ctx: StepContext) -> int:
     digest = content_hash(config, limits_of(ctx.spec, config.revision),
                           builders.plan_settings(ctx.spec))
     recorded: list[tuple[int, str | None]] = []
-    live = ctx.live_config_map = await ctx.kube.get(ConfigMap, builders.RUNTIME_CONFIGMAP,
-                                                     ctx.namespace)
+    live = ctx.live_config_map = await ctx.live(ConfigMap, builders.RUNTIME_CONFIGMAP)
     if live is not None and owned_by(as_dict(live)["metadata"].get("labels"), ctx.spec.name):
         live_dict = as_dict(live)
         try:

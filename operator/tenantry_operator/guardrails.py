@@ -265,7 +265,7 @@ async def ensure_guardrails(ctx: StepContext) -> Condition:
                                     ctx.settings.credentials_namespace,
                                     ctx.settings.cluster_cidrs)
     for manifest in manifests:
-        await ctx.kube.apply(manifest)
+        await ctx.apply(manifest)
     policies = sum(m["kind"] == "NetworkPolicy" for m in manifests)
     return Condition("GuardrailsReady", True, "Applied",
                      f"ResourceQuota {QUOTA_NAME}, LimitRange {LIMIT_RANGE_NAME}, {policies}"

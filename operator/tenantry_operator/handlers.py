@@ -18,7 +18,7 @@ from .metrics import METRICS
 from .model import GROUP, VERSION
 from .names import ANNOTATION_FORCE_FINALIZE
 from .pipeline import reconcile_steps
-from .reconcile import Settled, forget_tenant, reconcile_tenant, tenant_lock
+from .reconcile import Settled, forget_tenant, reconcile_slot, reconcile_tenant, tenant_lock
 from .settings import get_settings
 
 FINALIZER = f"{GROUP}/cleanup"
@@ -30,8 +30,12 @@ log = logging.getLogger(__name__)
 @kopf.on.startup(backoff=5)
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     ours = get_settings()
-    # Bounded concurrency: kopf's default worker limit is unbounded.
+    # Bounded concurrency: kopf's default worker limit is unbounded. Plan roll-outs and
+    # deletions also take one of reconcile.reconcile_slot's worker_limit slots.
     settings.queueing.worker_limit = ours.worker_limit
+    # A worker holds its slot while idle: kopf's default of 5 s after each object's last event
+    # capped a burst of new tenants at about worker_limit / 5 s (1,000 tenants: 173 s).
+    settings.queueing.idle_timeout = 0.2
     # kopf peering pauses every peer of equal priority, so it is never used: one replica at a
     # time runs kopf, chosen by the Lease in leader.py (`python -m tenantry_operator`).
     settings.peering.standalone = True
@@ -42,7 +46,11 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         prefix=GROUP, key="last-handled-configuration"
     )
     settings.posting.level = logging.INFO
-    memo["kube"] = Kube.from_env()
+    memo["kube"] = kube = Kube.from_env()
+    kube.use_fast_path()  # aiohttp for the per-tenant GETs and applies (fastpath.py)
+    # Reads from watches (cache.py); until they are listed, reads go to the API server.
+    if not await kube.start_caches(wait_seconds=30):
+        log.warning("caches not listed within 30 s: reading from the API server meanwhile")
     await maintenance.on_startup(ours)
     memo["maintenance"] = asyncio.create_task(maintenance.keep_partitions_ahead(ours))
     memo["alerts"] = asyncio.create_task(alerts.deliver_alerts(memo["kube"], ours))
@@ -165,7 +173,7 @@ async def tenant_deleted(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, re
                          **_: Any) -> None:
     name = body["metadata"]["name"]
     METRICS.deleting(name)
-    async with tenant_lock(name):
+    async with tenant_lock(name), reconcile_slot(get_settings().worker_limit):
         try:
             done = await finalizer.finalize(body, memo["kube"], get_settings())
         except finalizer.FinalizationBlocked as err:

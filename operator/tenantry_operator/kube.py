@@ -13,9 +13,20 @@ from typing import Any
 from lightkube import ApiError, AsyncClient, KubeConfig, codecs
 from lightkube.core.resource import GlobalResource, NamespacedResource
 from lightkube.generic_resource import create_global_resource
+from lightkube.resources.core_v1 import (
+    ConfigMap,
+    LimitRange,
+    Namespace,
+    ResourceQuota,
+    Secret,
+    ServiceAccount,
+)
+from lightkube.resources.networking_v1 import NetworkPolicy
 from lightkube.types import PatchType
 from lightkube.utils.quantity import parse_quantity
 
+from .cache import MISS, Caches
+from .fastpath import FastPath
 from .model import GROUP, VERSION
 from .names import FIELD_MANAGER, LABEL_MANAGED_BY, LABEL_TENANT, MANAGER, owned_by
 
@@ -127,6 +138,14 @@ class ForeignObject(Exception):
         self.kind = kind
 
 
+def cached_kinds() -> dict[Kind, str | None]:
+    """What the operator reads on every reconcile, and the label selector of each cache: the
+    kinds it creates carry its managed-by label; TenantPlans are few and all read."""
+    ours = f"{LABEL_MANAGED_BY}={MANAGER}"
+    return {TenantPlan: None, Namespace: ours, ConfigMap: ours, Secret: ours,
+            ResourceQuota: ours, LimitRange: ours, NetworkPolicy: ours, ServiceAccount: ours}
+
+
 class Kube:
     """The one place that talks to the API server; builders hand it plain manifests."""
 
@@ -134,6 +153,45 @@ class Kube:
         self.client = client
         # lightkube's overloads split global and namespaced kinds; these wrappers take both.
         self._untyped: Any = client
+        self.caches: Caches | None = None  # start_caches: reads served from watches
+        self.fast: FastPath | None = None  # use_fast_path: aiohttp for GET and apply
+
+    async def start_caches(self, wait_seconds: float = 60.0) -> bool:
+        """Watch what the operator owns (cache.py); True once every cache is listed (until
+        then, and whenever a watch is down, `read` asks the API server)."""
+        if self.caches is None:
+            self.caches = Caches(self.client, cached_kinds())
+            self.caches.start()
+        return await self.caches.wait_listed(wait_seconds)
+
+    def use_fast_path(self) -> bool:
+        """GETs and applies over aiohttp (fastpath.py) when the credentials allow it."""
+        self.fast = FastPath.for_client(self.client)
+        return self.fast is not None
+
+    def _cache(self, kind: Any) -> Any:
+        return self.caches.by_kind.get(kind) if self.caches is not None else None
+
+    async def read(self, kind: Kind, name: str, namespace: str | None = None
+                   ) -> dict[str, Any] | None:
+        """The object as a plain dict, or None when it does not exist: from the cache when it
+        knows, else from the API server."""
+        cache = self._cache(kind)
+        if cache is not None:
+            hit = cache.get(name, namespace)
+            if hit is not MISS:
+                found: dict[str, Any] | None = hit
+                return found
+        if self.fast is not None:
+            result = await self.fast.get(kind, name, namespace)
+        else:
+            obj = await self.get(kind, name, namespace)
+            result = as_dict(obj) if obj is not None else None
+        if result is None:
+            return None
+        if cache is not None:
+            cache.put(result)
+        return result
 
     @classmethod
     def from_env(cls) -> Kube:
@@ -150,17 +208,25 @@ class Kube:
         caller just read it (None: absent), to spare a second read.
         """
         desired = stamped(manifest)
-        obj = codecs.from_dict(desired)
+        kind: Any = codecs.resource_registry.load(manifest["apiVersion"], manifest["kind"])
         meta = manifest["metadata"]
         tenant = (meta.get("labels") or {}).get(LABEL_TENANT)
-        existing = (await self.get(type(obj), meta["name"], meta.get("namespace"))
+        existing = (await self.read(kind, meta["name"], meta.get("namespace"))
                     if live is NOT_READ else live)
         if existing is not None:
             if tenant is not None and not owned_by(labels_of(existing), tenant):
                 raise ForeignObject(manifest["kind"], meta["name"], meta.get("namespace"), tenant)
             if up_to_date(as_dict(existing), manifest):
                 return existing
-        return await self.client.apply(obj, field_manager=FIELD_MANAGER, force=True)
+        if self.fast is not None:
+            applied = await self.fast.apply(kind, desired, FIELD_MANAGER)
+        else:
+            applied = as_dict(await self.client.apply(codecs.from_dict(desired),
+                                                      field_manager=FIELD_MANAGER, force=True))
+        cache = self._cache(kind)
+        if cache is not None:  # read after write: the watch event may come later
+            cache.put(applied)
+        return applied
 
     async def get(self, kind: Kind, name: str, namespace: str | None = None) -> Any:
         """The object, or None when it does not exist."""
@@ -179,6 +245,10 @@ class Kube:
             if _not_found(err):
                 return False
             raise
+        finally:
+            cache = self._cache(kind)
+            if cache is not None:
+                cache.forget(name, namespace)
         return True
 
     async def patch_tenant_status(self, name: str, status: dict[str, Any]) -> None:
@@ -187,6 +257,10 @@ class Kube:
                                 patch_type=PatchType.MERGE)
 
     async def close(self) -> None:
+        if self.caches is not None:
+            await self.caches.stop()
+        if self.fast is not None:
+            await self.fast.close()
         await self.client.close()
 
 

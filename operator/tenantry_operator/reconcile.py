@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from tenantry_runtime.contracts.database import InvalidTenantId, validate_tenant_id
 
 from .alerts import CONDITION as BUDGET_ALERT
+from .alerts import alert_condition
 from .conditions import (
     Condition,
     Transition,
@@ -40,6 +41,16 @@ def tenant_lock(name: str) -> asyncio.Lock:
     return _locks.setdefault(asyncio.get_running_loop(), {}).setdefault(name, asyncio.Lock())
 
 
+_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary())
+
+
+def reconcile_slot(limit: int) -> asyncio.Semaphore:
+    """At most `limit` reconciles at once (kopf's handlers, plan roll-outs and deletions), taken
+    under the tenant's lock so a tenant waiting for its lock holds no slot."""
+    return _slots.setdefault(asyncio.get_running_loop(), asyncio.Semaphore(limit))
+
+
 @dataclass
 class Outcome:
     """The status to write, and whether (and when) to try again."""
@@ -59,7 +70,7 @@ async def resolve_spec(
     except InvalidTenantId as err:
         return None, Condition("PlanResolved", False, "InvalidTenantName", str(err)), False
     tenant = TenantSpec.from_body(body.get("spec", {}))
-    plan_obj = await kube.get(TenantPlan, tenant.plan)
+    plan_obj = await kube.read(TenantPlan, tenant.plan)
     if plan_obj is None:
         msg = f"TenantPlan {tenant.plan!r} does not exist"
         return None, Condition("PlanResolved", False, "PlanNotFound", msg), True
@@ -129,7 +140,10 @@ async def reconcile(
                 retry = 10.0
                 break
     ready = ready_condition(observed)
-    conditions = merge_conditions(status.get("conditions", []), [*observed, ready], generation)
+    current_conditions = status.get("conditions") or []
+    conditions = merge_conditions(current_conditions,
+                                  [*observed, ready, budget_condition(current_conditions)],
+                                  generation)
     new_status: dict[str, Any] = {
         "phase": phase_of(spec, observed),
         "observedGeneration": generation,
@@ -139,6 +153,18 @@ async def reconcile(
     if spec is not None:
         new_status.update(ctx.status_updates)
     return Outcome(status=new_status, retry_after=retry, spec=spec)
+
+
+def budget_condition(current: Sequence[Mapping[str, Any]]) -> Condition:
+    """BudgetAlert is the alert loop's (alerts.py); the reconcile's status patch carries it too,
+    so that loop writes only when a claim changes it: a new Tenant starts within its budgets
+    (without this, one more status PATCH per new Tenant), and an existing value moves to the new
+    generation with the other conditions (one more per spec change)."""
+    old = next((c for c in current if c.get("type") == BUDGET_ALERT), None)
+    if old is None:
+        return alert_condition(())
+    return Condition(BUDGET_ALERT, old.get("status") == "True", str(old.get("reason", "")),
+                     str(old.get("message", "")))
 
 
 @dataclass
@@ -171,15 +197,17 @@ async def reconcile_tenant(
     """
     uid = body["metadata"].get("uid", "")
     current: Mapping[str, Any] = body.get("status") or {}
-    async with tenant_lock(body["metadata"]["name"]):
+    async with tenant_lock(body["metadata"]["name"]), reconcile_slot(settings.worker_limit):
         before = latest_conditions(current.get("conditions") or [],
                                    computed_conditions().get(uid, []))
         outcome = await reconcile({**body, "status": {**current, "conditions": before}}, kube,
                                   settings, steps)
-        computed_conditions()[uid] = [c for c in outcome.status["conditions"]
-                                      if c["type"] != BUDGET_ALERT]
+        # BudgetAlert is the alert loop's to change (the reconcile only carries it): its
+        # value comes from the body, its Events from that loop.
+        merged = [c for c in outcome.status["conditions"] if c["type"] != BUDGET_ALERT]
+        computed_conditions()[uid] = merged
     return Settled(outcome=outcome, status_patch=status_changes(current, outcome.status),
-                   events=transitions(before, outcome.status["conditions"]))
+                   events=transitions(before, merged))
 
 
 def forget_tenant(uid: str) -> None:

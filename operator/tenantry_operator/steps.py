@@ -12,7 +12,7 @@ from tenantry_runtime.api_keys import ApiKeyRecord
 
 from . import builders
 from .conditions import Condition
-from .kube import Kube, as_dict
+from .kube import NOT_READ, Kind, Kube, as_dict
 from .model import GROUP, EffectiveSpec
 from .names import namespace_name
 from .settings import OperatorSettings
@@ -41,10 +41,23 @@ class StepContext:
     pool_collection: str | Exception | None = None
     # The hashes of the tenant's API keys (never the keys), set by ensure_api_keys.
     api_keys: tuple[ApiKeyRecord, ...] = ()
+    # ensure_namespace created the namespace in this reconcile: nothing is in it yet, so
+    # objects in it are created without reading them first.
+    fresh_namespace: bool = False
 
     @property
     def namespace(self) -> str:
         return namespace_name(self.spec.name, self.settings.namespace_prefix)
+
+    async def live(self, kind: Kind, name: str) -> dict[str, Any] | None:
+        """An object of the tenant's namespace as it is now (None: absent)."""
+        return None if self.fresh_namespace else await self.kube.read(kind, name, self.namespace)
+
+    async def apply(self, manifest: dict[str, Any]) -> Any:
+        """Kube.apply, without its read in a namespace this reconcile created."""
+        fresh = (self.fresh_namespace
+                 and manifest["metadata"].get("namespace") == self.namespace)
+        return await self.kube.apply(manifest, live=None if fresh else NOT_READ)
 
 
 Step = Callable[[StepContext], Awaitable[Condition]]
@@ -61,8 +74,10 @@ class StepFailed(Exception):
 
 async def ensure_namespace(ctx: StepContext) -> Condition:
     # Kube.apply refuses a namespace that is not this tenant's (ForeignObject: NamespaceConflict).
+    live = await ctx.kube.read(Namespace, ctx.namespace)
     applied = as_dict(await ctx.kube.apply(
-        builders.tenant_namespace(ctx.spec, ctx.settings.namespace_prefix)))
+        builders.tenant_namespace(ctx.spec, ctx.settings.namespace_prefix), live=live))
+    ctx.fresh_namespace = live is None
     await drop_tenant_owner_references(ctx.kube, ctx.namespace, applied)
     ctx.provisioned["namespace"] = ctx.namespace
     return Condition("NamespaceReady", True, "Applied", f"namespace {ctx.namespace} is in place")
