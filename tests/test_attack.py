@@ -220,12 +220,17 @@ def test_memberships_of_the_app_role_are_stripped(world: World) -> None:
 # --- 17: a bridge schema is the tenant's alone -------------------------------------------------
 
 
-@pytest.mark.parametrize("table", ["documents", "embeddings", "ai_usage_logs"])
-def test_a_bridge_login_cannot_write_rows_of_another_tenant(world: World, table: str) -> None:
+@pytest.mark.parametrize(("table", "refusal", "match"), [
+    ("documents", psycopg.errors.CheckViolation, "tenant_id_pinned"),
+    ("embeddings", psycopg.errors.CheckViolation, "tenant_id_pinned"),
+    # Usage rows are the platform's (BILLING_TABLES): refused before the pin is reached.
+    ("ai_usage_logs", psycopg.errors.InsufficientPrivilege, "permission denied"),
+])
+def test_a_bridge_login_cannot_write_rows_of_another_tenant(
+        world: World, table: str, refusal: type[Exception], match: str) -> None:
     schema = bridge_schema(world.c)
     # It controls the setting too: claiming d's id satisfies the policy, not the pin.
-    with world.bridge(world.c) as conn, \
-            pytest.raises(psycopg.errors.CheckViolation, match="tenant_id_pinned"), \
+    with world.bridge(world.c) as conn, pytest.raises(refusal, match=match), \
             tenant_transaction(conn, world.d):
         insert(conn, schema, table, world.d)
     assert world.count(f"{schema}.{table}", world.d) == 0
