@@ -78,7 +78,7 @@ def test_known_keys_cover_every_key_the_runtime_uses() -> None:
     start = datetime(2026, 12, 31, 23, 59, tzinfo=UTC)
     for at in (start, start + timedelta(minutes=2), datetime(2026, 3, 1, tzinfo=UTC)):
         known = set(TenantKeys("acme").known_keys(at))
-        used = limit_keys("acme", at).settle("rid")[:-1]  # the settled marker aside
+        used = limit_keys("acme", at).settle(at.timestamp())[:-1]  # the settled bucket aside
         assert set(used) <= known, set(used) - known
         keys = TenantKeys("acme")
         assert {keys.requests_minute(at), keys.tokens_minute(at)} <= known
