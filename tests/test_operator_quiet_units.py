@@ -14,6 +14,7 @@ from tenantry_operator.conditions import (
     transitions,
 )
 from tenantry_operator.kube import APPLIED_HASH_ANNOTATION, contains, stamped, up_to_date
+from tenantry_operator.malloc import MALLOC_ARENAS, limit_malloc_arenas
 from tenantry_operator.plans import roll_out, start_offsets
 
 
@@ -148,3 +149,11 @@ def test_latest_conditions_take_each_type_from_the_last_computation() -> None:
         {"type": "PlanResolved", "status": "True", "lastTransitionTime": "t1"},
         {"type": "Ready", "status": "True", "lastTransitionTime": "t1"}]
     assert latest_conditions(stored, []) == stored
+
+
+def test_the_operator_caps_malloc_arenas_unless_the_environment_does(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert limit_malloc_arenas(MALLOC_ARENAS) is True  # glibc here: mallopt accepted it
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # the user's setting wins
+    assert limit_malloc_arenas(MALLOC_ARENAS) is False

@@ -20,6 +20,7 @@ from aiohttp import web
 from . import handlers  # noqa: F401 - registers the handlers
 from .kube import Kube
 from .leader import LeaderElector
+from .malloc import MALLOC_ARENAS, limit_malloc_arenas
 from .metrics import CONTENT_TYPE, METRICS
 from .settings import OperatorSettings, get_settings
 
@@ -81,6 +82,7 @@ SSL_READ_BUFFER = 64 * 1024
 
 
 def main() -> None:
+    limit_malloc_arenas(MALLOC_ARENAS)
     if hasattr(asyncio.sslproto.SSLProtocol, "max_size"):
         asyncio.sslproto.SSLProtocol.max_size = SSL_READ_BUFFER
     kopf.configure(log_prefix=True)  # as `kopf run`: object-related lines start [name]
