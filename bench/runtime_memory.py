@@ -33,7 +33,7 @@ import httpx
 import psutil
 import psycopg
 from psycopg import sql
-from runtime_overhead import UPSTREAM_KEY, Target, closed_loop, server
+from runtime_overhead import UPSTREAM_KEY, Target, closed_loop, server, write_unbounded_limits
 from tenantry_devenv.processes import free_port
 from tenantry_devenv.services import start_postgres, start_redis
 from tenantry_operator.database import bootstrap_shared, ensure_collection, ensure_pool_tenant
@@ -95,18 +95,11 @@ def tenant_record(tenant: str, key: str) -> TenantRecord:
 
 def prepare_tenant(admin: psycopg.Connection[tuple[object, ...]], redis_url: str,
                    tenants: Path, tenant: str) -> str:
-    import redis
-
     ensure_pool_tenant(admin, tenant)
     ensure_collection(admin, tenant, "shared", 384, 16, 64)
     key, _ = generate_key()
     (tenants / f"{tenant}.json").write_text(tenant_record(tenant, key).model_dump_json())
-    client = redis.Redis.from_url(redis_url)
-    client.hset(TenantKeys(tenant).limits, mapping={
-        "revision": 1, "daily_tokens": 10**12, "monthly_tokens": 10**13, "overage_allowed": 0,
-        "requests_per_minute": 10**9, "tokens_per_minute": 10**12,
-        "max_tokens_per_request": 4096, "suspended": 0})
-    client.close()
+    write_unbounded_limits(redis_url, tenant)
     return key
 
 

@@ -158,13 +158,18 @@ def write_tenant(directory: Path, redis_url: str) -> str:
         redis_key_prefix=TenantKeys(TENANT).prefix)
     record = TenantRecord(config=config, api_keys=(record_for(key, "bench"),))
     (directory / f"{TENANT}.json").write_text(record.model_dump_json())
+    write_unbounded_limits(redis_url, TENANT)
+    return key
+
+
+def write_unbounded_limits(redis_url: str, tenant: str) -> None:
+    """Limits no benchmark reaches, so that every request is admitted and settled."""
     client = redis.Redis.from_url(redis_url)
-    client.hset(TenantKeys(TENANT).limits, mapping={
+    client.hset(TenantKeys(tenant).limits, mapping={
         "revision": 1, "daily_tokens": 10**12, "monthly_tokens": 10**13, "overage_allowed": 0,
         "requests_per_minute": 10**9, "tokens_per_minute": 10**12,
         "max_tokens_per_request": 4096, "suspended": 0})
     client.close()
-    return key
 
 
 @contextmanager
