@@ -15,6 +15,7 @@ from tenantry_runtime.resp import (
     ReplyError,
     Script,
     encode_command,
+    encode_script_call,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -23,6 +24,15 @@ pytestmark = pytest.mark.timeout(60)
 def test_encode_command() -> None:
     assert encode_command(["SET", "k", 10, b"\x00v"]) == (
         b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n10\r\n$2\r\n\x00v\r\n")
+
+
+def test_a_script_call_is_encoded_as_the_command_it_stands_for() -> None:
+    keys, args = ["{t:a}:x", "{t:a}:y"], ["req_1", 42, b"\x00"]
+    for _ in range(2):  # the second time from the cached head
+        assert encode_script_call("ab" * 20, keys, args) == encode_command(
+            ["EVALSHA", "ab" * 20, 2, *keys, *args])
+    assert encode_script_call("ab" * 20, keys, ["other"]) == encode_command(
+        ["EVALSHA", "ab" * 20, 2, *keys, "other"])
 
 
 def test_address_from_url() -> None:

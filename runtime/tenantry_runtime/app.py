@@ -329,29 +329,39 @@ async def admit_count_tokens(runtime: Runtime, caller: Caller, request_id: str) 
 
 async def relay_stream(admitted: Admitted, upstream: UpstreamResponse
                        ) -> AsyncGenerator[bytes, None]:
-    """Pass SSE bytes through unchanged, reading usage on the way; settle before the last
-    chunk goes out, so the usage event is durable before the response completes."""
+    """Pass SSE bytes through unchanged, reading usage on the way; settle before the answer's
+    end goes out, so the usage event is durable before the response completes.
+
+    Held back until the settlement: the final `message_stop` event (from where it begins in
+    the chunk that completes it) or an `error` event, and whatever follows. Everything before
+    goes out as it arrives (a chunk is not kept waiting for the next one), and the response's
+    end (the last chunk of the HTTP body) always follows the settlement."""
     seen = StreamUsage()
     status = upstream.status
-    held: bytes | None = None
+    held: list[bytes] = []
     handed_off = False
     try:
         async for chunk in upstream.chunks():
             seen.feed(chunk)
-            if held is not None:
-                yield held
-            held = chunk
+            if not held and (seen.completed or seen.errored):
+                at = -1 if seen.errored else chunk.find(b"event: message_stop")
+                if at > 0:
+                    yield chunk[:at]
+                    chunk = chunk[at:]
+                held.append(chunk)
+            elif held:
+                held.append(chunk)
+            else:
+                yield chunk
         # Shielded: a client leaving now must not cut the settlement in half.
         await asyncio.shield(admitted.settle(seen.usage, status))
-        if held is not None:
-            yield held
+        if held:
+            yield b"".join(held)
     except STREAM_ERRORS:
         # Bytes already reached the client: no retry, an SSE error event as Anthropic sends.
         admitted.runtime.failures["upstream_stream_broken"] += 1
         await admitted.settle(seen.usage, 502)
-        if held is not None:
-            yield held
-        yield b"event: error\ndata: " + error_body(
+        yield b"".join(held) + b"event: error\ndata: " + error_body(
             "api_error", "The model endpoint broke off the stream.") + b"\n\n"
     except BaseException:
         # The client went away (GeneratorExit or cancellation): the model keeps generating

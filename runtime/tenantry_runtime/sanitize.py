@@ -127,7 +127,11 @@ class Sanitizer:
         if self.documents and _ANY_UUID.search(text) is not None:
             return True
         self.names()
-        return not self._first_parts.isdisjoint(map(str.lower, _WORDS.findall(text)))
+        # Lowering the whole text first is cheaper than word by word, and the same for ASCII
+        # (lowering other characters can merge them into a word: "İ" gives "i" and a mark).
+        words = _WORDS.findall(text.lower()) if text.isascii() else map(
+            str.lower, _WORDS.findall(text))
+        return not self._first_parts.isdisjoint(words)
 
     def redacted(self, text: str, tenant: str) -> tuple[str, Counter[str]]:
         """Pure but for the names' refresh: the redacted text and what was redacted."""
