@@ -127,6 +127,24 @@ def test_stream_usage_survives_any_chunking() -> None:
         assert seen.usage == Usage(input_tokens=3, output_tokens=4)
 
 
+def test_stream_usage_reads_crlf_events_and_errors_in_any_chunking() -> None:
+    message = answer({"model": MODEL, "max_tokens": 50,
+                      "messages": [{"role": "user", "content": "a b c"}]}, StubState())
+    events = stream_events(message)
+    raw = b"".join(events).replace(b"\n", b"\r\n")
+    broken = b"".join(events[:-2]) + b'event: error\ndata: {"type":"error"}\n\n'
+    for size in (1, 2, 5, 64, len(raw)):
+        seen = StreamUsage()
+        for at in range(0, len(raw), size):
+            seen.feed(raw[at:at + size])
+        assert seen.completed and seen.usage == Usage(input_tokens=3, output_tokens=4)
+        seen = StreamUsage()
+        for at in range(0, len(broken), size):
+            seen.feed(broken[at:at + size])
+        assert seen.errored and not seen.completed
+        assert seen.usage == Usage(input_tokens=3, output_tokens=1)  # message_start's count
+
+
 def test_usage_of_a_message_body() -> None:
     body = json.dumps({"usage": {"input_tokens": 3, "output_tokens": 2,
                                  "cache_read_input_tokens": 5}}).encode()

@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .messages import sse_data
 from .store import TenantStore
 from .upstream import UpstreamResponse
 
@@ -284,9 +285,21 @@ class StreamRewriter:
     _tool_json: dict[int, list[str]] = field(default_factory=dict)
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._buffer + chunk
-        *events, self._buffer = data.split(b"\n\n")
-        return b"".join(self._event(event + b"\n\n") for event in events)
+        data = self._buffer + chunk if self._buffer else chunk
+        end = data.rfind(b"\n\n") + 2
+        if end < 2:
+            self._buffer = data
+            return b""
+        self._buffer = data[end:]
+        out = []
+        changed = False
+        for event in data[:end - 2].split(b"\n\n"):
+            raw = event + b"\n\n"
+            rewritten = self._event(raw)
+            changed = changed or rewritten is not raw
+            out.append(rewritten)
+        # Most answers pass unchanged: their bytes as they came, without joining the events.
+        return b"".join(out) if changed else data[:end]
 
     def flush(self) -> bytes:
         rest, self._buffer = self._buffer, b""
@@ -298,7 +311,7 @@ class StreamRewriter:
         if (self.sanitizer is not None and b"content_block_delta" in raw
                 and b'"input_json_delta"' in raw):
             return self._hold_tool_json(raw)
-        if b"content_block_stop" in raw:
+        if b"content_block_stop" in raw and (self._tool_json or self._pending):
             data = self._data(raw)
             index = data.get("index") if data else None
             if isinstance(index, int) and index in self._tool_json and self.sanitizer:
@@ -359,14 +372,7 @@ class StreamRewriter:
 
     @staticmethod
     def _data(raw: bytes) -> dict[str, Any] | None:
-        for line in raw.split(b"\n"):
-            if line.startswith(b"data:"):
-                try:
-                    parsed = json.loads(line[5:])
-                except ValueError:
-                    return None
-                return parsed if isinstance(parsed, dict) else None
-        return None
+        return sse_data(raw)
 
     def answer_text(self) -> str:
         return "".join("".join(self.texts[index]) for index in sorted(self.texts))

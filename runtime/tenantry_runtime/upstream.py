@@ -73,9 +73,8 @@ class UpstreamResponse:
         self.status = response.status
         self.content = content if content is not None else b""
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        async for chunk in self._response.chunks():
-            yield chunk
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self._response.chunks()
 
     def close(self) -> None:
         self._response.close()
