@@ -16,6 +16,7 @@ from tenantry_runtime.resp import (
     Script,
     encode_command,
     encode_script_call,
+    parse_reply,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -33,6 +34,26 @@ def test_a_script_call_is_encoded_as_the_command_it_stands_for() -> None:
             ["EVALSHA", "ab" * 20, 2, *keys, *args])
     assert encode_script_call("ab" * 20, keys, ["other"]) == encode_command(
         ["EVALSHA", "ab" * 20, 2, *keys, "other"])
+
+
+def test_replies_parse_whole_or_wait_for_their_rest() -> None:
+    replies = (b":42\r\n$3\r\nabc\r\n$-1\r\n*3\r\n:1\r\n*-1\r\n$0\r\n\r\n+OK\r\n"
+               b"-NOSCRIPT no such script\r\n*0\r\n")
+    expected = [42, b"abc", None, [1, None, b""], b"OK", "error", []]
+    parsed, at = [], 0
+    while at < len(replies):
+        reply, at = parse_reply(replies, at)
+        parsed.append("error" if isinstance(reply, ReplyError) else reply)
+    assert parsed == expected
+    # Cut anywhere, a reply is either whole or not yet there.
+    for cut in range(len(replies)):
+        at, count = 0, 0
+        while True:
+            _, end = parse_reply(replies[:cut], at)
+            if end < 0:
+                break
+            at, count = end, count + 1
+        assert count < len(expected)
 
 
 def test_address_from_url() -> None:

@@ -9,7 +9,8 @@ keeps using redis-py.
 Two things keep a command cheap (bench/README.md measured them): the commands issued during
 one turn of the event loop leave in ONE write (each write on loopback wakes redis-server, the
 costliest step of a command), and the reply deadline is one timer per connection instead of
-an `asyncio.timeout` per command.
+an `asyncio.timeout` per command. Replies are parsed where they arrive (an asyncio Protocol),
+and a script's EVALSHA head (its sha and keys) is encoded once per tenant and day.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 
@@ -85,23 +86,42 @@ def _script_head(sha: str, keys: tuple[str, ...], arg_count: int) -> bytes:
         ("EVALSHA", sha, len(keys), *keys))
 
 
-async def read_reply(reader: asyncio.StreamReader) -> Any:
-    """One RESP2 reply; an error reply is returned as a ReplyError, not raised."""
-    line = await reader.readuntil(b"\r\n")
-    kind, rest = line[:1], line[1:-2]
-    if kind == b":":
-        return int(rest)
-    if kind == b"$":
-        size = int(rest)
-        return None if size < 0 else (await reader.readexactly(size + 2))[:-2]
-    if kind == b"*":
-        count = int(rest)
-        return None if count < 0 else [await read_reply(reader) for _ in range(count)]
-    if kind == b"+":
-        return rest
-    if kind == b"-":
-        return ReplyError(rest.decode(errors="replace"))
-    raise RedisUnavailable(f"unexpected reply {line[:40]!r}")
+def parse_reply(data: bytes, at: int) -> tuple[Any, int]:
+    """Pure: the RESP2 reply that begins at `at` and where the next one begins, or
+    (None, -1) while `data` does not hold all of it. An error reply is returned as a
+    ReplyError, not raised. Parsed where the bytes arrive (`_Connection.data_received`):
+    no reader task to wake and no await per line (bench/README.md, third round)."""
+    end = data.find(b"\r\n", at)
+    if end < 0:
+        return None, -1
+    kind = data[at]
+    if kind == 58:  # ":" integer
+        return int(data[at + 1:end]), end + 2
+    if kind == 36:  # "$" bulk string
+        size = int(data[at + 1:end])
+        if size < 0:
+            return None, end + 2
+        stop = end + 2 + size
+        if len(data) < stop + 2:
+            return None, -1
+        return data[end + 2:stop], stop + 2
+    if kind == 42:  # "*" array
+        count = int(data[at + 1:end])
+        if count < 0:
+            return None, end + 2
+        items = []
+        position = end + 2
+        for _ in range(count):
+            item, position = parse_reply(data, position)
+            if position < 0:
+                return None, -1
+            items.append(item)
+        return items, position
+    if kind == 43:  # "+" simple string
+        return data[at + 1:end], end + 2
+    if kind == 45:  # "-" error
+        return ReplyError(data[at + 1:end].decode(errors="replace")), end + 2
+    raise RedisUnavailable(f"unexpected reply {data[at:at + 40]!r}")
 
 
 @dataclass(frozen=True)
@@ -125,12 +145,12 @@ class Address:
                    parts.scheme == "rediss")
 
 
-class _Connection:
-    """One connection: writes in order, a reader task resolving the FIFO of futures."""
+class _Connection(asyncio.Protocol):
+    """One connection: writes in order; replies, parsed as they arrive, resolve the FIFO of
+    futures."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 timeout: float) -> None:
-        self.writer = writer
+    def __init__(self, timeout: float) -> None:
+        self.transport: asyncio.Transport | None = None
         self.pending: deque[asyncio.Future[Any]] = deque()
         self.broken = False
         self._loop = asyncio.get_running_loop()
@@ -140,11 +160,38 @@ class _Connection:
         self._watchdog: asyncio.TimerHandle | None = None
         # Commands of this loop turn, written together by `_flush`.
         self._outgoing: list[bytes] = []
-        self._task = asyncio.create_task(self._read_replies(reader))
+        self._buffer = b""  # the start of a reply whose rest has not arrived
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer + data if self._buffer else data
+        at = 0
+        try:
+            while at < len(buffer):
+                reply, end = parse_reply(buffer, at)
+                if end < 0:
+                    break
+                at = end
+                future = self.pending.popleft()
+                self._due.popleft()
+                if not future.done():
+                    future.set_result(reply)
+        except (RedisUnavailable, ValueError, IndexError) as error:
+            self.close(RedisUnavailable(f"Redis connection lost: {error!r}"))
+            return
+        self._buffer = buffer[at:]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close(RedisUnavailable(f"Redis connection lost: {exc!r}"))
 
     def send(self, command: bytes) -> asyncio.Future[Any]:
         """`command` (encoded) goes out with the others of this loop turn; its reply."""
         future: asyncio.Future[Any] = self._loop.create_future()
+        if self.broken:
+            future.set_exception(RedisUnavailable("Redis connection lost"))
+            return future
         self.pending.append(future)
         self._due.append(self._loop.time() + self._timeout)
         if not self._outgoing:
@@ -156,8 +203,8 @@ class _Connection:
 
     def _flush(self) -> None:
         outgoing, self._outgoing = self._outgoing, []
-        if not self.broken:
-            self.writer.write(b"".join(outgoing))
+        if not self.broken and self.transport is not None:
+            self.transport.write(b"".join(outgoing))
 
     def _check_due(self) -> None:
         """No reply in time: drop the connection (its callers fail fast; later calls
@@ -170,25 +217,13 @@ class _Connection:
             return
         self._watchdog = self._loop.call_at(self._due[0], self._check_due)
 
-    async def _read_replies(self, reader: asyncio.StreamReader) -> None:
-        try:
-            while True:
-                reply = await read_reply(reader)
-                future = self.pending.popleft()
-                self._due.popleft()
-                if not future.done():
-                    future.set_result(reply)
-        except (OSError, asyncio.IncompleteReadError, RedisUnavailable, IndexError) as error:
-            self.close(RedisUnavailable(f"Redis connection lost: {error!r}"))
-
     def close(self, error: Exception) -> None:
         self.broken = True
-        self.writer.close()
+        if self.transport is not None:
+            self.transport.close()
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        if asyncio.current_task() is not self._task:
-            self._task.cancel()
         self._due.clear()
         while self.pending:
             future = self.pending.popleft()
@@ -210,10 +245,13 @@ class PipelinedRedis:
             if self._connection is not None and not self._connection.broken:
                 return self._connection
             a = self._address
+            connection: _Connection | None = None
             try:
                 async with asyncio.timeout(self._timeout):
-                    reader, writer = await asyncio.open_connection(
-                        a.host, a.port, ssl=ssl.create_default_context() if a.tls else None)
+                    loop = asyncio.get_running_loop()
+                    _, connection = await loop.create_connection(
+                        lambda: _Connection(self._timeout), a.host, a.port,
+                        ssl=ssl.create_default_context() if a.tls else None)
                     setup: list[list[str | int | bytes]] = []
                     if a.password is not None:
                         setup.append(["AUTH", a.password] if a.username is None
@@ -221,15 +259,17 @@ class PipelinedRedis:
                     if a.db:
                         setup.append(["SELECT", a.db])
                     for command in setup:
-                        writer.write(encode_command(command))
-                        reply = await read_reply(reader)
+                        reply = await connection.send(encode_command(command))
                         if isinstance(reply, ReplyError):
-                            writer.close()
                             raise RedisUnavailable(f"{command[0]!r} failed: {reply}")
-            except (OSError, TimeoutError, asyncio.IncompleteReadError) as error:
+            except (OSError, TimeoutError, RedisUnavailable) as error:
+                if connection is not None:
+                    connection.close(RedisUnavailable("connection setup failed"))
+                if isinstance(error, RedisUnavailable):
+                    raise
                 raise RedisUnavailable(f"connecting to Redis failed: {error!r}") from None
-            self._connection = _Connection(reader, writer, self._timeout)
-            return self._connection
+            self._connection = connection
+            return connection
 
     async def execute(self, *args: str | int | bytes) -> Any:
         """Send one command; its reply (an error reply is raised as ReplyError)."""
