@@ -57,18 +57,21 @@ def error_reply(error: ApiError, request_id: str | None = None) -> Reply:
 
 async def collect_body(headers: Headers, stream: AsyncIterator[bytes], limit: int) -> bytes:
     """The whole body, or 413 as soon as it is (or says it will be) over `limit`."""
-    too_large = ApiError("request_too_large", f"Request exceeds the maximum size of {limit} bytes.")
     declared = headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise too_large
+        raise too_large(limit)
     chunks: list[bytes] = []
     size = 0
     async for chunk in stream:
         size += len(chunk)
         if size > limit:
-            raise too_large
+            raise too_large(limit)
         chunks.append(chunk)
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError("request_too_large", f"Request exceeds the maximum size of {limit} bytes.")
 
 
 def headers_of(scope: Scope) -> dict[str, str]:

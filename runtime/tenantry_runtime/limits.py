@@ -43,6 +43,11 @@ ALREADY_SETTLED = -2
 BYTES_PER_TOKEN = 3
 
 
+# The usage event's JSON, compact; one encoder for all (json.dumps builds one per call when
+# given separators).
+_EVENT_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 class Verdict(IntEnum):
     ADMITTED = 0
     SUSPENDED = 1
@@ -213,6 +218,6 @@ class Settlement:
         # a key per request); its lifetime covers its width, so every id lives marker_seconds.
         return cls(keys.settle(time.time()), [request_id, usage.charged, DAY_KEY_TTL_SECONDS,
                                               MONTH_KEY_TTL_SECONDS,
-                                              json.dumps(event, separators=(",", ":")),
+                                              _EVENT_JSON.encode(event),
                                               marker_seconds + SETTLED_BUCKET_SECONDS,
                                               "bucket"])
