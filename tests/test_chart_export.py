@@ -245,8 +245,8 @@ def test_template_rejects_contradictions(helm: list[str], args: list[str], messa
 def test_server_dry_run_accepts_the_export(helm: list[str], control_plane: ControlPlane,
                                           variant: str) -> None:
     """The CronJob (podFailurePolicy and all), its ServiceAccount and NetworkPolicy, and in
-    evaluation mode the data stores' NetworkPolicies, on the API server under Pod Security `restricted`. (The
-    custom-values.yaml variant is dry-run whole by tests/test_chart.py.)"""
+    evaluation mode the data stores' NetworkPolicies, on the API server under Pod Security
+    `restricted`. (The custom-values.yaml variant is dry-run whole by tests/test_chart.py.)"""
     namespace = f"export-{uuid.uuid4().hex[:8]}"
     control_plane.kubectl("create", "namespace", namespace)
     control_plane.kubectl("label", "namespace", namespace,

@@ -487,6 +487,8 @@ class Rag:
         return RewrittenStream(upstream, rewriter, on_end)
 
     async def aclose(self) -> None:
-        if isinstance(self.embedder, HttpEmbeddings):
-            await self.embedder.aclose()
-        self.databases.close()
+        try:
+            if isinstance(self.embedder, HttpEmbeddings | LocalMiniLM):
+                await self.embedder.aclose()
+        finally:
+            self.databases.close()
