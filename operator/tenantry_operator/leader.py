@@ -297,7 +297,7 @@ class RenewalThread:
         self._running = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[Any] | None = None
-        self._thread = threading.Thread(target=asyncio.run, args=(self._main(),),
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()),
                                         name="lease-renewal", daemon=True)
 
     def start(self) -> None:
