@@ -1,10 +1,10 @@
 """The evaluation mode's Postgres and Redis behind NetworkPolicies, judged by a real analyzer.
 
 The chart is rendered with helm (evaluation mode, the usage export on); its NetworkPolicies (the
-data stores' and the runtime's own) go to cyclonus with a model of the Pods around them: the
-operator, the runtime, the usage export's Pods, a tenant's app, a bystander, kube-dns, and
-Pods that look like ours but are not. Each Pod's labels are taken from the rendered object that
-creates it, so the test follows the chart's labels rather than a copy of them.
+data stores', the runtime's and the usage export's own) go to cyclonus with a model of the Pods
+around them: the operator, the runtime, the usage export's Pods, a tenant's app, a bystander,
+kube-dns, and Pods that look like ours but are not. Each Pod's labels are taken from the
+rendered object that creates it, so the test follows the chart's labels rather than a copy.
 """
 
 from __future__ import annotations
