@@ -379,6 +379,14 @@ class StreamRewriter:
             self._queue.popleft()
         return b"".join(out)
 
+    async def rewrite(self, chunk: bytes) -> bytes:
+        """`feed`, asking the registry whenever a UUID must be resolved before its event."""
+        out = self.feed(chunk)
+        while self.lookup:
+            await self.resolve()
+            out += self.drain()
+        return out
+
     async def resolve(self) -> None:
         """Ask the registry about `lookup` (once per id and stream), then clear it."""
         wanted, self.lookup = self.lookup, []
@@ -494,12 +502,8 @@ class RewrittenStream(UpstreamResponse):
         self._on_end = on_end
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        rewriter = self.rewriter
         async for chunk in self._inner.chunks():
-            out = rewriter.feed(chunk)
-            while rewriter.lookup:  # a UUID to resolve before its delta is sent
-                await rewriter.resolve()
-                out += rewriter.drain()
+            out = await self.rewriter.rewrite(chunk)
             if self.rewriter.completed and self._on_end is not None:
                 await self._on_end(self.rewriter)
                 self._on_end = None
