@@ -191,3 +191,15 @@ async def test_deleting_a_tenant_with_its_data_forgets_its_ids_only(
         assert await forget_documents(client, "regdel2") == 1
     finally:
         await client.aclose()
+
+
+async def test_a_foreign_id_glued_to_another_uuid_is_held_and_redacted(
+        registry: DocumentRegistry) -> None:
+    foreign, own = str(uuid.uuid4()), str(uuid.uuid4())
+    await registry.register("globex", [foreign])
+    sanitizer = with_registry(registry, "acme", "globex")
+    for chars in (3, 5, 11):
+        rewriter = StreamRewriter(sanitizer, "acme", f"req_g{chars}")
+        out = await rewritten(rewriter, events_for(f"{own}{foreign}{own} end", chars))
+        assert "".join(texts_of(out)) == f"echo: {own}{REDACTED}{own} end"
+        assert not any(foreign[:4] in text for text in texts_of(out))

@@ -40,7 +40,8 @@ from .upstream import UpstreamResponse
 log = logging.getLogger(__name__)
 REDACTED = "[redacted]"
 _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-_TRAILING_WORD = re.compile(r"[A-Za-z0-9-]{1,40}$")
+# A tenant id (40) or a UUID after a whole one (36 + 35): what a delta's tail may begin.
+_TRAILING_WORD = re.compile(r"[A-Za-z0-9-]{1,76}$")
 _UUID_TEMPLATE = "xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"
 
 
@@ -59,6 +60,14 @@ _UUID_PREFIX = _prefix_pattern(_UUID_TEMPLATE)
 def could_begin_uuid(text: str) -> bool:
     """Whether `text` is the start of a UUID but not yet a whole one."""
     return len(text) < len(_UUID_TEMPLATE) and _UUID_PREFIX.fullmatch(text) is not None
+
+
+def _uuid_begins(tail: str, start: int) -> int | None:
+    """Where in `tail[start:]` the start of a UUID begins, as the exact pass would read one:
+    at `start` or right after whole UUIDs (`<uuid><uuid>` are two); None if nowhere."""
+    while (whole := _ANY_UUID.match(tail, start)) is not None:
+        start = whole.end()
+    return start if could_begin_uuid(tail[start:]) else None
 
 
 @dataclass
@@ -254,6 +263,12 @@ class Sanitizer:
 
     def could_begin(self, tail: str, tenant: str) -> bool:
         """Whether `tail` (the end of a delta) may be the start of an identifier to redact."""
+        return self.hold_from(tail, tenant) is not None
+
+    def hold_from(self, tail: str, tenant: str) -> int | None:
+        """Where in `tail` (the end of a delta) to hold back text that may begin an
+        identifier to redact (None: nowhere). A name or a known id: the whole tail; with a
+        registry, any UUID: from where it may begin (whole UUIDs before it can go)."""
         self.names()
         lowered = tail.lower()
         names = self._sorted_names
@@ -265,11 +280,14 @@ class Sanitizer:
             at = bisect.bisect_left(names, piece)
             while piece and at < len(names) and names[at].startswith(piece):
                 if names[at] != tenant:
-                    return True
+                    return 0
                 at += 1
-        if self.registry is not None and any(could_begin_uuid(tail[start:]) for start in starts):
-            return True
-        return len(tail) <= 36 and self.documents.foreign_prefix(tail, tenant)
+        if len(tail) <= 36 and self.documents.foreign_prefix(tail, tenant):
+            return 0
+        if self.registry is None:
+            return None
+        begins = [at for start in starts if (at := _uuid_begins(tail, start)) is not None]
+        return min(begins) if begins else None
 
     def redact_value(self, value: Any, tenant: str, request_id: str) -> Any:
         """A parsed JSON value with every string (object keys too) redacted."""
@@ -443,8 +461,9 @@ class StreamRewriter:
         held = ""
         if self.sanitizer is not None:
             trailing = _TRAILING_WORD.search(text)
-            if trailing and self.sanitizer.could_begin(trailing.group(0), self.tenant):
-                text, held = text[:trailing.start()], trailing.group(0)
+            at = self.sanitizer.hold_from(trailing.group(0), self.tenant) if trailing else None
+            if trailing and at is not None:
+                text, held = text[:trailing.start() + at], text[trailing.start() + at:]
             self._need(text)  # before any state changes: the event is rewritten again
             text = self._clean(text)
         if held:
