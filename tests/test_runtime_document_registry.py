@@ -5,6 +5,7 @@ against the local model endpoint, which echoes the question (so the answer holds
 from __future__ import annotations
 
 import secrets
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,16 +13,18 @@ from pathlib import Path
 
 import anthropic
 import httpx
+import psycopg
 import pytest
 import redis
 from db_helpers import connect, create_login_role, drop_roles, scratch_database, unique
 from pydantic import SecretStr
 from rag_helpers import RagTenants
 from runtime_helpers import MODEL, UPSTREAM_KEY, RuntimeServer, serve, wait_for
+from tenantry_cli.documents import document_ids, sync_tenant
 from tenantry_devenv.services import Postgres, Redis
 from tenantry_operator.database import bootstrap_shared, ensure_collection, ensure_pool_tenant
 from tenantry_runtime.app import create_app
-from tenantry_runtime.contracts.database import APP_ROLE
+from tenantry_runtime.contracts.database import APP_ROLE, SHARED_SCHEMA, tenant_transaction
 from tenantry_runtime.contracts.redis_keys import DOCUMENT_OWNERS, TenantKeys
 from tenantry_runtime.sanitize import REDACTED, Sanitizer
 from tenantry_runtime.settings import RuntimeSettings
@@ -50,6 +53,7 @@ class Cluster:
     redis_url: str
     a: str
     b: str
+    admin_dsn: str  # the database's owner, as the operator and `tenantry` connect
 
     @property
     def stub(self) -> StubState:
@@ -110,7 +114,8 @@ def cluster(postgres: Postgres, redis_server: Redis, workdir: Path,
                 tenants = RagTenants(first)
                 tenants.pool(a)
                 tenants.pool(b)
-                cluster = Cluster(first, Replica("", None), settings, redis_server.url, a, b)
+                cluster = Cluster(first, Replica("", None), settings, redis_server.url, a, b,
+                                  postgres.dsn(db))
                 with cluster.replica() as second:
                     cluster.second = second
                     yield cluster
@@ -209,3 +214,44 @@ def test_a_document_the_database_does_not_store_leaves_no_registry_entry(
         assert broken not in owners
     finally:
         keys.close()
+
+
+def test_backfill_registers_older_documents_and_drops_gone_ones(cluster: Cluster) -> None:
+    """`tenantry documents backfill`'s work (tenantry_cli.documents) on this database: the
+    CLI around it is tested in tests/test_cli.py."""
+    older = [str(uuid.uuid4()) for _ in range(5)]
+    neighbours = [str(uuid.uuid4()) for _ in range(3)]
+    lingering = str(uuid.uuid4())  # deleted while Redis was away
+    with psycopg.connect(cluster.admin_dsn, autocommit=True) as admin:
+        for tenant, ids in ((cluster.b, older), (cluster.a, neighbours)):
+            with tenant_transaction(admin, tenant):
+                for document_id in ids:
+                    admin.execute("INSERT INTO tenantry.documents (id, tenant_id, content)"
+                                  " VALUES (%s, %s, 'from before the registry')",
+                                  (document_id, tenant))
+    client = redis.Redis.from_url(cluster.redis_url)
+    try:
+        client.hset(DOCUMENT_OWNERS, lingering, cluster.b)
+        client.sadd(TenantKeys(cluster.b).documents, lingering)
+        question = f"{older[0]} {lingering}"
+        assert ask(cluster.sdk(cluster.a, cluster.second), question) == (
+            f"echo: {older[0]} {REDACTED}",) * 2  # the replica learns `lingering` only
+        registered = set(client.smembers(TenantKeys(cluster.b).documents))
+        with psycopg.connect(cluster.admin_dsn, autocommit=True) as conn, \
+                tenant_transaction(conn, cluster.b):
+            documents, added, dropped = sync_tenant(
+                client, cluster.b, document_ids(conn, SHARED_SCHEMA, cluster.b, batch=2))
+        assert (added, dropped) == (5, 1)
+        assert documents == len(registered) - 1 + 5
+        assert client.hmget(DOCUMENT_OWNERS, [*older, lingering, *neighbours]) == [
+            cluster.b.encode()] * 5 + [None] * 4
+        with psycopg.connect(cluster.admin_dsn, autocommit=True) as conn, \
+                tenant_transaction(conn, cluster.b):
+            again = sync_tenant(client, cluster.b, document_ids(conn, SHARED_SCHEMA,
+                                                                  cluster.b))
+        assert again == (documents, 0, 0)  # idempotent
+    finally:
+        client.close()
+    with cluster.replica() as fresh:
+        assert ask(cluster.sdk(cluster.a, fresh), question) == (
+            f"echo: {REDACTED} {lingering}",) * 2
