@@ -129,12 +129,13 @@ _UUID_HINT = r"-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
 _ANY_UUID_HINT = re.compile(_UUID_HINT)
 _ANY_UUID_HINT_BYTES = re.compile(_UUID_HINT.encode())
 
-
-def _has_uuid(text: str) -> bool:
-    return _ANY_UUID_HINT.search(text) is not None and _ANY_UUID.search(text) is not None
 _UUID_PARTS = 5
 _MAX_NAME_PARTS = 20  # a tenant id has at most 40 characters
 NAMES_REFRESH_SECONDS = 1.0
+
+
+def _has_uuid(text: str) -> bool:
+    return _ANY_UUID_HINT.search(text) is not None and _ANY_UUID.search(text) is not None
 
 
 @dataclass
