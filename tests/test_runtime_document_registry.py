@@ -159,6 +159,10 @@ def test_a_document_created_on_one_replica_is_redacted_on_another(cluster: Clust
     assert owner_in_redis(cluster, mine) == cluster.a
     second = cluster.second
     assert theirs not in second.sanitizer.documents  # never seen by this replica
+    # Its failures are the runtime's (tenantry_runtime_failures_total{reason}).
+    registry = second.sanitizer.registry
+    assert registry is not None
+    assert registry.failures is second.app.state.runtime.failures  # type: ignore[attr-defined]
     before = second.sanitizer.redactions["document_id"]
     client = cluster.sdk(cluster.a, second)
     question = f"compare {theirs} with {mine} please"
