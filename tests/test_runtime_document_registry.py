@@ -4,6 +4,7 @@ against the local model endpoint, which echoes the question (so the answer holds
 
 from __future__ import annotations
 
+import re
 import secrets
 import uuid
 from collections.abc import Iterator
@@ -173,6 +174,10 @@ def test_a_document_created_on_one_replica_is_redacted_on_another(cluster: Clust
         assert ask(client, f"{mine}{theirs.upper()} end") == (
             f"echo: {mine}{REDACTED} end", f"echo: {mine}{REDACTED} end")
     assert second.sanitizer.redactions["document_id"] - before == 4
+    scraped = httpx.get(f"{second.url}/metrics", timeout=10).text
+    assert re.search(r'^tenantry_runtime_redactions_total\{kind="document_id"\} ' +
+                     str(second.sanitizer.redactions["document_id"]) + r"(\.0)?$", scraped,
+                     re.MULTILINE), scraped
     # Tenant B reads its own id on the replica that learnt it is B's.
     assert ask(cluster.sdk(cluster.b, second), question) == (
         f"echo: compare {theirs} with {REDACTED} please",) * 2

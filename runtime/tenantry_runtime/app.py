@@ -557,7 +557,8 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
         body = runtime.metrics.render(
             revisions=revisions, failures=merged(runtime.failures, writer_failures),
             refused=store.refused, stale_ignored=store.stale_ignored,
-            in_flight=sum(runtime.in_flight.values()), waiting=runtime.gate.waiting)
+            in_flight=sum(runtime.in_flight.values()), waiting=runtime.gate.waiting,
+            redactions=request.app.state.rag.sanitizer.redactions)
         return Response(body, media_type=CONTENT_TYPE)
 
     def model_info(model: str) -> dict[str, Any]:
