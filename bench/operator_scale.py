@@ -8,7 +8,15 @@ one full resync of the settled state (an operator restart: kopf resumes every te
 bridge and one silo tenant create-to-Ready. Each N gets a fresh stack. Asserts nothing.
 
     .venv/bin/python bench/operator_scale.py [--tenants 100,1000] [--concurrency 32]
+        [--rate 5,10,20] [--floor] [--no-operator] [--no-resync] [--no-single]
         [--operator-env TENANTRY_WORKER_LIMIT=16 ...] [--profile DIR] [--keep DIR]
+
+`--rate R`: the Tenants arrive at R per second, evenly spaced, instead of all at once (one run,
+on its own stack, per rate). `--floor`: first, on a stack of its own, the API server's floor:
+the operator makes its writes for one template tenant, is stopped, and a plain aiohttp client
+replays those 14 writes (same bodies, order and concurrency) for each of the N Tenants as they
+are POSTed; Ready there means the replayed status patch. Every run also reports the CPU each
+server of the stack used per tenant (API server, etcd, Postgres, ...).
 
 The silo's StatefulSet runs under kwok (no container): its database is a second database in the
 same Postgres (TENANTRY_SILO_DSN_OVERRIDES), so the silo figure is the operator's share only.
