@@ -172,6 +172,8 @@ async def test_a_deleted_then_recreated_object_is_read_as_the_new_one(
     assert late_get is not None
     assert await kube.delete(ConfigMap, "tomb-one", NAMESPACE)
     assert config_maps(kube).get("tomb-one", NAMESPACE) is MISS
+    # The server's answer to the DELETE named the deleted object.
+    assert config_maps(kube)._tombstones[(NAMESPACE, "tomb-one")].uid == old["metadata"]["uid"]
     assert await kube.read(ConfigMap, "tomb-one", NAMESPACE) is None
     config_maps(kube).put(late_get)  # the late response is refused
     assert config_maps(kube).get("tomb-one", NAMESPACE) is MISS
