@@ -74,6 +74,15 @@ def test_a_recreated_object_is_taken_at_once_and_the_old_ones_events_stay_buried
     assert cache.get("n")["metadata"]["uid"] == "uid-3"
 
 
+def test_a_label_put_back_brings_the_same_object_back(cache: KindCache) -> None:
+    """A label-filtered watch sends DELETED when the label is removed; put back, the same
+    uid returns with a higher resourceVersion and is taken."""
+    cache._event({"type": "ADDED", "object": obj(10)})
+    cache._event({"type": "DELETED", "object": obj(12)})
+    cache._event({"type": "ADDED", "object": obj(14, v="labelled-again")})
+    assert cache.get("n")["metadata"]["labels"] == {"v": "labelled-again"}
+
+
 def test_versions_that_are_no_numbers_fall_back_to_the_uid(cache: KindCache) -> None:
     cache._event({"type": "ADDED", "object": obj("a1")})
     cache._event({"type": "DELETED", "object": obj("a3")})

@@ -65,12 +65,15 @@ class Tombstone(NamedTuple):
     expires: float
 
     def buries(self, obj: Mapping[str, Any]) -> bool:
-        """Whether `obj` is the deleted object or older than its deletion."""
-        uid = _uid(obj)
-        if uid and uid == self.uid:  # a uid never comes back once its object is deleted
-            return True
+        """Whether `obj` is not newer than the deletion: by resourceVersion when both are
+        known (a label-filtered watch also "deletes" an object whose label was removed; put
+        back, the same uid returns with a higher version), else by uid (a deleted object's
+        uid never comes back)."""
         version = _version(obj)
-        return bool(version and self.version) and version <= self.version
+        if version and self.version:
+            return version <= self.version
+        uid = _uid(obj)
+        return bool(uid) and uid == self.uid
 
 
 def _key(obj: Mapping[str, Any]) -> Key:
