@@ -12,9 +12,10 @@ Rules that keep the reads correct (Kube.read):
   carries no label): Kube.read asks the API server then;
 - after a write, the write's response is stored (read after write); a watch event older than
   what is stored (a lower resourceVersion) never replaces it;
-- a deletion leaves a tombstone for `TOMBSTONE_SECONDS`: a late event or GET response of the
-  deleted object (same uid, or a resourceVersion not above the deletion's) never brings it
-  back; a re-created object (new uid, higher resourceVersion) is taken at once;
+- a deletion leaves a tombstone for `TOMBSTONE_SECONDS`: a late event, GET or write
+  response, or a list made before the deletion (a resourceVersion not above the deletion's;
+  the same uid when a version is unknown) never brings the object back; a re-created object
+  (new uid, higher resourceVersion) is taken at once;
 - while a watch is down for longer than `stale_after`, the cache is not used at all.
 """
 

@@ -257,6 +257,10 @@ class Kube:
             if cache is not None:  # outcome unknown: the next read asks the API server
                 cache.forget(name, namespace)
             raise
+        except Exception:
+            if cache is not None:
+                cache.forget(name, namespace)
+            raise
         if cache is not None:
             try:
                 answer = json.loads(response.content)
