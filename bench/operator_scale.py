@@ -8,7 +8,15 @@ one full resync of the settled state (an operator restart: kopf resumes every te
 bridge and one silo tenant create-to-Ready. Each N gets a fresh stack. Asserts nothing.
 
     .venv/bin/python bench/operator_scale.py [--tenants 100,1000] [--concurrency 32]
+        [--rate 5,10,20] [--floor] [--no-operator] [--no-resync] [--no-single]
         [--operator-env TENANTRY_WORKER_LIMIT=16 ...] [--profile DIR] [--keep DIR]
+
+`--rate R`: the Tenants arrive at R per second, evenly spaced, instead of all at once (one run,
+on its own stack, per rate). `--floor`: first, on a stack of its own, the API server's floor:
+the operator makes its writes for one template tenant, is stopped, and a plain aiohttp client
+replays those 14 writes (same bodies, order and concurrency) for each of the N Tenants as they
+are POSTed; Ready there means the replayed status patch. Every run also reports the CPU each
+server of the stack used per tenant (API server, etcd, Postgres, ...).
 
 The silo's StatefulSet runs under kwok (no container): its database is a second database in the
 same Postgres (TENANTRY_SILO_DSN_OVERRIDES), so the silo figure is the operator's share only.
@@ -20,14 +28,15 @@ import argparse
 import asyncio
 import collections
 import json
+import os
 import ssl
 import statistics
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,9 +186,12 @@ def tenant_body(name: str, plan: str = "free", **spec: Any) -> dict[str, Any]:
                      "apiKeys": [{"name": "app"}], **spec}}
 
 
-async def create_and_wait(plane: ControlPlane, bodies: list[dict[str, Any]], concurrency: int,
-                          wait_seconds: float) -> tuple[dict[str, float], dict[str, float]]:
-    """POST every Tenant (`concurrency` at once); (created at, Ready at) per name, monotonic."""
+async def create_and_wait(
+    plane: ControlPlane, bodies: list[dict[str, Any]], concurrency: int, wait_seconds: float,
+    rate: float | None = None, created_hook: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """POST every Tenant (`concurrency` at once, or `rate` per second evenly spaced); (created
+    at, Ready at) per name, monotonic. `created_hook` gets each created Tenant as answered."""
     names = {b["metadata"]["name"] for b in bodies}
     created: dict[str, float] = {}
     ready: dict[str, float] = {}
@@ -204,6 +216,8 @@ async def create_and_wait(plane: ControlPlane, bodies: list[dict[str, Any]], con
             # The API server ends a watch now and then (or answers 410 Gone): list again.
             while len(ready) < len(names):
                 version = await list_ready()
+                if len(ready) == len(names):  # all Ready before the watch began
+                    break
                 params = {"watch": "1", "resourceVersion": version}
                 try:
                     async with client.stream("GET", TENANTS, params=params,
@@ -220,13 +234,19 @@ async def create_and_wait(plane: ControlPlane, bodies: list[dict[str, Any]], con
         watcher = asyncio.create_task(watch())
         gate = asyncio.Semaphore(concurrency)
 
-        async def create(body: dict[str, Any]) -> None:
+        async def create(body: dict[str, Any], due: float | None) -> None:
+            if due is not None:  # paced: its own time slot, whatever the earlier POSTs took
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
             async with gate:
                 response = await client.post(TENANTS, json=body)
                 response.raise_for_status()
                 created[body["metadata"]["name"]] = time.monotonic()
+                if created_hook is not None:
+                    created_hook(response.json())
 
-        await asyncio.gather(*(create(b) for b in bodies))
+        start = time.monotonic()
+        await asyncio.gather(*(create(b, None if rate is None else start + index / rate)
+                               for index, b in enumerate(bodies)))
         try:
             await asyncio.wait_for(watcher, wait_seconds)
         except TimeoutError:
@@ -234,12 +254,17 @@ async def create_and_wait(plane: ControlPlane, bodies: list[dict[str, Any]], con
     return created, ready
 
 
-def operator_writes(plane: ControlPlane, offset: int) -> collections.Counter[str]:
-    writes = plane.writes_since(offset)
+def write_kinds(writes: list[dict[str, Any]]) -> collections.Counter[str]:
     return collections.Counter(
         f"{w['verb']} {w['objectRef'].get('resource')}"
         + (f"/{w['objectRef']['subresource']}" if w["objectRef"].get("subresource") else "")
-        for w in writes if str(w.get("userAgent", "")).startswith(OPERATOR_AGENTS))
+        for w in writes)
+
+
+def operator_writes(plane: ControlPlane, offset: int) -> list[dict[str, Any]]:
+    """The operator's write requests since `offset` (audit events, in order)."""
+    return [w for w in plane.writes_since(offset)
+            if str(w.get("userAgent", "")).startswith(OPERATOR_AGENTS)]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -247,27 +272,47 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def run_pool(bench: Stack, count: int, concurrency: int) -> dict[str, Any]:
+def arrivals(count: int, rate: float | None) -> str:
+    return "at once" if rate is None else f"at {rate:g} per second"
+
+
+def readiness(count: int, rate: float | None, first: float, created: dict[str, float],
+              ready: dict[str, float]) -> dict[str, Any]:
+    """All Ready after (from the first POST), create-to-Ready p50/p95/max, load average."""
+    latencies = [ready[n] - created[n] for n in ready if n in created]
+    return {
+        "tenants": count, "arrivals": arrivals(count, rate), "ready": len(ready),
+        "all_ready_s": max(ready.values(), default=first) - first,
+        "p50_s": statistics.median(latencies) if latencies else None,
+        "p95_s": percentile(latencies, 0.95) if latencies else None,
+        "max_s": max(latencies) if latencies else None,
+        # The machine may be shared: the 1-minute load average when the last one was Ready.
+        "load_average_1m": os.getloadavg()[0],
+    }
+
+
+def run_pool(bench: Stack, count: int, concurrency: int, rate: float | None = None,
+             with_resync: bool = True) -> dict[str, Any]:
     plane = bench.plane
     start_operator(bench)
     bench.peak_rss = 0
     offset, api_before = plane.audit_offset(), plane.write_requests_total()
     trips_before = trips_now(bench) if bench.count_trips else None
+    cpu_before = server_cpu(bench)
     bodies = [tenant_body(f"t{index:05d}") for index in range(count)]
-    say(f"==> {count} pool tenants at once")
+    say(f"==> {count} pool tenants {arrivals(count, rate)} (load average"
+        f" {os.getloadavg()[0]:.1f})")
     first = time.monotonic()
     created, ready = asyncio.run(create_and_wait(plane, bodies, concurrency,
-                                                 max(300.0, count * 0.6)))
-    all_ready = max(ready.values(), default=first) - first
-    latencies = [ready[n] - created[n] for n in ready if n in created]
+                                                 max(300.0, count * 0.6), rate=rate))
+    result: dict[str, Any] = readiness(count, rate, first, created, ready)
     time.sleep(2)  # the last status patches and Events land
     result_cpu = bench.cpu_seconds
-    writes = operator_writes(plane, offset)
+    writes = write_kinds(operator_writes(plane, offset))
     api_total = plane.write_requests_total() - api_before
-    result: dict[str, Any] = {
-        "tenants": count, "ready": len(ready), "all_ready_s": all_ready,
-        "p50_s": statistics.median(latencies) if latencies else None,
-        "p95_s": percentile(latencies, 0.95) if latencies else None,
+    result |= {
+        "mode": "operator",
+        "server_cpu_ms_per_tenant": cpu_per_tenant(cpu_before, server_cpu(bench), count),
         "writes_per_tenant": sum(writes.values()) / count,
         "api_writes_per_tenant_all_clients": api_total / count,
         "write_kinds": {k: round(v / count, 2) for k, v in sorted(writes.items())},
@@ -277,6 +322,8 @@ def run_pool(bench: Stack, count: int, concurrency: int) -> dict[str, Any]:
     }
     if trips_before is not None:
         result["trips_per_tenant_create"] = per_tenant(trips_now(bench) - trips_before, count)
+    if not with_resync:
+        return result
     # One full resync of the settled state: a restart resumes (reconciles) every tenant.
     stop_operator(bench)
     offset = plane.audit_offset()
@@ -288,12 +335,228 @@ def run_pool(bench: Stack, count: int, concurrency: int) -> dict[str, Any]:
     result["resync_s"] = time.monotonic() - started
     result["resync_cpu_ms_per_tenant"] = bench.cpu_seconds * 1000 / count
     time.sleep(2)
-    resync = operator_writes(plane, offset)
+    resync = write_kinds(operator_writes(plane, offset))
     result["resync_writes"] = sum(resync.values())
     result["resync_write_kinds"] = dict(resync)
     result["peak_rss_mb"] = max(result["peak_rss_mb"], bench.peak_rss / 2**20)
     if trips_before is not None:
         result["trips_per_tenant_resync"] = per_tenant(trips_now(bench) - trips_before, count)
+    return result
+
+
+def server_cpu(bench: Stack) -> dict[str, float]:
+    """CPU seconds used so far by each server of the stack (its exited children included)."""
+    processes = [(p.name, p.pid) for p in bench.plane.processes]
+    processes += [("postgres", bench.pg.process.pid), ("redis", bench.redis.process.pid)]
+    used: collections.Counter[str] = collections.Counter()
+    for name, pid in processes:
+        try:
+            root = psutil.Process(pid)
+            for proc in [root, *root.children(recursive=True)]:
+                with suppress(psutil.NoSuchProcess):
+                    times = proc.cpu_times()
+                    used[name] += (times.user + times.system + times.children_user
+                                   + times.children_system)
+        except psutil.NoSuchProcess:
+            continue
+    return dict(used)
+
+
+def cpu_per_tenant(before: dict[str, float], after: dict[str, float], count: int
+                   ) -> dict[str, float]:
+    """Milliseconds of CPU per tenant of each server that used any."""
+    return {name: round((after[name] - before.get(name, 0.0)) * 1000 / count, 1)
+            for name in after if after[name] - before.get(name, 0.0) > 0.05}
+
+
+# The API server's floor (--floor): the operator's writes for one template pool tenant, recorded
+# from the audit log and the live objects, then replayed for N new Tenants by a plain client.
+FLOOR_AGENT = "tenantry-floor-bench"
+TEMPLATE = "tz0000"  # as long as the bench's own names (t00000): the same body sizes
+UID = "@@uid@@"
+
+
+@dataclass
+class Replay:
+    """One write the operator made for the template tenant; TEMPLATE and UID in it are
+    replaced by each new tenant's name and uid."""
+
+    method: str
+    path: str
+    content_type: str
+    body: str
+    kind: str
+
+
+def object_path(ref: dict[str, Any], collection: bool = False) -> str:
+    group, version = ref.get("apiGroup"), ref.get("apiVersion", "v1")
+    path = f"/apis/{group}/{version}" if group else f"/api/{version}"
+    if ref.get("namespace") and ref["resource"] != "namespaces":  # a Namespace's is its name
+        path += f"/namespaces/{ref['namespace']}"
+    path += f"/{ref['resource']}"
+    if not collection:
+        path += f"/{ref['name']}" + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+    return path
+
+
+def managed_part(value: Any, fields: dict[str, Any]) -> Any:
+    """What of `value` a managedFields entry (fieldsV1) names: map keys followed, lists whole."""
+    if not isinstance(value, dict):
+        return value
+    return {key[2:]: managed_part(value[key[2:]], sub) for key, sub in fields.items()
+            if key.startswith("f:") and key[2:] in value}
+
+
+def as_applied(live: dict[str, Any]) -> dict[str, Any]:
+    """The live object as its writer sent it: the fields its tenantry-operator manager owns."""
+    meta = live["metadata"]
+    owned: dict[str, Any] = {}
+    for entry in meta.get("managedFields") or []:
+        if str(entry.get("manager", "")).startswith("tenantry-operator"):
+            owned = managed_part(live, entry.get("fieldsV1") or {})
+            break
+    owned_meta = owned.pop("metadata", {})
+    return {"apiVersion": live["apiVersion"], "kind": live["kind"], **owned,
+            "metadata": {**owned_meta, "name": meta["name"],
+                         **({"namespace": meta["namespace"]} if meta.get("namespace") else {})}}
+
+
+def template_text(obj: Any, uid: str) -> str:
+    text = json.dumps(obj, separators=(",", ":"))
+    assert UID not in text
+    return text.replace(uid, UID)
+
+
+async def record_template(bench: Stack, as_create: bool = False) -> list[Replay]:
+    """Run the operator for one pool tenant; its writes, in order, as replays. `as_create`:
+    the server-side applies as plain creates (POST), to tell what the applies cost."""
+    plane = bench.plane
+    start_operator(bench)
+    offset = plane.audit_offset()
+    _, ready = await create_and_wait(plane, [tenant_body(TEMPLATE)], 1, 120)
+    if TEMPLATE not in ready:
+        raise RuntimeError("the floor's template tenant did not become Ready")
+    await asyncio.sleep(3)  # kopf's last patch and the Event land
+    stop_operator(bench)
+    writes = [w for w in operator_writes(plane, offset)
+              if TEMPLATE in json.dumps(w.get("objectRef")) + json.dumps(
+                  (w.get("requestObject") or {}).get("involvedObject"))]
+    replays: list[Replay] = []
+    async with api_client(plane) as client:
+        tenant = (await client.get(f"{TENANTS}/{TEMPLATE}")).json()
+        uid = tenant["metadata"]["uid"]
+        tenant_patches = 0
+        for write in writes:
+            ref, verb = write["objectRef"], write["verb"]
+            kind = f"{verb} {ref['resource']}" + (f"/{ref['subresource']}"
+                                                  if ref.get("subresource") else "")
+            body: dict[str, Any]
+            if ref["resource"] == "tenants" and ref.get("subresource") == "status":
+                body, content_type = {"status": tenant["status"]}, "application/merge-patch+json"
+            elif ref["resource"] == "tenants":
+                # kopf: the finalizer first; then the diff base (last-handled-configuration)
+                tenant_patches += 1
+                meta = tenant["metadata"]
+                body = ({"metadata": {"finalizers": meta["finalizers"]}} if tenant_patches == 1
+                        else {"metadata": {"annotations": {
+                            k: v for k, v in meta["annotations"].items()
+                            if k.endswith("last-handled-configuration")}}})
+                content_type = "application/merge-patch+json"
+            elif verb == "create" and write.get("requestObject"):
+                body, content_type = dict(write["requestObject"]), "application/json"
+                body["metadata"] = {k: v for k, v in body["metadata"].items()
+                                    if k not in ("resourceVersion", "uid", "creationTimestamp",
+                                                 "managedFields")}
+            else:
+                live = (await client.get(object_path(ref))).json()
+                body = as_applied(live)
+                content_type = ("application/apply-patch+yaml" if verb == "patch"
+                                else "application/json")
+            if as_create and content_type.startswith("application/apply"):
+                verb, content_type = "create", "application/json"
+            path = object_path(ref, collection=verb == "create")
+            if content_type.startswith("application/apply"):
+                path += "?fieldManager=tenantry-operator&force=true"
+            method = {"create": "POST", "patch": "PATCH", "update": "PUT"}[verb]
+            replays.append(Replay(method, template_text(path, uid).strip('"'), content_type,
+                                  template_text(body, uid), kind))
+    # kopf posts its Events from a queue of its own, not before the status patch (a lower
+    # bound for Ready: the status patch goes as soon as it can)
+    return sorted(replays, key=lambda replay: replay.kind == "create events")
+
+
+async def replay_writes(bench: Stack, replays: list[Replay], count: int, concurrency: int,
+                        rate: float | None) -> tuple[dict[str, Any], float, list[str]]:
+    """POST N Tenants as run_pool does; `concurrency` workers replay the template's writes for
+    each Tenant as it is created (in order, like one reconcile). (readiness, all written after,
+    errors)."""
+    import aiohttp  # the operator's own fast client (fastpath.py)
+
+    pki = bench.plane.workdir / "pki"
+    tls = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    tls.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+    queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+    errors: list[str] = []
+    written: list[float] = []
+
+    async with aiohttp.ClientSession(
+            base_url=bench.plane.server, connector=aiohttp.TCPConnector(limit=concurrency),
+            headers={"User-Agent": FLOOR_AGENT, "Accept": "application/json"}) as session:
+        async def worker() -> None:
+            while True:
+                name, uid = await queue.get()
+                for replay in replays:
+                    async with session.request(
+                            replay.method, replay.path.replace(TEMPLATE, name), ssl=tls,
+                            data=replay.body.replace(TEMPLATE, name).replace(UID, uid),
+                            headers={"Content-Type": replay.content_type}) as response:
+                        await response.read()
+                        if response.status >= 400:
+                            errors.append(f"{replay.kind} {name}: {response.status}")
+                written.append(time.monotonic())
+                queue.task_done()
+
+        workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
+        bodies = [tenant_body(f"t{index:05d}") for index in range(count)]
+        first = time.monotonic()
+        created, ready = await create_and_wait(
+            bench.plane, bodies, concurrency, max(300.0, count * 0.6), rate=rate,
+            created_hook=lambda obj: queue.put_nowait(
+                (obj["metadata"]["name"], obj["metadata"]["uid"])))
+        result = readiness(count, rate, first, created, ready)
+        await queue.join()
+        for task in workers:
+            task.cancel()
+    return result, max(written, default=first) - first, errors
+
+
+def run_floor(bench: Stack, count: int, concurrency: int, rate: float | None,
+              as_create: bool = False) -> dict[str, Any]:
+    """The API server's floor: the operator's writes for N tenants, without the operator."""
+    plane = bench.plane
+    say("==> the floor's template: one pool tenant through the operator, then no operator")
+    replays = asyncio.run(record_template(bench, as_create))
+    say("    replayed per tenant: " + ", ".join(r.kind for r in replays))
+    offset, cpu_before, client_before = plane.audit_offset(), server_cpu(bench), time.process_time()
+    say(f"==> floor: {count} Tenants {arrivals(count, rate)}, their writes replayed"
+        f" (load average {os.getloadavg()[0]:.1f})")
+    result, all_written, errors = asyncio.run(replay_writes(bench, replays, count, concurrency,
+                                                            rate))
+    client_cpu = time.process_time() - client_before
+    time.sleep(2)
+    writes = write_kinds([w for w in plane.writes_since(offset)
+                          if w.get("userAgent") == FLOOR_AGENT])
+    result["mode"] = ("floor: no operator, its writes replayed"
+                      + (", the applies as creates" if as_create else ""))
+    result |= {
+        "all_written_s": all_written,
+        "errors": len(errors), "first_errors": errors[:5],
+        "writes_per_tenant": sum(writes.values()) / count,
+        "write_kinds": {k: round(v / count, 2) for k, v in sorted(writes.items())},
+        "server_cpu_ms_per_tenant": cpu_per_tenant(cpu_before, server_cpu(bench), count),
+        # The bench process: the Tenant POSTs, the watch and the replaying client.
+        "client_cpu_ms_per_tenant": round(client_cpu * 1000 / count, 1),
+    }
     return result
 
 
@@ -314,15 +577,26 @@ def shown(value: object) -> str:
 
 
 def report(result: dict[str, Any]) -> None:
-    print(f"\n## {result['tenants']} pool tenants")
+    print(f"\n## {result['tenants']} pool tenants {result['arrivals']}: {result['mode']}")
     for key, value in result.items():
-        print(f"{key:36} {shown(value)}")
+        if key not in ("tenants", "arrivals", "mode"):
+            print(f"{key:36} {shown(value)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tenants", default="100,1000", help="comma-separated N per run")
     parser.add_argument("--concurrency", type=int, default=32, help="Tenant POSTs in flight")
+    parser.add_argument("--rate", default="",
+                        help="comma-separated arrival rates (Tenants per second, evenly spaced),"
+                             " one run each; default: all at once")
+    parser.add_argument("--floor", action="store_true",
+                        help="first the API server's floor: the operator's writes replayed"
+                             " without the operator, on a stack of its own")
+    parser.add_argument("--floor-as-create", action="store_true",
+                        help="the floor again, its server-side applies sent as plain creates")
+    parser.add_argument("--no-operator", action="store_true", help="only the floor")
+    parser.add_argument("--no-resync", action="store_true", help="skip the settled resync")
     parser.add_argument("--operator-env", nargs="*", default=[], help="KEY=VALUE for the operator")
     parser.add_argument("--profile", type=Path, help="cProfile the operator into this directory")
     parser.add_argument("--no-single", action="store_true", help="skip the bridge and silo runs")
@@ -331,21 +605,37 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="work here and keep it (logs, audit log)")
     args = parser.parse_args()
     extra = dict(item.split("=", 1) for item in args.operator_env)
+    rates: list[float | None] = [float(r) for r in args.rate.split(",") if r] or [None]
     with tempfile.TemporaryDirectory(prefix="tenantry-scale-") as tmp:
         root = args.keep or Path(tmp)
-        for index, count in enumerate(int(n) for n in args.tenants.split(",")):
-            with stack(root / f"run{index}-{count}", extra, args.profile) as bench:
-                bench.count_trips = args.count_trips
-                result = run_pool(bench, count, args.concurrency)
-                if not args.no_single:
-                    result["bridge_create_to_ready_s"] = run_single(
-                        bench, tenant_body("benchbridge", "pro", isolation="bridge"), 120)
-                    result["silo_create_to_ready_s"] = run_single(
-                        bench, tenant_body(SILO, "enterprise", isolation="silo",
-                                           database={"storage": {"size": "1Gi"}}), 300)
-                report(result)
-                if bench.operator is not None and not bench.operator.alive():
-                    say(log_tail(bench.operator.log, 40))
+        runs = 0
+        for count in (int(n) for n in args.tenants.split(",")):
+            for rate in rates:
+                label = f"{count}" + ("" if rate is None else f"-at-{rate:g}")
+                if args.floor:
+                    with stack(root / f"run{runs}-floor-{label}", extra, None) as bench:
+                        report(run_floor(bench, count, args.concurrency, rate))
+                    runs += 1
+                if args.floor_as_create:
+                    with stack(root / f"run{runs}-create-{label}", extra, None) as bench:
+                        report(run_floor(bench, count, args.concurrency, rate, as_create=True))
+                    runs += 1
+                if args.no_operator:
+                    continue
+                with stack(root / f"run{runs}-{label}", extra, args.profile) as bench:
+                    runs += 1
+                    bench.count_trips = args.count_trips
+                    result = run_pool(bench, count, args.concurrency, rate,
+                                      with_resync=not args.no_resync)
+                    if not args.no_single:
+                        result["bridge_create_to_ready_s"] = run_single(
+                            bench, tenant_body("benchbridge", "pro", isolation="bridge"), 120)
+                        result["silo_create_to_ready_s"] = run_single(
+                            bench, tenant_body(SILO, "enterprise", isolation="silo",
+                                               database={"storage": {"size": "1Gi"}}), 300)
+                    report(result)
+                    if bench.operator is not None and not bench.operator.alive():
+                        say(log_tail(bench.operator.log, 40))
 
 
 if __name__ == "__main__":

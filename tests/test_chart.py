@@ -416,9 +416,9 @@ def test_schema_rejects_bad_values(helm: list[str], args: list[str], message: st
 @pytest.mark.parametrize(("args", "message"), [
     (["--set", "database.url=postgresql://a@b/c", "--set", "database.existingSecret=db"],
      "set either database.url or database.existingSecret, not both"),
-    (["--set", "leaderElection.renewDeadlineSeconds=15"],
+    (["--set", "leaderElection.renewDeadlineSeconds=30"],
      "retryPeriodSeconds < renewDeadlineSeconds < leaseDurationSeconds must hold"),
-    (["--set", "leaderElection.retryPeriodSeconds=10"],
+    (["--set", "leaderElection.retryPeriodSeconds=20"],
      "retryPeriodSeconds < renewDeadlineSeconds < leaseDurationSeconds must hold"),
 ], ids=["url-and-secret", "deadline-not-below-duration", "retry-not-below-deadline"])
 def test_template_rejects_contradictions(helm: list[str], args: list[str], message: str) -> None:

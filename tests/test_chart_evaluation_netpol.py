@@ -1,10 +1,10 @@
 """The evaluation mode's Postgres and Redis behind NetworkPolicies, judged by a real analyzer.
 
 The chart is rendered with helm (evaluation mode, the usage export on); its NetworkPolicies (the
-data stores' and the runtime's own) go to cyclonus with a model of the Pods around them: the
-operator, the runtime, the usage export's Pods, a tenant's app, a bystander, kube-dns, and
-Pods that look like ours but are not. Each Pod's labels are taken from the rendered object that
-creates it, so the test follows the chart's labels rather than a copy of them.
+data stores', the runtime's and the usage export's own) go to cyclonus with a model of the Pods
+around them: the operator, the runtime, the usage export's Pods, a tenant's app, a bystander,
+kube-dns, and Pods that look like ours but are not. Each Pod's labels are taken from the
+rendered object that creates it, so the test follows the chart's labels rather than a copy.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ WITH_EXPORT = [*EVALUATION, "--set", "usageExport.enabled=true",
                "--set", "usageExport.url=http://openmeter.openmeter.svc:8888"]
 PG, REDIS = 5432, 6379
 OUTSIDE = "198.51.100.7"
+OPENMETER_PORT = 8888  # the port of WITH_EXPORT's url
 
 
 def component(docs: list[Manifest], kind: str, name: str) -> Manifest:
@@ -85,9 +86,12 @@ def rendered(helm: list[str]) -> list[Manifest]:
 def verdicts(cyclonus: str, docs: list[Manifest], directory: Path,
              queries: list[Query]) -> list[bool]:
     policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
-    # The data stores' two and the runtime's own (its egress decides its side of the path).
-    assert sorted(p["metadata"]["labels"]["app.kubernetes.io/component"] for p in policies) == [
-        "postgres", "redis", "runtime"]
+    # The data stores' two, the runtime's own (its egress decides its side of the path) and,
+    # with the usage export, the export's.
+    export = ["usage-export"] if any(d["kind"] == "CronJob" for d in docs) else []
+    stores = ["postgres", "redis"] if any(d["kind"] == "StatefulSet" for d in docs) else []
+    assert sorted(p["metadata"]["labels"]["app.kubernetes.io/component"] for p in policies) == (
+        sorted([*stores, "runtime", *export]))
     return analyze(cyclonus, write_policies(directory, policies), directory, queries)
 
 
@@ -173,3 +177,74 @@ def test_the_policies_follow_their_values(helm: list[str]) -> None:
     for policy in (d for d in docs if d["kind"] == "NetworkPolicy"):
         [rule] = policy["spec"]["ingress"]
         assert rule["from"] == [operator]
+
+
+# --------------------------------------------------------------------- the usage export's Pods
+
+
+def test_the_export_reaches_dns_its_postgres_and_the_provider_only(
+        cyclonus: str, rendered: list[Manifest], tmp_path: Path) -> None:
+    """Evaluation mode: out to kube-dns, the bundled Postgres and the OpenMeter URL's port (the
+    provider may live anywhere); nothing else out, and nothing in."""
+    c = Cluster(rendered)
+    assert c.export is not None
+    openmeter = Peer("openmeter", "openmeter", {"app": "openmeter"}, "10.244.6.10",
+                     OPENMETER_PORT)
+    allowed: list[Query] = [
+        (c.export, c.postgres, PG, "TCP"), (c.export, c.dns, 53, "UDP"),
+        (c.export, c.dns, 53, "TCP"), (c.export, openmeter, OPENMETER_PORT, "TCP"),
+        (c.export, OUTSIDE, OPENMETER_PORT, "TCP")]
+    denied: list[Query] = [
+        (c.export, c.redis, REDIS, "TCP"), (c.export, c.operator, 8080, "TCP"),
+        (c.export, c.runtime, 8000, "TCP"), (c.export, c.tenant_app, 8080, "TCP"),
+        # Its Postgres on another port; another Postgres; DNS from anyone but kube-dns.
+        (c.export, c.postgres, 22, "TCP"),
+        (c.export, Peer("tenant-db", TENANT_NS, {"app": "postgres"}, "10.244.3.20", PG),
+         PG, "TCP"),
+        (c.export, c.bystander, 53, "UDP"), (c.export, OUTSIDE, 53, "UDP"),
+        # The provider's port over UDP; any other port outside.
+        (c.export, OUTSIDE, OPENMETER_PORT, "UDP"), (c.export, OUTSIDE, 443, "TCP"),
+        (c.export, OUTSIDE, 22, "TCP"),
+        # Nothing in, not even from the operator or the runtime.
+        (c.operator, c.export, 8080, "TCP"), (c.runtime, c.export, 8080, "TCP"),
+        (c.bystander, c.export, 8080, "TCP"), (c.postgres, c.export, 8080, "TCP")]
+    assert verdicts(cyclonus, rendered, tmp_path, allowed + denied) == (
+        [True] * len(allowed) + [False] * len(denied))
+
+
+def test_the_export_policy_follows_its_configured_cidrs_and_ports(
+        cyclonus: str, helm: list[str], tmp_path: Path) -> None:
+    """External Postgres and Stripe: the database and provider CIDRs and ports from values; the
+    provider's port from its https URL when none is given; off by its flag."""
+    external = ["--set", "database.url=postgres://tenantry@db.example:6432/tenantry",
+                "--set", f"runtimeNamespace.name={RUNTIME_NS}",
+                "--set", "usageExport.enabled=true", "--set", "usageExport.provider=stripe",
+                "--set", "usageExport.existingSecret=stripe-meter-events",
+                "--set", "usageExport.networkPolicy.database.to[0].ipBlock.cidr=192.0.2.0/24",
+                "--set", "usageExport.networkPolicy.database.port=6432",
+                "--set", "usageExport.networkPolicy.target.to[0].ipBlock.cidr=203.0.113.0/24"]
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+    docs = render(helm, *external)
+    [cronjob] = [d for d in docs if d["kind"] == "CronJob"]
+    export = Peer("export", NAMESPACE, pod_labels(cronjob), "10.244.1.30", 8080)
+    dns = Peer("dns", "kube-system", {"k8s-app": "kube-dns"}, "10.244.5.10", 53, "UDP")
+    database, stripe = "192.0.2.5", "203.0.113.9"
+    allowed: list[Query] = [(export, database, 6432, "TCP"), (export, stripe, 443, "TCP"),
+                            (export, dns, 53, "UDP")]
+    denied: list[Query] = [
+        (export, database, PG, "TCP"), (export, OUTSIDE, 6432, "TCP"),
+        (export, OUTSIDE, 443, "TCP"), (export, stripe, 6432, "TCP"),
+        (export, database, 443, "TCP")]
+    assert verdicts(cyclonus, docs, tmp_path / "a", allowed + denied) == (
+        [True] * len(allowed) + [False] * len(denied))
+
+    # The provider's port given: it replaces the URL's.
+    docs = render(helm, *external, "--set", "usageExport.networkPolicy.target.port=8443")
+    assert verdicts(cyclonus, docs, tmp_path / "b", [(export, stripe, 8443, "TCP"),
+                                                      (export, stripe, 443, "TCP")]) == [
+        True, False]
+
+    docs = render(helm, *external, "--set", "usageExport.networkPolicy.enabled=false")
+    assert not [d for d in docs if d["kind"] == "NetworkPolicy"
+                and d["metadata"]["labels"]["app.kubernetes.io/component"] == "usage-export"]

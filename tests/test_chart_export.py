@@ -112,7 +112,7 @@ def test_off_unless_asked_for(helm: list[str], values_file: Path) -> None:
     assert enabled is (values_file == CUSTOM)  # custom-values.yaml turns every knob
     assert sorted(d["kind"] for d in docs if (d["metadata"].get("labels") or {}).get(
         "app.kubernetes.io/component") == "usage-export") == (
-        ["CronJob", "ServiceAccount"] if enabled else [])
+        ["CronJob", "NetworkPolicy", "ServiceAccount"] if enabled else [])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -244,9 +244,9 @@ def test_template_rejects_contradictions(helm: list[str], args: list[str], messa
 @pytest.mark.parametrize("variant", ["stripe", "evaluation"])
 def test_server_dry_run_accepts_the_export(helm: list[str], control_plane: ControlPlane,
                                           variant: str) -> None:
-    """The CronJob (podFailurePolicy and all) and its ServiceAccount, and in evaluation mode the
-    data stores' NetworkPolicies, on the API server under Pod Security `restricted`. (The
-    custom-values.yaml variant is dry-run whole by tests/test_chart.py.)"""
+    """The CronJob (podFailurePolicy and all), its ServiceAccount and NetworkPolicy, and in
+    evaluation mode the data stores' NetworkPolicies, on the API server under Pod Security
+    `restricted`. (The custom-values.yaml variant is dry-run whole by tests/test_chart.py.)"""
     namespace = f"export-{uuid.uuid4().hex[:8]}"
     control_plane.kubectl("create", "namespace", namespace)
     control_plane.kubectl("label", "namespace", namespace,
@@ -259,8 +259,11 @@ def test_server_dry_run_accepts_the_export(helm: list[str], control_plane: Contr
                 == "usage-export" or (d["kind"] == "NetworkPolicy" and d["metadata"][
                     "namespace"] == namespace)]
         kinds = sorted(d["kind"] for d in docs)
-        assert kinds == (["CronJob", "NetworkPolicy", "NetworkPolicy", "ServiceAccount"]
-                         if variant == "evaluation" else ["CronJob", "ServiceAccount"])
+        # Its own NetworkPolicy, and in evaluation mode the data stores' two.
+        assert kinds == (["CronJob", "NetworkPolicy", "NetworkPolicy", "NetworkPolicy",
+                          "ServiceAccount"]
+                         if variant == "evaluation" else ["CronJob", "NetworkPolicy",
+                                                          "ServiceAccount"])
         result = control_plane.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-",
                                        input_text=yaml.safe_dump_all(docs, sort_keys=False))
         assert "PodSecurity" not in result.stderr, result.stderr

@@ -10,17 +10,22 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
 import pytest
+import redis
 from conftest import RUNTIME_NAMESPACE
 from kube_helpers import apply_tenant, delete_tenant, get_json, wait_for, wait_ready
 from tenantry_cli.main import main
 from tenantry_devenv.controlplane import ControlPlane
+from tenantry_devenv.services import Redis as RedisServer
 from tenantry_runtime.contracts import runtime_record
+from tenantry_runtime.contracts.database import tenant_transaction
+from tenantry_runtime.contracts.redis_keys import DOCUMENT_OWNERS
 
 pytestmark = [pytest.mark.usefixtures("operator"), pytest.mark.timeout(300)]
 
@@ -160,6 +165,34 @@ def test_doctor_passes_on_a_working_installation(capsys: pytest.CaptureFixture[s
     names = {c["name"] for c in report["checks"]}
     assert {"kubernetes", "crd tenants.tenantry.dev", "postgres", "migrations", "redis",
             "price table", "plan pro"} <= names
+
+
+def test_documents_backfill_registers_a_tenants_older_documents(
+        capsys: pytest.CaptureFixture[str], shared_database: str, redis_server: RedisServer,
+        tenant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    older = str(uuid.uuid4())
+    with psycopg.connect(shared_database, autocommit=True) as conn, \
+            tenant_transaction(conn, tenant):
+        conn.execute("INSERT INTO tenantry.documents (id, tenant_id, content) VALUES"
+                     " (%s, %s, 'created before the registry')", (older, tenant))
+    code, out, _ = run(capsys, "documents", "backfill", "--tenant", tenant, "-o", "json")
+    assert code == 0
+    (row,) = json.loads(out)["tenants"]
+    assert row["tenant"] == tenant and row["registered"] >= 1 and row["problem"] is None
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        assert client.hget(DOCUMENT_OWNERS, older) == tenant.encode()
+    finally:
+        client.close()
+    code, out, _ = run(capsys, "documents", "backfill", "--tenant", tenant)
+    assert code == 0 and out.splitlines()[0].split() == [
+        "TENANT", "DOCUMENTS", "REGISTERED", "DROPPED", "PROBLEM"]
+    assert out.splitlines()[1].split()[:4] == [tenant, str(row["documents"]), "0", "0"]
+    code, _, err = run(capsys, "documents", "backfill", "--tenant", "nosuchtenant")
+    assert code == 3 and "not found" in err
+    monkeypatch.delenv("TENANTRY_REDIS_URL")
+    code, _, err = run(capsys, "documents", "backfill", "--tenant", tenant)
+    assert code == 4 and "TENANTRY_REDIS_URL is not set" in err and "fix:" in err
 
 
 def test_doctor_says_what_is_wrong_and_how_to_fix_it(tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ module's own, so the in-process operator of the other tests never watches the sa
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -13,7 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -22,13 +24,17 @@ from typing import Any
 import pytest
 import yaml
 from kube_helpers import apply_tenant, condition, get_json, tenant_status, wait_for
+from lightkube import AsyncClient, KubeConfig
 from pydantic import ValidationError
 from tenantry_devenv.controlplane import ControlPlane, start_control_plane
 from tenantry_devenv.processes import free_port
 from tenantry_operator.leader import (
     EXIT_LEADERSHIP_LOST,
+    FAILED_RENEWAL_RETRY_SECONDS,
     Action,
+    LeaderElector,
     LeaseRecord,
+    RenewalThread,
     Sighting,
     decide,
     held_spec,
@@ -225,14 +231,14 @@ def start_operator(plane: ControlPlane, started: list[OperatorProcess], identity
     return proc
 
 
-def lease_spec(plane: ControlPlane) -> dict[str, Any]:
-    lease = get_json(plane, "lease", LEASE, "-n", LEASE_NAMESPACE) or {}
+def lease_spec(plane: ControlPlane, name: str = LEASE) -> dict[str, Any]:
+    lease = get_json(plane, "lease", name, "-n", LEASE_NAMESPACE) or {}
     spec: dict[str, Any] = lease.get("spec") or {}
     return spec
 
 
-def holder(plane: ControlPlane) -> str:
-    return str(lease_spec(plane).get("holderIdentity") or "")
+def holder(plane: ControlPlane, name: str = LEASE) -> str:
+    return str(lease_spec(plane, name).get("holderIdentity") or "")
 
 
 def wait_reconciled(plane: ControlPlane, tenant: str, procs: list[OperatorProcess]) -> None:
@@ -380,3 +386,126 @@ def lease_holder_in(plane: ControlPlane, env: dict[str, str]) -> str:
     lease = get_json(plane, "lease", env["TENANTRY_LEASE_NAME"], "-n",
                      env["TENANTRY_LEASE_NAMESPACE"]) or {}
     return str((lease.get("spec") or {}).get("holderIdentity") or "")
+
+
+# ------------------------------------------------------------------ renewal on a busy operator
+
+BURST = DEADLINE - 1.0  # CPU work that never yields, each burst shorter than the deadline
+
+
+async def keep_busy(seconds: float, each_burst: Callable[[float], None]) -> None:
+    """What a loaded operator's event loop looks like to a renewal sharing it: callbacks that
+    hold it for long stretches, one after the other (only a `sleep(0)` between them)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        started = time.monotonic()
+        while time.monotonic() - started < BURST:
+            pass
+        each_burst(started)
+        await asyncio.sleep(0)
+
+
+def lease_client(plane: ControlPlane) -> AsyncClient:
+    return AsyncClient(config=KubeConfig.from_file(plane.kubeconfig))
+
+
+async def elected(plane: ControlPlane, identity: str, lost: list[str],
+                  retry: float = RETRY) -> tuple[LeaderElector, AsyncClient]:
+    client = lease_client(plane)
+    elector = LeaderElector(client, OperatorSettings(
+        lease_name=f"tenantry-busy-{identity}", lease_namespace=LEASE_NAMESPACE,
+        lease_identity=identity, lease_duration_seconds=DURATION,
+        lease_renew_deadline_seconds=DEADLINE, lease_retry_period_seconds=retry),
+        on_lost=lost.append)
+    assert await elector.acquire(asyncio.Event())
+    return elector, client
+
+
+def test_renewals_keep_the_lease_while_the_operators_loop_is_kept_busy(
+        plane: ControlPlane) -> None:
+    """RenewalThread renews on its own loop and connection: through 3 deadlines of bursts on
+    the operator's loop, each burst sees a renewal and leadership is never lost. The control,
+    renewing on the busy loop itself (as before), loses the Lease."""
+    async def renew_apart() -> tuple[list[str], list[bool]]:
+        lost: list[str] = []
+        elector, client = await elected(plane, "busy-apart", lost)
+        renewed_during: list[bool] = []
+        renewing = RenewalThread(elector, lambda: lease_client(plane))
+        renewing.start()
+        try:
+            await keep_busy(3 * DEADLINE, lambda started: renewed_during.append(
+                elector._renewed_at > started))
+        finally:
+            await renewing.stop()
+            await elector.release()
+            await client.close()
+        return lost, renewed_during
+
+    async def renew_on_the_busy_loop() -> list[str]:
+        lost: list[str] = []
+        elector, client = await elected(plane, "busy-shared", lost)
+        renewing = asyncio.create_task(elector.keep_renewed())
+        try:
+            await keep_busy(3 * DEADLINE, lambda _: None)
+        finally:
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
+            await client.close()
+        return lost
+
+    lost, renewed_during = asyncio.run(renew_apart())
+    assert lost == [] and len(renewed_during) >= 3 and all(renewed_during), renewed_during
+    # Held by us to the end, then released.
+    assert lease_spec(plane, "tenantry-busy-busy-apart")["leaseDurationSeconds"] == 1
+    assert holder(plane, "tenantry-busy-busy-apart") == ""
+    assert [reason for reason in asyncio.run(renew_on_the_busy_loop())
+            if reason.startswith("no renewal for")]
+
+
+def test_a_failed_renewal_is_retried_promptly_within_the_deadline(plane: ControlPlane) -> None:
+    """A renewal refused (the Lease was written by someone else between the renewal's read and
+    its write, so the write conflicts) is tried again after FAILED_RENEWAL_RETRY_SECONDS, not a
+    whole retry period later (here 4 s, one less than the deadline); leadership is kept."""
+    retry = DEADLINE - 1.0
+
+    async def steps() -> tuple[list[str], float]:
+        lost: list[str] = []
+        elector, client = await elected(plane, "conflicted", lost, retry)
+        real_read = elector._read
+        refused_at: list[float] = []
+
+        async def read_then_bump() -> LeaseRecord | None:
+            found = await real_read()
+            elector._read = real_read  # type: ignore[method-assign]
+            await asyncio.to_thread(plane.kubectl, "annotate", "lease", elector.name, "-n",
+                                    LEASE_NAMESPACE, "--overwrite", "tenantry.dev/bumped=yes")
+            refused_at.append(time.monotonic())
+            return found
+
+        real_try = elector.try_hold
+        renewed = asyncio.Event()
+
+        async def try_and_tell() -> bool:
+            held = await real_try()
+            if held:
+                renewed.set()
+            return held
+
+        elector._read = read_then_bump  # type: ignore[method-assign]
+        elector.try_hold = try_and_tell  # type: ignore[method-assign]
+        renewing = asyncio.create_task(elector.keep_renewed())
+        try:
+            await asyncio.wait_for(renewed.wait(), timeout=DURATION)
+            return lost, elector._renewed_at - refused_at[0]
+        finally:
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
+            await elector.release()
+            await client.close()
+
+    lost, retried_after = asyncio.run(steps())
+    assert lost == []
+    # The next attempt started FAILED_RENEWAL_RETRY_SECONDS after the refusal, not `retry`.
+    assert FAILED_RENEWAL_RETRY_SECONDS <= retried_after < retry / 2, retried_after

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +28,7 @@ from pgvector.psycopg import register_vector
 from tenantry_devenv.controlplane import ControlPlane
 from tenantry_devenv.services import Postgres, Redis
 from tenantry_runtime.contracts.database import bridge_role, bridge_schema, tenant_transaction
+from tenantry_runtime.contracts.redis_keys import DOCUMENT_OWNERS, TenantKeys
 from tenantry_runtime.contracts.runtime_config import TenantRuntimeConfig
 
 pytestmark = pytest.mark.usefixtures("operator")
@@ -108,11 +110,23 @@ def test_pool_tenant_gets_registry_row_collection_limits_and_config(
     assert config.collection.shared is True
     assert config.model == "claude-haiku-4-5"
     assert config.redis_key_prefix == "tenantry:v1:{dppool}:"
+    # Its documents in the runtime's shared registry (as POST /v1/documents writes them),
+    # next to another tenant's.
+    client = redis.Redis.from_url(redis_server.url)
+    ids, other = [str(uuid.uuid4()) for _ in range(3)], str(uuid.uuid4())
+    for tenant, registered in (("dppool", ids), ("dpother", [other])):
+        for command in TenantKeys(tenant).register_documents(registered):
+            client.execute_command(*command)
 
     delete_tenant(control_plane, "dppool")
     assert scalar(shared_database, "SELECT count(*) FROM tenantry.tenants WHERE tenant_id = %s",
                   ("dppool",)) == 0
-    assert redis.Redis.from_url(redis_server.url).exists("tenantry:v1:{dppool}:limits") == 0
+    assert client.exists("tenantry:v1:{dppool}:limits") == 0
+    # deletionPolicy Delete: its documents are gone, so are their registry entries.
+    assert client.hmget(DOCUMENT_OWNERS, [*ids, other]) == [None, None, None, b"dpother"]
+    assert client.exists(TenantKeys("dppool").documents) == 0
+    client.delete(TenantKeys("dpother").documents)
+    client.hdel(DOCUMENT_OWNERS, other)
 
 
 def test_bridge_tenant_role_logs_in_with_its_secret_and_sees_only_its_schema(

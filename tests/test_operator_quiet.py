@@ -43,7 +43,8 @@ def concerns(entry: dict[str, Any], tenants: Iterable[str]) -> bool:
         if (namespace == f"tenant-{tenant}" or involved == tenant
                 or (ref.get("resource") in ("tenants", "namespaces") and name
                     in (tenant, f"tenant-{tenant}"))
-                or name == f"tenantry-tenant-{tenant}" or name.startswith(f"tenantry-{tenant}-")):
+                or name == f"tenantry-tenant-{tenant}"
+                or name.startswith((f"tenantry-{tenant}-", f"tenantry-{tenant}."))):
             return True
     return False
 
@@ -153,6 +154,9 @@ def assert_settled(control_plane: ControlPlane, tenants: Iterable[str], shared_d
     time.sleep(3 * INTERVAL + 1)
     writes = [w for w in control_plane.writes_since(offset) if concerns(w, tenants)]
     assert writes == [], "settled resyncs wrote:\n" + describe(writes)
+    # Nor read a credential Secret from the API server: the cache serves them.
+    reads = [r for r in control_plane.requests_since(offset, {"get"}) if concerns(r, tenants)]
+    assert reads == [], "settled resyncs read Secrets:\n" + describe(reads)
     assert next_xid(shared_dsn) == shared_xid, "the shared database was written"
     assert next_xid(silo_dsn) == silo_xid, "the silo database was written"
     assert redis_changes(redis_url) == redis_before, "Redis was written"

@@ -3,6 +3,7 @@ assembly and the answer sanitizer: pure parts and the model, no database."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 from collections.abc import Iterator
@@ -58,6 +59,23 @@ def test_a_batch_equals_single_calls() -> None:
     batch = MODEL.encode(texts)
     singles = np.stack([MODEL.encode([t])[0] for t in texts])
     np.testing.assert_allclose(batch, singles, atol=2e-6)
+
+
+async def test_a_closed_model_waits_for_its_pass_and_loads_again_when_used() -> None:
+    """aclose runs after a pass already queued on the model's thread (that pass reads the file
+    to the end), closes the file and ends the thread; a later call opens both again."""
+    model = LocalMiniLM()
+    text = "budgets reset at midnight UTC"
+    pending = asyncio.ensure_future(model.embed([text, "x " * 400], "document"))
+    await asyncio.sleep(0)  # the pass is on the model's thread
+    await model.aclose()
+    first = await pending
+    assert model._loaded is None and model._executor is None
+    again = await model.embed([text], "query")
+    file = model.load().words.file
+    await model.aclose()
+    assert file.closed
+    np.testing.assert_allclose(again[0], first[0], atol=2e-6)
 
 
 def test_tokenizer_is_bert_uncased() -> None:

@@ -5,6 +5,8 @@ model endpoint and the official anthropic SDK."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
 import threading
 import time
@@ -32,6 +34,7 @@ from tenantry_operator.database import (
 )
 from tenantry_runtime.app import create_app
 from tenantry_runtime.contracts.database import APP_ROLE, bridge_role, bridge_schema
+from tenantry_runtime.embeddings import LocalMiniLM
 from tenantry_runtime.rag import Rag
 from tenantry_runtime.sanitize import REDACTED
 from tenantry_runtime.settings import RuntimeSettings
@@ -392,3 +395,38 @@ def test_a_write_during_an_isolation_move_retries_with_the_reloaded_config(
     assert landed.status_code == 201 and time.monotonic() - started > 0.5
     assert world.rows("tenantry.documents", moving) == [landed.json()["id"]]
     assert rag_of(world).databases.failures["tenant_moved"] >= 5
+
+
+def model_files_open() -> int:
+    """This process's descriptors open on a local embedding model's weights file."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile (the listing's own descriptor)
+            count += os.readlink(f"/proc/self/fd/{fd}").endswith("model.safetensors")
+    return count
+
+
+def test_app_shutdown_closes_the_local_models_thread_and_file(world: World,
+                                                                tmp_path: Path) -> None:
+    """A runtime of its own over the same database: after its lifespan ends, the thread its
+    in-process model embedded on has ended and the weights file that model read is closed."""
+    settings = rag_of(world).settings.model_copy(update={"tenants_dir": tmp_path})
+    before = set(threading.enumerate())
+    store = TenantStore()
+    app = create_app(settings, store)
+    with serve(app) as url:
+        server = RuntimeServer(url, tmp_path, world.server.redis_url, world.stub, store, app)
+        key = RagTenants(server).pool(world.a)
+        with httpx.Client(base_url=url, headers={"x-api-key": key}, timeout=60) as client:
+            hits = client.post("/v1/search", json={"query": "how do budgets reset?"})
+        assert hits.status_code == 200, hits.text
+        model = app.state.rag.embedder
+        assert isinstance(model, LocalMiniLM)
+        file = model.load().words.file
+        threads = [t for t in set(threading.enumerate()) - before
+                   if t.name.startswith("embeddings")]
+        assert len(threads) == 1 and threads[0].is_alive()
+        opened = model_files_open()
+        assert opened >= 1 and not file.closed
+    assert not threads[0].is_alive()
+    assert file.closed and model_files_open() == opened - 1

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.sslproto
-import contextlib
 import logging
 import signal
 import sys
@@ -19,7 +18,7 @@ from aiohttp import web
 
 from . import handlers  # noqa: F401 - registers the handlers
 from .kube import Kube
-from .leader import LeaderElector
+from .leader import LeaderElector, RenewalThread
 from .malloc import MALLOC_ARENAS, limit_malloc_arenas
 from .metrics import CONTENT_TYPE, METRICS
 from .settings import OperatorSettings, get_settings
@@ -59,14 +58,14 @@ async def run(settings: OperatorSettings) -> int:
     try:
         if not await elector.acquire(stop):
             return 0  # stopped while standing by
-        # Created before kopf starts, so kopf's shutdown does not cancel it as its own task.
-        renewing = asyncio.create_task(elector.keep_renewed(), name="lease renewal")
+        # Renewals run on a thread and connection of their own (leader.RenewalThread): a busy
+        # event loop must not delay them past the deadline.
+        renewing = RenewalThread(elector, lambda: Kube.from_env().client)
+        renewing.start()
         try:
             await kopf.operator(clusterwide=True, standalone=True, stop_flag=stop)
         finally:
-            renewing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewing
+            await renewing.stop()
             await elector.release()
         return 0
     finally:

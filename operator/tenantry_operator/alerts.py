@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import ipaddress
 import logging
+import weakref
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -63,6 +64,47 @@ ROUND_BATCH = 100
 
 class WebhookFailed(RuntimeError):
     """The alert could not be delivered now; it stays pending."""
+
+
+# The BudgetAlert race (docs/architecture.md). A reconcile's status patch carries
+# the whole conditions list (a JSON merge patch replaces a list), BudgetAlert included, from a
+# body that may predate this loop's last write. So, per event loop (both run in the leader's),
+# by Tenant uid:
+# - the BudgetAlert this loop last wrote or found in place: the reconcile carries that one
+#   (`latest_budget_alert`), never an older one from its body;
+# - whether a reconcile handed a conditions patch over since this loop last looked
+#   (`reconcile_patched`): kopf sends it after the handler returns, so it may not have landed
+#   yet; this loop then writes one round later, when it has.
+_written: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, dict[str, Any]]] = (
+    weakref.WeakKeyDictionary())
+_patched: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[str]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _written_conditions() -> dict[str, dict[str, Any]]:
+    return _written.setdefault(asyncio.get_running_loop(), {})
+
+
+def _patched_tenants() -> set[str]:
+    return _patched.setdefault(asyncio.get_running_loop(), set())
+
+
+def latest_budget_alert(uid: str) -> list[dict[str, Any]]:
+    """The BudgetAlert condition this loop last wrote or confirmed for the Tenant (none yet:
+    empty)."""
+    found = _written_conditions().get(uid)
+    return [dict(found)] if found is not None else []
+
+
+def reconcile_patched(uid: str, status_patch: Mapping[str, Any]) -> None:
+    """A reconcile (under the tenant's lock) hands `status_patch` over to be sent."""
+    if "conditions" in status_patch:
+        _patched_tenants().add(uid)
+
+
+def forget_budget_alert(uid: str) -> None:
+    _written_conditions().pop(uid, None)
+    _patched_tenants().discard(uid)
 
 
 def alert_condition(claimed: Sequence[tuple[str, int]]) -> Condition:
@@ -275,28 +317,44 @@ class AlertDispatcher:
             raise WebhookFailed(f"{url}: {type(error).__name__} {error}") from None
 
     async def update_condition(self, body: Mapping[str, Any],
-                               claims: Sequence[tuple[str, int]]) -> None:
-        """Patch the BudgetAlert condition when it differs from what the claims say."""
+                               claims: Sequence[tuple[str, int]]) -> bool:
+        """Patch the BudgetAlert condition when it differs from what the claims say; True when
+        patched. Never while a reconcile of the Tenant may still write an older one: one that
+        is computing now (its lock is held), or whose patch was handed over since the last
+        round (it may be in flight): the condition is recorded for the reconciles to carry,
+        and written next round."""
         tenant = body["metadata"]["name"]
+        uid = str(body["metadata"].get("uid", ""))
+        reconciled = uid in _patched_tenants()
+        _patched_tenants().discard(uid)
         wanted = alert_condition(claims)
         if _holds(body, wanted):
-            return
+            _written_conditions()[uid] = _condition_of(body, wanted.type)
+            return False
         if not wanted.ok and not (body.get("status") or {}).get("conditions"):
             # Not reconciled yet and nothing claimed: its first status carries this condition
             # (reconcile.budget_condition); a patch now would only race kopf's first patches of
             # the new Tenant (its finalizer's, refused with 422, then redone).
-            return
+            return False
+        # Recorded before anything is sent (no await in between): a reconcile that takes the
+        # lock from now on carries it.
+        self._record(body, wanted)
+        # Imported here: reconcile imports this module.
+        from .reconcile import tenant_lock
+        if reconciled or tenant_lock(tenant).locked():
+            log.info("BudgetAlert condition of %s: after the reconcile's patch, next round",
+                     tenant)
+            return False
         # The list is replaced whole: patch a fresh copy, on the condition that nobody changed
         # the Tenant since (resourceVersion), so a reconcile's newer conditions are never
         # overwritten with older ones. A conflict is retried next round.
         fresh = await self.kube.get(Tenant, tenant)
         if fresh is None:
-            return
+            return False
         body = as_dict(fresh)
         if _holds(body, wanted):
-            return
-        current = list((body.get("status") or {}).get("conditions") or [])
-        merged = merge_conditions(current, [wanted], int(body["metadata"].get("generation", 0)))
+            return False
+        merged = self._record(body, wanted)
         try:
             await self.kube.client.patch(
                 Tenant.Status, tenant,
@@ -306,6 +364,22 @@ class AlertDispatcher:
             if error.status.code != 409:
                 raise
             log.info("BudgetAlert condition of %s: the Tenant changed, next round", tenant)
+            return False
+        return True
+
+    @staticmethod
+    def _record(body: Mapping[str, Any], wanted: Condition) -> list[dict[str, Any]]:
+        """The Tenant's conditions with `wanted`; its BudgetAlert remembered for reconciles."""
+        uid = str(body["metadata"].get("uid", ""))
+        current = list((body.get("status") or {}).get("conditions") or [])
+        # A change recorded in an earlier round and not written yet keeps that round's time.
+        earlier = _written_conditions().get(uid) or {}
+        since = earlier.get("lastTransitionTime") if earlier.get("status") == wanted.status \
+            else None
+        merged = merge_conditions(current, [wanted], int(body["metadata"].get("generation", 0)),
+                                  since)
+        _written_conditions()[uid] = next(c for c in merged if c["type"] == wanted.type)
+        return merged
 
 
 def claimed(replies: Sequence[Sequence[bytes | str]]) -> list[tuple[str, int]]:
@@ -318,6 +392,11 @@ def claimed(replies: Sequence[Sequence[bytes | str]]) -> list[tuple[str, int]]:
             if budget in BUDGETS and int(threshold) in THRESHOLDS:
                 claims.append((budget, int(threshold)))
     return claims
+
+
+def _condition_of(body: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    conditions = (body.get("status") or {}).get("conditions") or []
+    return dict(next(c for c in conditions if c.get("type") == kind))
 
 
 def _holds(body: Mapping[str, Any], wanted: Condition) -> bool:

@@ -12,6 +12,10 @@ Rules that keep the reads correct (Kube.read):
   carries no label): Kube.read asks the API server then;
 - after a write, the write's response is stored (read after write); a watch event older than
   what is stored (a lower resourceVersion) never replaces it;
+- a deletion leaves a tombstone for `TOMBSTONE_SECONDS`: a late event, GET or write
+  response, or a list made before the deletion (a resourceVersion not above the deletion's;
+  the same uid when a version is unknown) never brings the object back; a re-created object
+  (new uid, higher resourceVersion) is taken at once;
 - while a watch is down for longer than `stale_after`, the cache is not used at all.
 """
 
@@ -24,7 +28,7 @@ import logging
 import time
 import zlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from lightkube import ALL_NS, AsyncClient
 from lightkube.core.resource import NamespacedResource
@@ -33,12 +37,44 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str | None, str]  # (namespace, name)
 _MISS: Any = object()
+# How long a deleted object's tombstone refuses late events and responses about it: a GET or
+# a write in flight across the deletion answers within seconds; this bounds their memory.
+TOMBSTONE_SECONDS = 60.0
 
 
 def _version(obj: Mapping[str, Any]) -> int:
-    """resourceVersion as a number (etcd's revision); 0 when it is not one."""
+    """resourceVersion as a number; 0 when it is not one.
+
+    The API calls resourceVersions opaque; the caches compare them as numbers because every
+    API server stores in etcd, whose revisions they are (one counter across all kinds). A
+    version that is no number compares as unknown (0): a write's response then wins, and a
+    tombstone falls back to the deleted object's uid.
+    """
     text = str((obj.get("metadata") or {}).get("resourceVersion") or "")
     return int(text) if text.isdigit() else 0
+
+
+def _uid(obj: Mapping[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("uid") or "")
+
+
+class Tombstone(NamedTuple):
+    """What is known of a deleted object: its uid and the deletion's resourceVersion (either
+    may be unknown: "" and 0), and until when (monotonic) the tombstone holds."""
+    uid: str
+    version: int
+    expires: float
+
+    def buries(self, obj: Mapping[str, Any]) -> bool:
+        """Whether `obj` is not newer than the deletion: by resourceVersion when both are
+        known (a label-filtered watch also "deletes" an object whose label was removed; put
+        back, the same uid returns with a higher version), else by uid (a deleted object's
+        uid never comes back)."""
+        version = _version(obj)
+        if version and self.version:
+            return version <= self.version
+        uid = _uid(obj)
+        return bool(uid) and uid == self.uid
 
 
 def _key(obj: Mapping[str, Any]) -> Key:
@@ -81,6 +117,7 @@ class KindCache:
         self._generic: Any = client._client  # lightkube's request builder: raw JSON, no models
         self._namespaced = issubclass(kind, NamespacedResource)
         self._store: dict[Key, tuple[int, bytes]] = {}
+        self._tombstones: dict[Key, Tombstone] = {}  # in order of expiry
         self._resource_version = ""
         self._stale_after = stale_after
         self._watch_seconds = watch_seconds
@@ -119,7 +156,46 @@ class KindCache:
             self._store.pop(_key(obj), None)
 
     def forget(self, name: str, namespace: str | None = None) -> None:
+        """Not known any more: a label-filtered cache's next read asks the API server."""
         self._store.pop((namespace, name), None)
+
+    def deleted(self, name: str, namespace: str | None, answer: Mapping[str, Any] | None
+                ) -> None:
+        """The operator deleted the object; `answer` is the API server's response to the
+        DELETE (the object still terminating, the deleted object, or a Status naming its
+        uid), None when there was none to delete."""
+        key = (namespace, name)
+        held = self._store.pop(key, None)
+        if answer is None:  # not found: what was held is gone
+            if held is not None:
+                self._bury(key, Tombstone(_uid(expand(held[1])), held[0], 0.0))
+            return
+        if (answer.get("metadata") or {}).get("deletionTimestamp"):
+            # Finalizers or a grace period keep it: it exists, terminating, until DELETED.
+            self.put(answer)
+            return
+        if answer.get("kind") == "Status":  # gone; no resourceVersion given
+            self._bury(key, Tombstone(str((answer.get("details") or {}).get("uid") or ""),
+                                      0, 0.0))
+        else:
+            self._bury(key, Tombstone(_uid(answer), _version(answer), 0.0))
+
+    def _bury(self, key: Key, stone: Tombstone) -> None:
+        if not (stone.uid or stone.version):
+            return
+        now = time.monotonic()
+        while self._tombstones:  # the oldest first: drop the expired ones
+            oldest = next(iter(self._tombstones))
+            if self._tombstones[oldest].expires > now:
+                break
+            del self._tombstones[oldest]
+        self._tombstones.pop(key, None)
+        self._tombstones[key] = stone._replace(expires=now + TOMBSTONE_SECONDS)
+
+    def _buried(self, obj: Mapping[str, Any]) -> bool:
+        stone = self._tombstones.get(_key(obj))
+        return (stone is not None and stone.expires > time.monotonic()
+                and stone.buries(obj))
 
     def _matches(self, obj: Mapping[str, Any]) -> bool:
         """Whether the watch would deliver this object (the selector is key=value pairs)."""
@@ -130,6 +206,8 @@ class KindCache:
                    (pair.split("=", 1) for pair in self.label_selector.split(",")))
 
     def _remember(self, obj: Mapping[str, Any]) -> None:
+        if self._buried(obj):  # a late event or response of a deleted object
+            return
         key, version = _key(obj), _version(obj)
         held = self._store.get(key)
         if held is None or version >= held[0]:
@@ -140,6 +218,7 @@ class KindCache:
         held = self._store.get(key)
         if held is not None and _version(obj) >= held[0]:
             del self._store[key]
+        self._bury(key, Tombstone(_uid(obj), _version(obj), 0.0))
 
     def _request(self, watch: bool, params: dict[str, Any]) -> Any:
         request = self._generic.prepare_request(
@@ -165,11 +244,18 @@ class KindCache:
             kind = {"apiVersion": page.get("apiVersion"),
                     "kind": str(page.get("kind", "")).removesuffix("List")}
             for item in page.get("items") or []:
-                store[_key(item)] = (_version(item), compact({**kind, **item}))
+                if not self._buried(item):  # deleted while the (paged) list was made
+                    store[_key(item)] = (_version(item), compact({**kind, **item}))
             token = (page.get("metadata") or {}).get("continue")
             if not token:
                 break
         self._resource_version = str(page["metadata"]["resourceVersion"])
+        listed_at = _version(page)
+        # What a write stored while the list was made is newer than the list: it stays (the
+        # watch, resumed from the list's version, delivers what happens to it next).
+        for key, (version, stored) in self._store.items():
+            if version > listed_at and version > store.get(key, (0, b""))[0]:
+                store[key] = (version, stored)
         self._store = store
         self.listed.set()
         self.settled.set()

@@ -45,8 +45,11 @@ def shared_dsn(settings: OperatorSettings) -> str:
 
 
 async def secret_value(kube: Kube, namespace: str, name: str, key: str) -> str | None:
-    obj = await kube.get(Secret, name, namespace)
-    data = (as_dict(obj).get("data") or {}) if obj is not None else {}
+    """A key of a Secret, from the watch-backed cache when it holds it (Kube.read: the
+    operator's credential Secrets carry its label; one just applied is read back from the
+    apply's response)."""
+    obj = await kube.read(Secret, name, namespace)
+    data = (obj.get("data") or {}) if obj is not None else {}
     return base64.b64decode(data[key]).decode() if key in data else None
 
 
@@ -84,13 +87,13 @@ async def backup_password(kube: Kube, namespace: str, tenant: str, secret: str) 
     too, but only when it carries the tenant's marks and names this credential."""
     for name in (builders.credentials_backup_name(tenant, secret),
                  builders.legacy_credentials_backup_name(tenant, secret)):
-        obj = await kube.get(Secret, name, namespace)
+        obj = await kube.read(Secret, name, namespace)
         if obj is None:
             continue
-        labels = as_dict(obj)["metadata"].get("labels") or {}
+        labels = obj["metadata"].get("labels") or {}
         if not owned_by(labels, tenant) or labels.get(builders.CREDENTIAL_LABEL) != secret:
             continue
-        data = as_dict(obj).get("data") or {}
+        data = obj.get("data") or {}
         if "password" in data:
             return base64.b64decode(data["password"]).decode()
     return None

@@ -136,7 +136,9 @@ async def finalize(body: Mapping[str, Any], kube: Kube, settings: OperatorSettin
         async def redis_keys() -> str:
             redis = Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=10)
             try:
-                return f"removed {await delete_tenant_keys(redis, name)} Redis keys"
+                # The registry of document ids follows the documents: kept under Retain.
+                removed = await delete_tenant_keys(redis, name, documents=delete)
+                return f"removed {removed} Redis keys"
             finally:
                 await redis.aclose()
 

@@ -238,16 +238,37 @@ class Kube:
             raise
 
     async def delete(self, kind: Kind, name: str, namespace: str | None = None) -> bool:
-        """Delete if present; True when something was deleted."""
+        """Delete if present; True when something was deleted.
+
+        The cache learns at once: a terminating object (finalizers) is stored as the server
+        answered, a deleted one leaves a tombstone that refuses its late watch events.
+        """
+        cache = self._cache(kind)
+        generic: Any = self.client._client  # lightkube's delete drops the server's answer
+        request = generic.prepare_request("delete", res=kind, name=name, namespace=namespace)
         try:
-            await self._untyped.delete(kind, name, namespace=namespace)
+            response = await generic.send(generic.build_adapter_request(request))
+            generic.raise_for_status(response)
         except ApiError as err:
             if _not_found(err):
+                if cache is not None:
+                    cache.deleted(name, namespace, None)
                 return False
+            if cache is not None:  # outcome unknown: the next read asks the API server
+                cache.forget(name, namespace)
             raise
-        finally:
-            cache = self._cache(kind)
+        except Exception:
             if cache is not None:
+                cache.forget(name, namespace)
+            raise
+        if cache is not None:
+            try:
+                answer = json.loads(response.content)
+            except ValueError:
+                answer = None
+            if isinstance(answer, dict):
+                cache.deleted(name, namespace, answer)
+            else:
                 cache.forget(name, namespace)
         return True
 

@@ -18,6 +18,7 @@ import contextlib
 import enum
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -46,6 +47,13 @@ class Lease(GenericNamespacedResource):
 EXIT_LEADERSHIP_LOST = 3
 # A clean shutdown waits this long at most to hand the Lease back (else it simply expires).
 RELEASE_TIMEOUT_SECONDS = 5.0
+# A renewal that failed (an error, a conflict, a timeout) is tried again this soon rather than a
+# whole retry period later: the deadline leaves room for several more attempts.
+FAILED_RENEWAL_RETRY_SECONDS = 0.5
+# One attempt may use this share of the renew deadline at most, so a request hung on a dead
+# connection still leaves time for attempts on a new one (kube-controller-manager gives its
+# leader-election client a timeout of half the deadline).
+ATTEMPT_SHARE_OF_DEADLINE = 1 / 3
 
 
 class Action(enum.Enum):
@@ -229,17 +237,20 @@ class LeaderElector:
         return False
 
     async def keep_renewed(self) -> None:
-        """Renew every retry period; call `on_lost` the moment leadership may be gone."""
+        """Renew every retry period (a failed attempt again after FAILED_RENEWAL_RETRY_SECONDS);
+        call `on_lost` the moment leadership may be gone."""
+        delay = self.retry
         while True:
-            await asyncio.sleep(self.retry)
+            await asyncio.sleep(delay)
             now = time.monotonic()
             if renew_deadline_passed(self._renewed_at, now, self.deadline):
                 # E.g. the process was paused: do not touch the API, a standby may lead now.
                 self.on_lost(f"no renewal for {now - self._renewed_at:.1f}s")
                 return
             try:
-                # Never wait past the deadline for a hung request.
-                async with asyncio.timeout(self._renewed_at + self.deadline - now):
+                # Never wait past the deadline for a hung request, nor the whole of it.
+                async with asyncio.timeout(min(self.deadline * ATTEMPT_SHARE_OF_DEADLINE,
+                                               self._renewed_at + self.deadline - now)):
                     held = await self.try_hold()
             except Exception as err:
                 log.warning("renewing lease %s/%s failed: %s", self.namespace, self.name,
@@ -253,6 +264,7 @@ class LeaderElector:
             if not held and renew_deadline_passed(self._renewed_at, now, self.deadline):
                 self.on_lost(f"no renewal for {now - self._renewed_at:.1f}s")
                 return
+            delay = self.retry if held else min(FAILED_RENEWAL_RETRY_SECONDS, self.retry)
 
     async def release(self) -> None:
         """Hand the Lease back on a clean shutdown, so a standby need not wait for expiry."""
@@ -267,3 +279,54 @@ class LeaderElector:
                     log.info("released lease %s/%s", self.namespace, self.name)
         except Exception as err:  # it expires on its own
             log.warning("could not release lease %s/%s: %s", self.namespace, self.name, err)
+
+
+class RenewalThread:
+    """`keep_renewed` on a thread and event loop of its own, with an API client of its own.
+
+    On the operator's loop a renewal waited behind every callback queued there (kopf's
+    processing, watch events, TLS work of every client): at load average ~20 that delayed it
+    past the deadline ("no renewal for 10.3 s"). Here it waits for nothing of the operator's;
+    the GIL is handed over every few milliseconds even while the other thread computes.
+    `on_lost` is called on this thread (exit_now ends the process from any thread).
+    """
+
+    def __init__(self, elector: LeaderElector, make_client: Callable[[], AsyncClient]) -> None:
+        self.elector = elector
+        self.make_client = make_client
+        self._running = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()),
+                                        name="lease-renewal", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._running.wait()
+
+    async def _main(self) -> None:
+        own_client = self.elector.client
+        client: AsyncClient | None = None
+        try:
+            self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
+            self.elector.client = client = self.make_client()
+            self._running.set()
+            await self.elector.keep_renewed()
+        except asyncio.CancelledError:
+            pass  # stop()
+        except BaseException as err:
+            # Renewals stopped while still leading: a standby will take over, so stop too.
+            self.elector.on_lost(f"lease renewal failed: {err!r}")
+        finally:
+            self._running.set()
+            self.elector.client = own_client
+            if client is not None:
+                await client.close()
+
+    async def stop(self) -> None:
+        """Stop renewing and wait for the thread (before `release`, on the caller's loop)."""
+        loop, task = self._loop, self._task
+        if loop is not None and task is not None:
+            with contextlib.suppress(RuntimeError):  # its loop has ended already
+                loop.call_soon_threadsafe(task.cancel)
+        await asyncio.to_thread(self._thread.join)

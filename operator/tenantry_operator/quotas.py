@@ -85,8 +85,33 @@ async def read_limits(redis: Redis, tenant: str) -> dict[str, str]:
             for k, v in raw.items()}
 
 
-async def delete_tenant_keys(redis: Redis, tenant: str) -> int:
+async def delete_tenant_keys(redis: Redis, tenant: str, documents: bool = False) -> int:
     """Remove the tenant's keys (limits, counters, holds, usage stream); returns how many
     were deleted. One DEL of the known names (TenantKeys.known_keys): a SCAN of the keyspace
-    cost 1.2 s per deletion at 100,000 keys (bench/README.md)."""
+    cost 1.2 s per deletion at 100,000 keys (bench/README.md). With `documents` (the
+    documents are deleted too: deletionPolicy Delete), its entries of the shared document
+    registry go first (forget_documents), so a crash in between leaves the set to retry."""
+    if documents:
+        await forget_documents(redis, tenant)
     return int(await redis.delete(*TenantKeys(tenant).known_keys(datetime.now(UTC))))
+
+
+async def forget_documents(redis: Redis, tenant: str, batch: int = 1000) -> int:
+    """Drop the tenant's document ids from the registry (contracts.redis_keys.DOCUMENT_OWNERS)
+    and then its set of them; returns how many ids. Ids in batches (SSCAN, then HDEL/SREM
+    pipelined): a small tenant costs two round trips, a big one never blocks Redis."""
+    keys = TenantKeys(tenant)
+    forgotten, cursor = 0, 0
+    while True:
+        cursor, found = await redis.sscan(keys.documents, cursor, count=batch)
+        ids = [i.decode() if isinstance(i, bytes) else str(i) for i in found]
+        if ids:
+            async with redis.pipeline(transaction=False) as pipe:
+                for command in keys.forget_documents(ids):
+                    pipe.execute_command(*command)
+                await pipe.execute()
+            forgotten += len(ids)
+        if cursor == 0:
+            break
+    await redis.delete(keys.documents)
+    return forgotten

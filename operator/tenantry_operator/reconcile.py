@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from tenantry_runtime.contracts.database import InvalidTenantId, validate_tenant_id
 
 from .alerts import CONDITION as BUDGET_ALERT
-from .alerts import alert_condition
+from .alerts import alert_condition, forget_budget_alert, latest_budget_alert, reconcile_patched
 from .conditions import (
     Condition,
     Transition,
@@ -159,7 +159,8 @@ def budget_condition(current: Sequence[Mapping[str, Any]]) -> Condition:
     """BudgetAlert is the alert loop's (alerts.py); the reconcile's status patch carries it too,
     so that loop writes only when a claim changes it: a new Tenant starts within its budgets
     (without this, one more status PATCH per new Tenant), and an existing value moves to the new
-    generation with the other conditions (one more per spec change)."""
+    generation with the other conditions (one more per spec change). `current` has the one the
+    alert loop last wrote, when it wrote one (reconcile_tenant)."""
     old = next((c for c in current if c.get("type") == BUDGET_ALERT), None)
     if old is None:
         return alert_condition(())
@@ -198,18 +199,22 @@ async def reconcile_tenant(
     uid = body["metadata"].get("uid", "")
     current: Mapping[str, Any] = body.get("status") or {}
     async with tenant_lock(body["metadata"]["name"]), reconcile_slot(settings.worker_limit):
+        # BudgetAlert is the alert loop's to change (the reconcile only carries it): the one
+        # that loop last wrote, else the body's; its Events come from that loop.
         before = latest_conditions(current.get("conditions") or [],
-                                   computed_conditions().get(uid, []))
+                                   [*computed_conditions().get(uid, []),
+                                    *latest_budget_alert(uid)])
         outcome = await reconcile({**body, "status": {**current, "conditions": before}}, kube,
                                   settings, steps)
-        # BudgetAlert is the alert loop's to change (the reconcile only carries it): its
-        # value comes from the body, its Events from that loop.
         merged = [c for c in outcome.status["conditions"] if c["type"] != BUDGET_ALERT]
         computed_conditions()[uid] = merged
-    return Settled(outcome=outcome, status_patch=status_changes(current, outcome.status),
+        status_patch = status_changes(current, outcome.status)
+        reconcile_patched(uid, status_patch)  # the alert loop waits until it has landed
+    return Settled(outcome=outcome, status_patch=status_patch,
                    events=transitions(before, merged))
 
 
 def forget_tenant(uid: str) -> None:
-    """The Tenant is gone: drop what its reconciles remembered."""
+    """The Tenant is gone: drop what its reconciles and its alerts remembered."""
     computed_conditions().pop(uid, None)
+    forget_budget_alert(uid)

@@ -23,7 +23,7 @@ from tenantry_runtime.contracts.database import validate_identifier
 from tenantry_runtime.errors import ApiError
 from tenantry_runtime.usage import read_usage, usage_window
 
-from . import doctor
+from . import doctor, documents
 from .output import Progress, table, to_csv, to_json
 from .sources import NOT_FOUND, REFUSED, UNREACHABLE, CliError, Sources, TenantView
 
@@ -41,7 +41,7 @@ ENVIRONMENT = """environment (the operator's own variables, so one setup serves 
   TENANTRY_DATABASE_URL        shared Postgres DSN (pool and bridge tenants' usage, invoices)
   TENANTRY_RUNTIME_NAMESPACE   where the runtime records live (default tenantry-system)
   TENANTRY_SILO_DSN_OVERRIDES  JSON {tenant: DSN} for silo databases outside the cluster
-  TENANTRY_REDIS_URL           Redis (checked by doctor)"""
+  TENANTRY_REDIS_URL           Redis (doctor; documents backfill)"""
 
 
 def _window(args: argparse.Namespace) -> Any:
@@ -218,6 +218,11 @@ def cmd_tenants(src: Sources, args: argparse.Namespace
                             "tokens", "list_cost", "problem"]
 
 
+def cmd_documents(src: Sources, args: argparse.Namespace) -> Listing:
+    rows = documents.backfill(src, src.tenant_names() if args.all else [args.tenant])
+    return {"tenants": rows}, rows, ["tenant", "documents", "registered", "dropped", "problem"]
+
+
 def _print(args: argparse.Namespace, document: Any, rows: list[dict[str, Any]],
            columns: list[str]) -> None:
     if args.output == "json":
@@ -308,6 +313,23 @@ def parser() -> argparse.ArgumentParser:
                         help="keep exporting as usage arrives (default: what is pending, then "
                              "exit, as a CronJob would)")
 
+    docs = commands.add_parser("documents", help="the runtime's shared document registry")
+    docs_commands = docs.add_subparsers(dest="documents_command", required=True,
+                                        metavar="ACTION")
+    backfill = docs_commands.add_parser(
+        "backfill", formatter_class=formatter, help="register every document id in Redis",
+        description="The response sanitizer redacts another tenant's document ids on every "
+                    "runtime replica by asking Redis who owns a UUID (docs/runtime.md). The "
+                    "runtime registers the documents it creates; this registers those "
+                    "created before it did (or while Redis was unreachable) and drops ids of "
+                    "documents that are gone, reading each tenant's documents as that "
+                    "tenant. Idempotent. Exit 4 when a database or Redis is unreachable.",
+        epilog="Example: tenantry documents backfill --all")
+    which = backfill.add_mutually_exclusive_group(required=True)
+    which.add_argument("--tenant", help="the Tenant's name")
+    which.add_argument("--all", action="store_true", help="every Tenant")
+    output_options(backfill, ("table", "json", "csv"))
+
     check = commands.add_parser(
         "doctor", formatter_class=formatter, help="check connections and configuration",
         description="Checks what the operator and runtime need (Kubernetes, CRDs, the runtime "
@@ -338,9 +360,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 print(doctor.render(checks))
             return 0 if doctor.healthy(checks) else 5
-        handler = {"usage": cmd_usage, "keys": cmd_keys, "tenants": cmd_tenants}[args.command]
+        handler = {"usage": cmd_usage, "keys": cmd_keys, "tenants": cmd_tenants,
+                   "documents": cmd_documents}[args.command]
         document, rows, columns = handler(src, args)
         _print(args, document, rows, columns)
+        if args.command == "documents" and any(row["problem"] for row in rows):
+            return UNREACHABLE
         return 0
     except CliError as error:
         print(f"tenantry: {error}" + (f"\n  fix: {error.fix}" if error.fix else ""),

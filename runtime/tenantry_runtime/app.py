@@ -33,6 +33,7 @@ from .asgi import (
     error_reply,
     new_request_id,
 )
+from .document_registry import DocumentRegistry
 from .errors import ApiError, error_body, kind_for_status
 from .kube_source import KubeSource
 from .limits import (
@@ -471,7 +472,8 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
                                               settings.saturation_wait_seconds),
                           local_limits=LocalLimits(settings.expected_replicas))
         app.state.runtime = runtime
-        app.state.rag = rag = Rag.build(settings, tenants)
+        app.state.rag = rag = Rag.build(settings, tenants, registry=DocumentRegistry(
+            redis, runtime.failures, runtime.log_throttle))
         tasks: list[asyncio.Task[None]] = []
         if settings.spool_dir is not None:
             runtime.spool = SettlementSpool(settings.spool_dir)
@@ -565,7 +567,8 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
         body = runtime.metrics.render(
             revisions=revisions, failures=merged(runtime.failures, writer_failures),
             refused=store.refused, stale_ignored=store.stale_ignored,
-            in_flight=sum(runtime.in_flight.values()), waiting=runtime.gate.waiting)
+            in_flight=sum(runtime.in_flight.values()), waiting=runtime.gate.waiting,
+            redactions=request.app.state.rag.sanitizer.redactions)
         return Response(body, media_type=CONTENT_TYPE)
 
     def model_info(model: str) -> dict[str, Any]:

@@ -77,11 +77,21 @@ async def create_document(request: Request) -> Response:
         reject_nul(value, name)
     chunks = chunk_text(text, settings.rag_chunk_chars, settings.rag_chunk_overlap)
     vectors = await rag.embed(caller.config, chunks, "document")
-    document_id, created_at = await rag.databases.write(
-        caller.config.tenant,
-        lambda conn, record: insert_document(conn, record, title, text, metadata, chunks,
-                                             vectors))
-    rag.sanitizer.documents.add(caller.config.tenant, document_id)
+    tenant, new_id = caller.config.tenant, uuid.uuid4()
+    # Registered (sanitize.py: other tenants' answers redact it on every replica) before it
+    # exists, so no answer can hold an id the registry has not seen.
+    registry = rag.sanitizer.registry
+    if registry is not None:
+        await registry.register(tenant, [str(new_id)])
+    try:
+        document_id, created_at = await rag.databases.write(
+            tenant, lambda conn, record: insert_document(conn, record, new_id, title, text,
+                                                         metadata, chunks, vectors))
+    except Exception:
+        if registry is not None:
+            await registry.forget(tenant, [str(new_id)])
+        raise
+    rag.sanitizer.documents.add(tenant, document_id)
     return JSONResponse({"type": "document", "id": document_id, "title": title,
                          "metadata": metadata, "chunks": len(chunks),
                          "created_at": created_at.isoformat()}, status_code=201)
@@ -123,6 +133,8 @@ async def remove_document(document_id: str, request: Request) -> Response:
     if not deleted:
         raise ApiError("not_found_error", f"document {document_id} not found.")
     rag.sanitizer.documents.discard(document_id)
+    if rag.sanitizer.registry is not None:
+        await rag.sanitizer.registry.forget(caller.config.tenant, [str(wanted)])
     return JSONResponse({"type": "document_deleted", "id": str(wanted)})
 
 

@@ -484,6 +484,26 @@ class LocalMiniLM:
             self._executor, self.encode, list(texts))
         return [row.tolist() for row in vectors]
 
+    def close(self) -> None:
+        """Closes the model file once no pass uses it (the lock) and forgets the weights; a
+        later call loads them again."""
+        with self._lock:
+            loaded, self._loaded = self._loaded, None
+            if loaded is not None:
+                loaded.words.file.close()
+
+    async def aclose(self) -> None:
+        """`close` on the model's own thread, after any pass queued there, then that thread
+        ends: nothing of the model is left open or running."""
+        executor, self._executor = self._executor, None
+        if executor is None:
+            self.close()  # no pass of `embed` can be running
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, self.close)
+        finally:
+            executor.shutdown(wait=True)  # its thread is idle now: this only joins it
+
 
 # --- HTTP providers ---------------------------------------------------------------------------
 

@@ -183,7 +183,7 @@ class Metrics:
 
     def render(self, *, revisions: Mapping[str, int], failures: Mapping[str, int],
                refused: Mapping[str, int], stale_ignored: int, in_flight: int, waiting: int,
-               ) -> bytes:
+               redactions: Mapping[str, int] | None = None) -> bytes:
         lines: list[str] = []
         for family in self._families:
             lines.extend(family.render())
@@ -198,6 +198,10 @@ class Metrics:
         lines.extend(revision.render())
         lines.extend(_from_counter("tenantry_runtime_failures_total",
                                    "Failures with no client to tell, by reason.", failures))
+        # The response sanitizer's security events (sanitize.py), by kind.
+        lines.extend(_from_counter("tenantry_runtime_redactions_total",
+                                   "Other tenants' identifiers redacted from answers.",
+                                   redactions or {}, label="kind"))
         lines.extend(_from_counter("tenantry_runtime_config_refused_total",
                                    "Tenant records refused (the last good one stays).", refused))
         for name, help_text, value, kind in (
@@ -214,10 +218,11 @@ class Metrics:
         return ("\n".join(lines) + "\n").encode()
 
 
-def _from_counter(name: str, help_text: str, counts: Mapping[str, int]) -> Iterable[str]:
+def _from_counter(name: str, help_text: str, counts: Mapping[str, int],
+                  label: str = "reason") -> Iterable[str]:
     family = Family(name, help_text)
     for reason, value in counts.items():
-        family.add(value, reason=reason)
+        family.add(value, **{label: reason})
     return family.render()
 
 

@@ -35,6 +35,7 @@ from psycopg.types.json import Jsonb
 
 from .contracts.database import Conn, fetch_rows, validate_identifier, validate_tenant_id
 from .contracts.runtime_config import TenantRuntimeConfig
+from .document_registry import DocumentRegistry
 from .embeddings import Embedder, EmbeddingError, HttpEmbeddings, InputType, LocalMiniLM, Vector
 from .errors import ApiError
 from .messages import parse_json_object
@@ -232,16 +233,18 @@ def _documents(config: TenantRuntimeConfig) -> sql.Identifier:
     return sql.Identifier(validate_identifier(config.database.schema_name), "documents")
 
 
-def insert_document(conn: Conn, record: TenantRecord, title: str, text: str,
-                    metadata: dict[str, Any], chunks: Sequence[str],
+def insert_document(conn: Conn, record: TenantRecord, document_id: uuid.UUID, title: str,
+                    text: str, metadata: dict[str, Any], chunks: Sequence[str],
                     vectors: Sequence[Vector]) -> tuple[str, datetime]:
+    """The document as `document_id` (chosen by the caller, so that it can be registered
+    before anyone can see it) with its chunks."""
     config = record.config
     schema, table = require_collection(config)
     tenant = config.tenant
     ((document_id, created_at),) = fetch_rows(conn, sql.SQL(
-        "INSERT INTO {} (tenant_id, title, content, metadata) VALUES (%s, %s, %s, %s)"
+        "INSERT INTO {} (id, tenant_id, title, content, metadata) VALUES (%s, %s, %s, %s, %s)"
         " RETURNING id, created_at").format(_documents(config)),
-        (tenant, title, text, Jsonb(metadata)))
+        (document_id, tenant, title, text, Jsonb(metadata)))
     with conn.cursor() as cur:
         cur.executemany(sql.SQL(
             "INSERT INTO {} (tenant_id, document_id, content, metadata, embedding)"
@@ -371,9 +374,10 @@ class Rag:
 
     @classmethod
     def build(cls, settings: RuntimeSettings, store: TenantStore,
-              embedder: Embedder | None = None) -> Rag:
+              embedder: Embedder | None = None,
+              registry: DocumentRegistry | None = None) -> Rag:
         return cls(settings, store, TenantDatabases(settings, store),
-                   embedder or embedder_for(settings), Sanitizer(store))
+                   embedder or embedder_for(settings), Sanitizer(store, registry=registry))
 
     async def embed(self, config: TenantRuntimeConfig, texts: Sequence[str],
                     input_type: InputType) -> list[Vector]:
@@ -462,6 +466,7 @@ class Rag:
                              answer: bytes, ref: ConversationRef | None, model: str) -> bytes:
         """A non-streaming answer, sanitized; its turns stored when a conversation is named."""
         if self.settings.sanitize_responses:
+            await self.sanitizer.resolve(answer)
             answer = self.sanitizer.redact_message(answer, caller.config.tenant, request_id)
         if ref is not None:
             try:
@@ -487,6 +492,8 @@ class Rag:
         return RewrittenStream(upstream, rewriter, on_end)
 
     async def aclose(self) -> None:
-        if isinstance(self.embedder, HttpEmbeddings):
-            await self.embedder.aclose()
-        self.databases.close()
+        try:
+            if isinstance(self.embedder, HttpEmbeddings | LocalMiniLM):
+                await self.embedder.aclose()
+        finally:
+            self.databases.close()

@@ -50,6 +50,7 @@ class StubState:
     event_delay_seconds: float = 0.0  # between SSE events
     break_stream_after: int | None = None  # drop the connection after this many events
     record_to: Path | None = None  # append {path, body} per request as JSON lines
+    delta_chars: int | None = None  # cut streamed text deltas to at most this many characters
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def next_id(self, kind: str) -> str:
@@ -138,8 +139,9 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-def stream_events(message: dict[str, Any]) -> list[bytes]:
-    """The SSE events Anthropic emits for `message`, in order."""
+def stream_events(message: dict[str, Any], delta_chars: int | None = None) -> list[bytes]:
+    """The SSE events Anthropic emits for `message`, in order: a text delta per word, or
+    per `delta_chars` characters of it (identifiers split across deltas)."""
     usage = message["usage"]
     start = {**message, "content": [], "stop_reason": None, "stop_sequence": None,
              "usage": {**usage, "output_tokens": 1}}
@@ -152,8 +154,11 @@ def stream_events(message: dict[str, Any]) -> list[bytes]:
             if index == 0:
                 events.append(_sse("ping", {"type": "ping"}))
             words = block["text"].split(" ")
-            for n, word in enumerate(words):
-                piece = word if n == 0 else " " + word
+            pieces = [word if n == 0 else " " + word for n, word in enumerate(words)]
+            if delta_chars:
+                pieces = [piece[at:at + delta_chars] for piece in pieces
+                          for at in range(0, len(piece), delta_chars)]
+            for piece in pieces:
                 events.append(_sse("content_block_delta", {
                     "type": "content_block_delta", "index": index,
                     "delta": {"type": "text_delta", "text": piece}}))
@@ -211,7 +216,7 @@ def create_stub_app(state: StubState | None = None) -> Starlette:
         message = answer(body, stub)
         if not body.get("stream"):
             return Response(json.dumps(message), media_type="application/json")
-        events = stream_events(message)
+        events = stream_events(message, stub.delta_chars)
         pause, cut = stub.event_delay_seconds, stub.break_stream_after
 
         async def send() -> AsyncIterator[bytes]:

@@ -12,7 +12,7 @@ import ssl
 import subprocess
 import textwrap
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,6 +141,12 @@ class ControlPlane:
         Each is an audit event: verb, userAgent, objectRef; Events carry their body
         (requestObject) so that the object they are about can be told.
         """
+        return self.requests_since(offset, WRITE_VERBS)
+
+    def requests_since(self, offset: int, verbs: Iterable[str]) -> list[dict[str, Any]]:
+        """The completed requests of `verbs` logged after `offset`: writes, and GETs of
+        Secrets (the only reads the audit policy logs)."""
+        wanted = frozenset(verbs)
         if not self.audit_log.exists():
             return []
         with self.audit_log.open("rb") as log:
@@ -152,7 +158,7 @@ class ControlPlane:
                 entry = json.loads(line)
             except ValueError:  # a line being written right now
                 continue
-            if entry.get("stage") == "ResponseComplete" and entry.get("verb") in WRITE_VERBS:
+            if entry.get("stage") == "ResponseComplete" and entry.get("verb") in wanted:
                 found.append(entry)
         return found
 
@@ -344,13 +350,18 @@ reclaimPolicy: Retain
 allowVolumeExpansion: true
 """
 
-# Writes only (reads are not logged), bodies only for Events (to tell which object an Event is
-# about), nothing for Leases (renewed every few seconds by kwok and leader election).
+# Writes, and of the reads only GETs of Secrets (the operator serves its credential Secrets
+# from its cache: a settled resync reads none); bodies only for Events (to tell which object
+# an Event is about), nothing for Leases (renewed every few seconds by kwok and leader
+# election).
 _AUDIT_POLICY = """\
 apiVersion: audit.k8s.io/v1
 kind: Policy
 omitStages: [RequestReceived]
 rules:
+- level: Metadata
+  verbs: [get]
+  resources: [{group: "", resources: [secrets]}]
 - level: None
   verbs: [get, list, watch]
 - level: None

@@ -9,12 +9,21 @@ colon or glob character), so the prefix of one tenant can never be a prefix of a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from .database import validate_tenant_id
 
 SCHEME_VERSION = "v1"
+
+# The shared document registry (issue 7, the response sanitizer): one hash `document id ->
+# tenant` for every tenant, so each runtime replica can tell another tenant's document id in an
+# answer (sanitize.py). Outside any tenant's hash tag (a Cluster slot of its own): it is read
+# with one HMGET of all the UUIDs an answer holds, whoever owns them. Each tenant's ids are
+# also in its own set (`TenantKeys.documents`), so deleting a tenant forgets them without a
+# scan of the hash.
+DOCUMENT_OWNERS = f"tenantry:{SCHEME_VERSION}:document-owners"
 
 # Keys of a tenant without a time bucket: the runtime's GCRA state, holds and usage stream (named
 # in tenantry_runtime.limits), next to the limits hash.
@@ -56,6 +65,12 @@ class TenantKeys:
     def limits(self) -> str:
         return self.prefix + "limits"
 
+    @property
+    def documents(self) -> str:
+        """The set of the tenant's document ids registered in DOCUMENT_OWNERS. Not in
+        `known_keys`: it goes only with the documents (deletionPolicy Delete)."""
+        return self.prefix + "documents"
+
     def tokens_day(self, at: datetime) -> str:
         return self.prefix + at.strftime("tokens:day:%Y%m%d")
 
@@ -79,6 +94,21 @@ class TenantKeys:
 
     def alert_claims_month(self, at: datetime) -> str:
         return self.prefix + at.strftime("alerts:claimed:month:%Y%m")
+
+    def register_documents(self, document_ids: Sequence[str]) -> list[list[str]]:
+        """The commands that record `document_ids` as this tenant's (idempotent)."""
+        ids = [document_id.lower() for document_id in document_ids]
+        if not ids:
+            return []
+        return [["HSET", DOCUMENT_OWNERS, *(x for i in ids for x in (i, self.tenant))],
+                ["SADD", self.documents, *ids]]
+
+    def forget_documents(self, document_ids: Sequence[str]) -> list[list[str]]:
+        """The commands that drop `document_ids` from the registry (idempotent)."""
+        ids = [document_id.lower() for document_id in document_ids]
+        if not ids:
+            return []
+        return [["HDEL", DOCUMENT_OWNERS, *ids], ["SREM", self.documents, *ids]]
 
     def known_keys(self, at: datetime) -> list[str]:
         """Every key of the tenant that can exist at `at`, to delete without a SCAN.
