@@ -152,9 +152,9 @@ async def stream_until_disconnect(stream: AsyncGenerator[bytes, None], receive: 
     StreamingResponse does.
 
     The chunks are sent from this task, with one task listening for the client's leaving
-    (it cancels this one): a pump task and `asyncio.wait` per stream cost ~10% of a
-    one-client stream's time (bench/README.md, third round), and the head now leaves with
-    the first chunk when that is ready in the same loop turn."""
+    (it cancels this one), rather than from a pump task awaited with `asyncio.wait`: a task
+    and its loop turns less per stream (bench/README.md, third round), and the head leaves
+    with the first chunk when that is ready in the same loop turn."""
     pumping = asyncio.current_task()
     assert pumping is not None  # ASGI apps run in a task
     gone = False
