@@ -150,6 +150,7 @@ def test_usage_of_a_message_body() -> None:
                                  "cache_read_input_tokens": 5}}).encode()
     assert usage_of_message(body) == Usage(3, 2, 0, 5)
     assert usage_of_message(b"garbage") == Usage()
+    assert usage_of_message(b"\xef\xbb\xbf" + body) == Usage(3, 2, 0, 5)  # a BOM, as json.loads
     assert Usage(3, 2, 1, 5).charged == 11
 
 

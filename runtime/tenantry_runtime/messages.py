@@ -90,7 +90,10 @@ _DECODER = json.JSONDecoder()
 def loads_utf8(data: bytes) -> Any:
     """JSON from UTF-8 bytes (what model endpoints send). `json.loads` of bytes first guesses
     their encoding in Python, a third of its time on an SSE event's data (bench/README.md,
-    third round). Raises ValueError (UnicodeDecodeError is one) as `json.loads` does."""
+    third round). A UTF-8 byte order mark is skipped, as `json.loads` does. Raises ValueError
+    (UnicodeDecodeError is one) as `json.loads` does."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
     return _DECODER.decode(data.decode())
 
 
