@@ -175,7 +175,7 @@ def test_rules_load_in_promtool(tools: Path, rendered: list[dict[str, Any]],
                              "--lint-fatal", str(rules)], capture_output=True, text=True,
                             check=False, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 9 rules found" in result.stdout, result.stdout
+    assert "SUCCESS: 10 rules found" in result.stdout, result.stdout
 
 
 def test_alerts_fire_as_promtool_unit_tests_say(tools: Path, rendered: list[dict[str, Any]],
@@ -196,6 +196,8 @@ def test_alerts_fire_as_promtool_unit_tests_say(tools: Path, rendered: list[dict
                             'tenant="globex",pod="op-0"}',
                   "values": "0x80"},
                  {"series": 'tenantry_operator_leader{pod="op-0"}', "values": "1x80"},
+                 {"series": 'tenantry_runtime_redactions_total{kind="document_id",pod="rt-0"}',
+                  "values": "0 0 0 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1"},
              ],
              "alert_rule_test": [
                  {"eval_time": "5m", "alertname": "TenantryBudgetExhausted",
@@ -216,6 +218,18 @@ def test_alerts_fire_as_promtool_unit_tests_say(tools: Path, rendered: list[dict
                                                      "'{.status.migration}' shows its step and "
                                                      "rows copied."}}]},
                  {"eval_time": "70m", "alertname": "TenantryOperatorNoLeader", "exp_alerts": []},
+                 {"eval_time": "2m", "alertname": "TenantryCrossTenantIdentifierRedacted",
+                  "exp_alerts": []},
+                 {"eval_time": "5m", "alertname": "TenantryCrossTenantIdentifierRedacted",
+                  "exp_alerts": [{"exp_labels": {"severity": "warning", "kind": "document_id"},
+                                  "exp_annotations": {
+                                      "summary": "An answer named another tenant (document_id); "
+                                                 "the runtime redacted it.",
+                                      "description": one_rule(
+                                          rendered, "TenantryCrossTenantIdentifierRedacted")[
+                                          "annotations"]["description"]}}]},
+                 {"eval_time": "30m", "alertname": "TenantryCrossTenantIdentifierRedacted",
+                  "exp_alerts": []},
              ]},
             {"interval": "1m",
              "input_series": [{"series": 'tenantry_operator_leader{pod="op-0"}',
