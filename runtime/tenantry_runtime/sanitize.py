@@ -136,6 +136,8 @@ _ANY_UUID_HINT_BYTES = re.compile(_UUID_HINT.encode())
 _PLAIN_TEXT_DELTA = re.compile(
     rb' ?\{"type":"content_block_delta","index":(0|[1-9][0-9]{0,8}),'
     rb'"delta":\{"type":"text_delta","text":"([^"\\\x00-\x1f]*)"\}\}\r?')
+# The texts of such deltas in a chunk (the text's class keeps a match inside one text).
+_PLAIN_TEXTS = re.compile(rb'"type":"text_delta","text":"([^"\\\x00-\x1f]*)"\}\}')
 
 _UUID_PARTS = 5
 _MAX_NAME_PARTS = 20  # a tenant id has at most 40 characters
@@ -427,14 +429,19 @@ class StreamRewriter:
         return b"".join(out) if changed else data[:end]
 
     def _quiet(self, events: bytes) -> bool:
-        """Whether no text in `events` can hold an identifier to redact or a UUID to ask
-        about, screened once for all its deltas instead of delta by delta: no UUID, and no
-        word that begins a served tenant's name (the sanitizer's screen). Only for ASCII
-        without escapes, where a delta's text is the bytes between its quotes, so its words
-        are words of `events` (an escape such as `\\n` would glue a letter to a word)."""
-        return (self.sanitizer is not None and events.isascii() and b"\\" not in events
-                and _ANY_UUID_HINT_BYTES.search(events) is None
-                and not self.sanitizer.may_name_others(events.decode("ascii")))
+        """Whether no plain text delta in `events` (`_PLAIN_TEXT_DELTA`) can hold an
+        identifier to redact or a UUID to ask about: their texts, found in one pass, are
+        screened once (no UUID, no word that begins a served tenant's name: the
+        sanitizer's screen) instead of delta by delta."""
+        if self.sanitizer is None:
+            return False
+        texts = b"\n".join(_PLAIN_TEXTS.findall(events))
+        if _ANY_UUID_HINT_BYTES.search(texts) is not None:
+            return False
+        try:
+            return not self.sanitizer.may_name_others(texts.decode())
+        except UnicodeDecodeError:
+            return False
 
     def drain(self) -> bytes:
         """The queued events rewritten, up to one that waits for a lookup."""
@@ -501,7 +508,7 @@ class StreamRewriter:
         return raw
 
     def _text_delta(self, raw: bytes) -> bytes:
-        parsed = self._plain_text_delta(raw)
+        parsed = plain = self._plain_text_delta(raw)
         if parsed is None:
             data = self._data(raw)
             delta = data.get("delta") if data else None
@@ -511,7 +518,8 @@ class StreamRewriter:
                 return raw
             parsed = index, delta["text"]
         index, original = parsed
-        quiet = self._in_quiet and index not in self._pending
+        # Screened with its chunk (`_quiet`): a plain delta, without text held before it.
+        quiet = self._in_quiet and plain is not None and index not in self._pending
         text = self._pending.get(index, "") + original
         held = ""
         if self.sanitizer is not None:
@@ -519,8 +527,8 @@ class StreamRewriter:
             at = self.sanitizer.hold_from(trailing.group(0), self.tenant) if trailing else None
             if trailing and at is not None:
                 text, held = text[:trailing.start() + at], text[trailing.start() + at:]
-            # A quiet chunk's whole delta has nothing to redact (a cut one may: its part
-            # before the cut can end in a word that is not one of the chunk's).
+            # A quiet delta has nothing to redact or ask about; cut, it is screened alone
+            # (its part before the cut may end in a word that was not screened).
             if not quiet or held:
                 self._need(text)  # before any state changes: the event is rewritten again
                 text = self._clean(text)
