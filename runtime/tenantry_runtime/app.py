@@ -65,6 +65,7 @@ from .saturation import SaturationGate
 from .settings import RuntimeSettings
 from .spool import SettlementSpool
 from .store import Caller, DirectorySource, TenantStore
+from .uncancellable import uncancellable
 from .upstream import STREAM_ERRORS, Endpoint, UpstreamResponse, Upstreams
 from .usage import usage_router
 
@@ -349,8 +350,9 @@ async def relay_stream(admitted: Admitted, upstream: UpstreamResponse
                 held.append(chunk)
             else:
                 yield chunk
-        # Shielded: a client leaving now must not cut the settlement in half.
-        await asyncio.shield(admitted.settle(seen.usage, status))
+        # A client leaving now must not cut the settlement (or its spooling) in half; run
+        # in this task, not a shield's (bench/README.md, fourth round).
+        await uncancellable(admitted.settle(seen.usage, status))
         if held:
             yield b"".join(held)
     except STREAM_ERRORS:

@@ -141,20 +141,23 @@ async def send_reply(reply: Reply, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.body", "body": reply.body})
         return
     raw.append((b"content-type", EVENT_STREAM.encode()))
-    await send({"type": "http.response.start", "status": reply.status, "headers": raw})
-    await stream_until_disconnect(reply.stream, receive, send)
+    await stream_until_disconnect(
+        reply.stream, receive, send,
+        {"type": "http.response.start", "status": reply.status, "headers": raw})
 
 
 async def stream_until_disconnect(stream: AsyncGenerator[bytes, None], receive: Receive,
-                                  send: Send) -> None:
-    """Send the stream's chunks; a client that leaves cancels the stream (its generator
-    then bills what the model still generates, see `relay_stream`), as Starlette's
-    StreamingResponse does.
+                                  send: Send, start: Message) -> None:
+    """Send the response's head (`start`) and the stream's chunks; a client that leaves
+    cancels the stream (its generator then bills what the model still generates, see
+    `relay_stream`), as Starlette's StreamingResponse does.
 
     The chunks are sent from this task, with one task listening for the client's leaving
     (it cancels this one), rather than from a pump task awaited with `asyncio.wait`: a task
-    and its loop turns less per stream (bench/README.md, third round), and the head leaves
-    with the first chunk when that is ready in the same loop turn."""
+    and its loop turns less per stream (bench/README.md, third round). The head goes with
+    the first chunk (or the end), in the same write (`serving.CoalescingTransport`): when the
+    whole answer comes in one read, its chunk waits for the settlement, and a head sent
+    before it would be a write of its own (bench/README.md, fourth round)."""
     pumping = asyncio.current_task()
     assert pumping is not None  # ASGI apps run in a task
     gone = False
@@ -168,10 +171,16 @@ async def stream_until_disconnect(stream: AsyncGenerator[bytes, None], receive: 
         pumping.cancel()
 
     listening = asyncio.create_task(disconnected())
+    head: Message | None = start
     try:
         async for chunk in stream:
+            if head is not None:
+                head = None
+                await send(start)
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         listening.cancel()  # before the last send: the response's end is no disconnect
+        if head is not None:
+            await send(start)
         await send({"type": "http.response.body", "body": b""})
     except asyncio.CancelledError:
         if not gone:

@@ -97,8 +97,8 @@ def loads_utf8(data: bytes) -> Any:
     return _DECODER.decode(data.decode())
 
 
-def sse_data(event: bytes) -> dict[str, Any] | None:
-    """The object in an SSE event's (first) `data:` line; None when there is none."""
+def sse_data_line(event: bytes) -> bytes | None:
+    """What follows `data:` on an SSE event's first data line; None when there is none."""
     if event.startswith(b"data:"):
         start = 5
     else:
@@ -107,8 +107,16 @@ def sse_data(event: bytes) -> dict[str, Any] | None:
             return None
         start = at + 6
     end = event.find(b"\n", start)
+    return event[start:] if end < 0 else event[start:end]
+
+
+def sse_data(event: bytes) -> dict[str, Any] | None:
+    """The object in an SSE event's (first) `data:` line; None when there is none."""
+    line = sse_data_line(event)
+    if line is None:
+        return None
     try:
-        parsed = loads_utf8(event[start:] if end < 0 else event[start:end])
+        parsed = loads_utf8(line)
     except ValueError:
         return None
     return parsed if isinstance(parsed, dict) else None

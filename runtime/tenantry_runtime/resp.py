@@ -25,6 +25,8 @@ from functools import cached_property, lru_cache
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
+from .uncancellable import reply_future
+
 
 class RedisUnavailable(Exception):
     """No connection, a broken one, or no reply in time."""
@@ -188,7 +190,7 @@ class _Connection(asyncio.Protocol):
 
     def send(self, command: bytes) -> asyncio.Future[Any]:
         """`command` (encoded) goes out with the others of this loop turn; its reply."""
-        future: asyncio.Future[Any] = self._loop.create_future()
+        future = reply_future(self._loop)
         if self.broken:
             future.set_exception(RedisUnavailable("Redis connection lost"))
             return future
@@ -244,32 +246,40 @@ class PipelinedRedis:
         async with self._connecting:
             if self._connection is not None and not self._connection.broken:
                 return self._connection
-            a = self._address
-            connection: _Connection | None = None
+            opened: list[_Connection] = []
             try:
-                async with asyncio.timeout(self._timeout):
-                    loop = asyncio.get_running_loop()
-                    _, connection = await loop.create_connection(
-                        lambda: _Connection(self._timeout), a.host, a.port,
-                        ssl=ssl.create_default_context() if a.tls else None)
-                    setup: list[list[str | int | bytes]] = []
-                    if a.password is not None:
-                        setup.append(["AUTH", a.password] if a.username is None
-                                     else ["AUTH", a.username, a.password])
-                    if a.db:
-                        setup.append(["SELECT", a.db])
-                    for command in setup:
-                        reply = await connection.send(encode_command(command))
-                        if isinstance(reply, ReplyError):
-                            raise RedisUnavailable(f"{command[0]!r} failed: {reply}")
+                # wait_for, not asyncio.timeout: a settlement may connect, and an
+                # `uncancellable` coroutine must not cancel its own task.
+                connection = await asyncio.wait_for(self._open(opened), self._timeout)
             except (OSError, TimeoutError, RedisUnavailable) as error:
-                if connection is not None:
-                    connection.close(RedisUnavailable("connection setup failed"))
+                for failed in opened:
+                    failed.close(RedisUnavailable("connection setup failed"))
                 if isinstance(error, RedisUnavailable):
                     raise
                 raise RedisUnavailable(f"connecting to Redis failed: {error!r}") from None
             self._connection = connection
             return connection
+
+    async def _open(self, opened: list[_Connection]) -> _Connection:
+        """A new connection, authenticated and on its database (put in `opened` as soon as
+        it exists, so a failure or timeout after that closes it)."""
+        a = self._address
+        loop = asyncio.get_running_loop()
+        _, connection = await loop.create_connection(
+            lambda: _Connection(self._timeout), a.host, a.port,
+            ssl=ssl.create_default_context() if a.tls else None)
+        opened.append(connection)
+        setup: list[list[str | int | bytes]] = []
+        if a.password is not None:
+            setup.append(["AUTH", a.password] if a.username is None
+                         else ["AUTH", a.username, a.password])
+        if a.db:
+            setup.append(["SELECT", a.db])
+        for command in setup:
+            reply = await connection.send(encode_command(command))
+            if isinstance(reply, ReplyError):
+                raise RedisUnavailable(f"{command[0]!r} failed: {reply}")
+        return connection
 
     async def execute(self, *args: str | int | bytes) -> Any:
         """Send one command; its reply (an error reply is raised as ReplyError)."""

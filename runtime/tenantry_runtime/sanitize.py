@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .document_registry import DocumentRegistry
-from .messages import sse_data
+from .messages import sse_data, sse_data_line
 from .store import TenantStore
 from .upstream import UpstreamResponse
 
@@ -129,6 +129,15 @@ _ANY_UUID_BYTES = re.compile(_UUID.encode())
 _UUID_HINT = r"-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
 _ANY_UUID_HINT = re.compile(_UUID_HINT)
 _ANY_UUID_HINT_BYTES = re.compile(_UUID_HINT.encode())
+
+# A text delta's data as Anthropic (and the stub) lay it out, its text without escapes or
+# control characters: for such a line the match gives what `json.loads` would (index, text),
+# without parsing it; any other line is parsed (bench/README.md, fourth round).
+_PLAIN_TEXT_DELTA = re.compile(
+    rb' ?\{"type":"content_block_delta","index":(0|[1-9][0-9]{0,8}),'
+    rb'"delta":\{"type":"text_delta","text":"([^"\\\x00-\x1f]*)"\}\}\r?')
+# The texts of such deltas in a chunk (the text's class keeps a match inside one text).
+_PLAIN_TEXTS = re.compile(rb'"type":"text_delta","text":"([^"\\\x00-\x1f]*)"\}\}')
 
 _UUID_PARTS = 5
 _MAX_NAME_PARTS = 20  # a tenant id has at most 40 characters
@@ -386,6 +395,8 @@ class StreamRewriter:
     _queue: deque[bytes] = field(default_factory=deque)
     lookup: list[str] = field(default_factory=list)
     _asked: set[str] = field(default_factory=set)
+    # True while `feed` rewrites events of a quiet chunk (see `_quiet`).
+    _in_quiet: bool = False
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._buffer + chunk if self._buffer else chunk
@@ -400,18 +411,37 @@ class StreamRewriter:
             return self.drain()
         out: list[bytes] = []
         changed = False
-        for n, event in enumerate(events):
-            raw = event + b"\n\n"
-            try:
-                rewritten = self._event(raw)
-            except _Lookup as wanted:
-                self.lookup = wanted.document_ids
-                self._queue.extend(events[n:])
-                return b"".join(out)
-            changed = changed or rewritten is not raw
-            out.append(rewritten)
+        self._in_quiet = self._quiet(data[:end])
+        try:
+            for n, event in enumerate(events):
+                raw = event + b"\n\n"
+                try:
+                    rewritten = self._event(raw)
+                except _Lookup as wanted:
+                    self.lookup = wanted.document_ids
+                    self._queue.extend(events[n:])
+                    return b"".join(out)
+                changed = changed or rewritten is not raw
+                out.append(rewritten)
+        finally:
+            self._in_quiet = False
         # Most answers pass unchanged: their bytes as they came, without joining the events.
         return b"".join(out) if changed else data[:end]
+
+    def _quiet(self, events: bytes) -> bool:
+        """Whether no plain text delta in `events` (`_PLAIN_TEXT_DELTA`) can hold an
+        identifier to redact or a UUID to ask about: their texts, found in one pass, are
+        screened once (no UUID, no word that begins a served tenant's name: the
+        sanitizer's screen) instead of delta by delta."""
+        if self.sanitizer is None:
+            return False
+        texts = b"\n".join(_PLAIN_TEXTS.findall(events))
+        if _ANY_UUID_HINT_BYTES.search(texts) is not None:
+            return False
+        try:
+            return not self.sanitizer.may_name_others(texts.decode())
+        except UnicodeDecodeError:
+            return False
 
     def drain(self) -> bytes:
         """The queued events rewritten, up to one that waits for a lookup."""
@@ -478,13 +508,18 @@ class StreamRewriter:
         return raw
 
     def _text_delta(self, raw: bytes) -> bytes:
-        data = self._data(raw)
-        delta = data.get("delta") if data else None
-        index = data.get("index") if data else None
-        if not isinstance(delta, dict) or not isinstance(index, int) or not isinstance(
-                delta.get("text"), str):
-            return raw
-        original: str = delta["text"]
+        parsed = plain = self._plain_text_delta(raw)
+        if parsed is None:
+            data = self._data(raw)
+            delta = data.get("delta") if data else None
+            index = data.get("index") if data else None
+            if not isinstance(delta, dict) or not isinstance(index, int) or not isinstance(
+                    delta.get("text"), str):
+                return raw
+            parsed = index, delta["text"]
+        index, original = parsed
+        # Screened with its chunk (`_quiet`): a plain delta, without text held before it.
+        quiet = self._in_quiet and plain is not None and index not in self._pending
         text = self._pending.get(index, "") + original
         held = ""
         if self.sanitizer is not None:
@@ -492,8 +527,11 @@ class StreamRewriter:
             at = self.sanitizer.hold_from(trailing.group(0), self.tenant) if trailing else None
             if trailing and at is not None:
                 text, held = text[:trailing.start() + at], text[trailing.start() + at:]
-            self._need(text)  # before any state changes: the event is rewritten again
-            text = self._clean(text)
+            # A quiet delta has nothing to redact or ask about; cut, it is screened alone
+            # (its part before the cut may end in a word that was not screened).
+            if not quiet or held:
+                self._need(text)  # before any state changes: the event is rewritten again
+                text = self._clean(text)
         if held:
             self._pending[index] = held
         else:
@@ -502,6 +540,19 @@ class StreamRewriter:
         if text == original:
             return raw
         return self._delta(index, text) if text else b""
+
+    @staticmethod
+    def _plain_text_delta(raw: bytes) -> tuple[int, str] | None:
+        """(index, text) of a text delta laid out as `_PLAIN_TEXT_DELTA`; None for any
+        other (then parsed)."""
+        line = sse_data_line(raw)
+        match = _PLAIN_TEXT_DELTA.fullmatch(line) if line is not None else None
+        if match is None:
+            return None
+        try:
+            return int(match.group(1)), match.group(2).decode()
+        except UnicodeDecodeError:
+            return None
 
     def _hold_tool_json(self, raw: bytes) -> bytes:
         data = self._data(raw)
