@@ -91,6 +91,16 @@ async def eventually(what: str, check: object, within: float = 20) -> None:
         await asyncio.sleep(0.1)
 
 
+async def stopped(task: asyncio.Task[None]) -> None:
+    """Cancel the writer and wait for it, at most 10 s: one that does not stop fails with
+    where it waits instead of hanging the module."""
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=10)
+    assert done, f"the writer did not stop when cancelled: {task.get_stack()}"
+    with pytest.raises(asyncio.CancelledError):
+        task.result()
+
+
 async def changes(redis: Redis) -> int:
     return int((await redis.info("persistence"))["rdb_changes_since_last_save"])
 
@@ -122,11 +132,9 @@ async def test_one_blocking_read_serves_every_tenant_and_an_idle_writer_writes_n
         late = await asyncio.to_thread(call, runtime_server, tenants[-1])
         await eventually("the late row", lambda: logged(usage_dsn, tenants[-1]) == [late])
     finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await stopped(task)
     for tenant in tenants:
-        assert (await redis.xpending(usage_stream(tenant), GROUP))["pending"] == 0
+        assert await _pending(tenant, runtime_server) == 0
 
 
 async def test_entries_of_a_dead_replica_are_claimed_and_written_once(
@@ -136,21 +144,22 @@ async def test_entries_of_a_dead_replica_are_claimed_and_written_once(
     dead = UsageWriter(redis, usage_dsn, store, "flow-dead")
     read = await dead.read_new(0.1)  # read, then "killed" before writing: pending for it
     assert len(read["flowdead"]) == 3
-    assert (await redis.xpending(usage_stream("flowdead"), GROUP))["pending"] == 3
+    assert await _pending("flowdead", runtime_server) == 3
     alive = UsageWriter(redis, usage_dsn, store, "flow-alive", claim_idle_seconds=0.5)
     task = asyncio.create_task(alive.run(0.2))
     try:
         await eventually("the dead replica's rows", lambda: logged(usage_dsn, "flowdead") == ids)
     finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-    assert await _pending("flowdead", redis) == 0
+        await stopped(task)
+    assert await _pending("flowdead", runtime_server) == 0
     assert logged(usage_dsn, "flowdead") == ids
 
 
-async def _pending(tenant: str, redis: Redis) -> int:
-    return int((await redis.xpending(usage_stream(tenant), GROUP))["pending"])
+async def _pending(tenant: str, server: RuntimeServer) -> int:
+    # A client of its own, with a deadline: the writer's blocking reads go through the
+    # test's client, and this module hung once in CI after a check like this one.
+    async with Redis.from_url(server.redis_url, socket_timeout=10) as own:
+        return int((await own.xpending(usage_stream(tenant), GROUP))["pending"])
 
 
 async def test_a_failed_batch_stays_pending_and_lands_after_the_tenant_moved_back(
@@ -165,13 +174,36 @@ async def test_a_failed_batch_stays_pending_and_lands_after_the_tenant_moved_bac
         request_id = await asyncio.to_thread(call, runtime_server, "flowmoved")
         await eventually("TenantMoved", lambda: writer.failures["usage_tenant_moved"] >= 2)
         assert logged(usage_dsn, "flowmoved") == []
-        assert await _pending("flowmoved", redis) == 1
+        assert await _pending("flowmoved", runtime_server) == 1
         with psycopg.connect(usage_dsn, autocommit=True) as conn:
             conn.execute("UPDATE tenantry.tenants SET isolation = 'pool' WHERE tenant_id = %s",
                          ("flowmoved",))
         await eventually("the row", lambda: logged(usage_dsn, "flowmoved") == [request_id])
     finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-    assert await _pending("flowmoved", redis) == 0
+        await stopped(task)
+    assert await _pending("flowmoved", runtime_server) == 0
+
+
+class LosingRedis(CountingRedis):
+    """The real client, whose blocking read loses a cancellation, as redis-py's was seen to
+    (a cancelled writer kept reading and this module hung)."""
+
+    async def xreadgroup(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().xreadgroup(*args, **kwargs)
+        except asyncio.CancelledError:
+            return []
+
+
+async def test_a_writer_stops_even_when_its_read_loses_the_cancellation(
+        runtime_server: RuntimeServer, usage_dsn: str) -> None:
+    client = LosingRedis.from_url(runtime_server.redis_url)
+    client.sent = Counter()
+    writer = UsageWriter(client, usage_dsn, own_store(runtime_server, ["flowlost"]), "flow-lost")
+    task = asyncio.create_task(writer.run(2.0))
+    try:
+        await asyncio.sleep(1.0)  # the writer is in its 2 s blocking read
+        assert client.sent["xreadgroup"] >= 1
+        await stopped(task)
+    finally:
+        await client.aclose()

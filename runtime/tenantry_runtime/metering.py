@@ -305,7 +305,13 @@ class UsageWriter:
         retry: set[str] = set()
         next_sweep = 0.0
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
         while True:
+            # A cancellation that lands in redis-py's blocking read can be lost there (seen: a
+            # cancelled writer kept reading, and its owner waited forever): stop when one was
+            # asked for, whatever the read made of it.
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
             try:
                 if loop.time() >= next_sweep:
                     next_sweep = loop.time() + max(interval, self.claim_idle_seconds / 2)
