@@ -6,6 +6,7 @@ tests/test_runtime_document_registry.py."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import AsyncIterator
 
@@ -203,3 +204,90 @@ async def test_a_foreign_id_glued_to_another_uuid_is_held_and_redacted(
         out = await rewritten(rewriter, events_for(f"{own}{foreign}{own} end", chars))
         assert "".join(texts_of(out)) == f"echo: {own}{REDACTED}{own} end"
         assert not any(foreign[:4] in text for text in texts_of(out))
+
+
+@pytest.mark.parametrize("glue", ["doc_", "doc", "v2", "ref-x", "ab"])
+def test_an_id_glued_to_a_word_is_read_where_it_begins(glue: str) -> None:
+    sanitizer = sanitizer_for("acme", "globex")
+    foreign, own = str(uuid.uuid4()), str(uuid.uuid4())
+    sanitizer.documents.add("globex", foreign)
+    sanitizer.documents.add("acme", own)
+    text = (f"{glue}{foreign} {glue}{foreign.upper()}_x {glue}{own} globex-{foreign}-acme "
+            f"{foreign}{glue}")
+    assert sanitizer.redact(text, "acme", "req_glue") == (
+        f"{glue}{REDACTED} {glue}{REDACTED}_x {glue}{own} {REDACTED}-{REDACTED}-acme "
+        f"{REDACTED}{glue}")
+    assert sanitizer.redactions == {"document_id": 4, "tenant_name": 1}
+    body = json.dumps({"content": [{"type": "text", "text": f"see {glue}{foreign}"},
+                                   {"type": "tool_use", "input": {"q": f"x{foreign}"}}]})
+    redacted = json.loads(sanitizer.redact_message(body.encode(), "acme", "req_glue2"))
+    assert redacted["content"] == [{"type": "text", "text": f"see {glue}{REDACTED}"},
+                                   {"type": "tool_use", "input": {"q": f"x{REDACTED}"}}]
+
+
+async def test_a_foreign_id_glued_to_a_word_in_a_stream_leaks_at_most_its_first_group(
+        registry: DocumentRegistry) -> None:
+    """Behind `doc_` or a hyphen it is held whole; glued to letters or digits the delta that
+    ends in a few of its hex digits goes out (holding every word that ends in a-f would
+    rewrite most deltas), and the rest is redacted: 8 characters of 36 at most."""
+    ids = [str(uuid.uuid4()) for _ in range(3)] + ["abcdef01-2345-4789-8bcd-ef0123456789"]
+    await registry.register("globex", ids)
+    sanitizer = with_registry(registry, "acme", "globex")
+    for foreign in ids:
+        for glue, whole in (("doc_", True), ("ref-", True), ("doc", False), ("v20", False)):
+            for chars in (1, 2, 3, 5, 7, 11):
+                rewriter = StreamRewriter(sanitizer, "acme", f"req_{glue}{chars}")
+                out = await rewritten(rewriter, events_for(f"see {glue}{foreign} end", chars))
+                text = "".join(texts_of(out))
+                assert rewriter.answer_text() == text
+                leak = re.fullmatch(rf"echo: see {glue}(?P<leak>[0-9a-f]{{0,8}})"
+                                    rf"{re.escape(REDACTED)} end", text)
+                assert leak is not None, (glue, chars, text)
+                assert foreign.startswith(leak["leak"])
+                if whole:
+                    assert leak["leak"] == "", (glue, chars, text)
+                assert not any(foreign[8:20] in delta for delta in texts_of(out))
+
+
+async def test_an_own_id_and_hex_words_glued_or_not_pass_unchanged_over_every_split(
+        registry: DocumentRegistry) -> None:
+    own, stranger = str(uuid.uuid4()), str(uuid.uuid4())
+    await registry.register("acme", [own])
+    sanitizer = with_registry(registry, "acme", "globex")
+    question = (f"embedded decade facade 0xdeadbeef cafe-babe doc{own} v2{stranger} "
+                "deadbeef-cafe 0123456789abcdef0123")
+    for chars in (1, 2, 3, 4, 6, 9, 13):
+        rewriter = StreamRewriter(sanitizer, "acme", f"req_own{chars}")
+        out = await rewritten(rewriter, events_for(question, chars))
+        assert "".join(texts_of(out)) == f"echo: {question}", chars
+    assert sanitizer.redactions == {}
+
+
+def delta_events(*texts: str) -> list[bytes]:
+    """One text block streamed as exactly these deltas (the stub picks its own cuts)."""
+    events = [b"event: content_block_delta\ndata: " + json.dumps(
+        {"type": "content_block_delta", "index": 0,
+         "delta": {"type": "text_delta", "text": text}}, separators=(",", ":")).encode()
+        + b"\n\n" for text in texts]
+    return [*events, b'event: content_block_stop\ndata: {"type":"content_block_stop",'
+            b'"index":0}\n\n']
+
+
+async def test_a_glued_id_cut_anywhere_leaks_nothing_once_its_first_group_is_whole(
+        registry: DocumentRegistry) -> None:
+    foreign = "abcdef01-2345-4789-8bcd-ef0123456789"
+    await registry.register("globex", [foreign])
+    sanitizer = with_registry(registry, "acme", "globex")
+    text = f"see doc{foreign} end"
+    first_hyphen = text.index("-")
+    for cut in range(1, len(text)):
+        for cuts in ((cut,), (cut, min(cut + 3, len(text) - 1))):
+            parts = [text[a:b] for a, b in zip((0, *cuts), (*cuts, len(text)), strict=True)]
+            rewriter = StreamRewriter(sanitizer, "acme", f"req_cut{cut}")
+            out = texts_of(await rewritten(rewriter, delta_events(*parts)))
+            leak = re.fullmatch(rf"see doc(?P<leak>[0-9a-f]{{0,8}}){re.escape(REDACTED)} end",
+                                "".join(out))
+            assert leak is not None and foreign.startswith(leak["leak"]), (parts, out)
+            # A delta holding the first group and its hyphen is held from the group's start.
+            if cut > first_hyphen:
+                assert leak["leak"] == "", (parts, out)

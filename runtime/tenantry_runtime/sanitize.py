@@ -13,7 +13,10 @@ split across two deltas is caught: the tail of a delta that could begin one (a p
 another tenant's name, or of a known foreign id) is held back and sent with the next delta
 or, at `content_block_stop`, on its own; with a registry, a tail that could begin any UUID
 (a prefix of the 8-4-4-4-12 pattern) is held too, and the stream waits for the registry's
-answer before it sends a delta with a UUID it has not resolved. Tool-use inputs are redacted
+answer before it sends a delta with a UUID it has not resolved. A UUID is read where it
+begins, glued to a word too (`doc_<uuid>`); in a stream, up to 8 hex characters glued to a
+word (`the`, `docab`) are sent, and the rest of a foreign id they turn out to begin is
+redacted (`StreamRewriter._continued`). Tool-use inputs are redacted
 value by value (keys and strings of the parsed JSON): in a stream, a tool_use block's
 `input_json_delta`s are held and sent as one delta, redacted, just before its
 `content_block_stop` (the SDK's accumulated `input` is the same; only its granularity
@@ -58,17 +61,24 @@ def _prefix_pattern(template: str) -> re.Pattern[str]:
 _UUID_PREFIX = _prefix_pattern(_UUID_TEMPLATE)
 
 
+# The end of a text that may begin a UUID, after any whole ones. The leftmost such start: the
+# exact pass reads a UUID where it begins, glued to a word too (`doc_<uuid>`, `v2<uuid>`).
+_OPEN_UUID_AT_END = re.compile(rf"(?:{_UUID})*(?P<open>{_UUID_PREFIX.pattern})$")
+_HEX_OR_HYPHEN = frozenset("0123456789abcdefABCDEF-")
+# Longest end that may hold an open UUID after a whole one (36 + 35, rounded up).
+_OPEN_END_WINDOW = 80
+
+
+def _open_uuid_at_end(text: str) -> re.Match[str] | None:
+    """The open UUID (a proper prefix of one) that `text` ends with, if any."""
+    if not text or text[-1] not in _HEX_OR_HYPHEN:
+        return None
+    return _OPEN_UUID_AT_END.search(text, max(0, len(text) - _OPEN_END_WINDOW))
+
+
 def could_begin_uuid(text: str) -> bool:
     """Whether `text` is the start of a UUID but not yet a whole one."""
     return len(text) < len(_UUID_TEMPLATE) and _UUID_PREFIX.fullmatch(text) is not None
-
-
-def _uuid_begins(tail: str, start: int) -> int | None:
-    """Where in `tail[start:]` the start of a UUID begins, as the exact pass would read one:
-    at `start` or right after whole UUIDs (`<uuid><uuid>` are two); None if nowhere."""
-    while (whole := _ANY_UUID.match(tail, start)) is not None:
-        start = whole.end()
-    return start if could_begin_uuid(tail[start:]) else None
 
 
 @dataclass
@@ -139,7 +149,6 @@ _PLAIN_TEXT_DELTA = re.compile(
 # The texts of such deltas in a chunk (the text's class keeps a match inside one text).
 _PLAIN_TEXTS = re.compile(rb'"type":"text_delta","text":"([^"\\\x00-\x1f]*)"\}\}')
 
-_UUID_PARTS = 5
 _MAX_NAME_PARTS = 20  # a tenant id has at most 40 characters
 NAMES_REFRESH_SECONDS = 1.0
 
@@ -203,11 +212,20 @@ class Sanitizer:
     def redact(self, text: str, tenant: str, request_id: str) -> str:
         """`text` with other tenants' identifiers replaced; counted and logged."""
         result, found = self.redacted(text, tenant)
+        self.record(found, tenant, request_id)
+        return result
+
+    def record(self, found: Counter[str], tenant: str, request_id: str) -> None:
+        """Count and log redactions (a security event)."""
         if found:
             self.redactions.update(found)
             log.warning("security event: answer to tenant %s (request %s) named other tenants'"
                         " identifiers; redacted %s", tenant, request_id, dict(found))
-        return result
+
+    def foreign_document(self, document_id: str, tenant: str) -> bool:
+        """Whether `document_id` is known as another tenant's document."""
+        owner = self.documents.owner(document_id)
+        return owner is not None and owner != tenant
 
     def may_name_others(self, text: str) -> bool:
         """False when `text` surely has nothing to redact: no served tenant's name as a word
@@ -229,14 +247,10 @@ class Sanitizer:
             return text, found
         names = self.names()
 
-        def foreign_document(value: str) -> bool:
-            owner = self.documents.owner(value)
-            return owner is not None and owner != tenant
-
         def replace(match: re.Match[str]) -> str:
             value = match.group(0)
             if match.group("uuid") is not None:
-                if not foreign_document(value):
+                if not self.foreign_document(value, tenant):
                     return value
                 found["document_id"] += 1
                 return REDACTED
@@ -246,30 +260,37 @@ class Sanitizer:
                     return value
                 found["tenant_name"] += 1
                 return REDACTED
-            return "-".join(self._redacted_parts(value.split("-"), tenant, names, found,
-                                                 foreign_document))
+            if _has_uuid(value):  # glued to word characters: `doc_<uuid>`, `v2<uuid>-x`
+                return around_uuids(value)
+            return "-".join(self._redacted_parts(value.split("-"), tenant, names, found))
+
+        def around_uuids(word: str) -> str:
+            """A word holding UUIDs: each read where it begins (the leftmost match, as
+            `unresolved` reads them), the text between them read for names."""
+            out: list[str] = []
+            last = 0
+            for match in _ANY_UUID.finditer(word):
+                out.append(_TOKENS.sub(replace, word[last:match.start()]))
+                if self.foreign_document(match.group(0), tenant):
+                    found["document_id"] += 1
+                    out.append(REDACTED)
+                else:
+                    out.append(match.group(0))
+                last = match.end()
+            out.append(_TOKENS.sub(replace, word[last:]))
+            return "".join(out)
 
         return _TOKENS.sub(replace, text), found
 
     @staticmethod
     def _redacted_parts(parts: list[str], tenant: str, names: frozenset[str],
-                        found: Counter[str], foreign_document: Callable[[str], bool]
-                        ) -> list[str]:
-        """The parts of a hyphenated word with each run of parts that is another tenant's
-        name (longest run first) or a foreign document id replaced by REDACTED. The caller's
-        own name is a run too: kept whole, so a shorter name inside it is not redacted."""
+                        found: Counter[str]) -> list[str]:
+        """The parts of a hyphenated word (without UUIDs) with each run of parts that is
+        another tenant's name (longest run first) replaced by REDACTED. The caller's own name
+        is a run too: kept whole, so a shorter name inside it is not redacted."""
         out: list[str] = []
         at = 0
         while at < len(parts):
-            uuid = "-".join(parts[at:at + _UUID_PARTS])
-            if _ANY_UUID.fullmatch(uuid):
-                if foreign_document(uuid):
-                    found["document_id"] += 1
-                    out.append(REDACTED)
-                else:
-                    out.append(uuid)
-                at += _UUID_PARTS
-                continue
             for end in range(min(len(parts), at + _MAX_NAME_PARTS), at, -1):
                 run = "-".join(parts[at:end])
                 lowered = run.lower()
@@ -292,7 +313,8 @@ class Sanitizer:
     def hold_from(self, tail: str, tenant: str) -> int | None:
         """Where in `tail` (the end of a delta) to hold back text that may begin an
         identifier to redact (None: nowhere). A name or a known id: the whole tail; with a
-        registry, any UUID: from where it may begin (whole UUIDs before it can go)."""
+        registry, any UUID: from where it may begin (whole UUIDs before it can go), unless
+        it is a short run of hex glued to a word (see `StreamRewriter._continued`)."""
         self.names()
         lowered = tail.lower()
         names = self._sorted_names
@@ -309,8 +331,17 @@ class Sanitizer:
         if self.registry is None:  # this replica's ids only
             return 0 if len(tail) <= 36 and self.documents.foreign_prefix(tail, tenant) else None
         # Any UUID may be another tenant's: no sorted copy of the known ids to rebuild.
-        begins = [b for start in starts if (b := _uuid_begins(tail, start)) is not None]
-        return min(begins) if begins else None
+        match = _open_uuid_at_end(tail)
+        if match is None:
+            return None
+        at = match.start("open")
+        # Held at the tail's start, after a hyphen or whole UUIDs, or glued to a word once its
+        # first group is whole (`doc<8 hex>-`). Most words end in a few hex letters (`the`,
+        # `decade`): holding them would rewrite most deltas, so they go out, and the next
+        # delta redacts the rest of a foreign id they began.
+        if at == 0 or tail[at - 1] == "-" or at > match.start() or "-" in match.group("open"):
+            return at
+        return None
 
     def redact_value(self, value: Any, tenant: str, request_id: str) -> Any:
         """A parsed JSON value with every string (object keys too) redacted."""
@@ -389,6 +420,8 @@ class StreamRewriter:
     completed: bool = False
     _buffer: bytes = b""
     _pending: dict[int, str] = field(default_factory=dict)
+    # Per block index, the open UUID a sent delta ended with (hex glued to a word).
+    _carried: dict[int, str] = field(default_factory=dict)
     # Tool-use input per block index, held until the block stops (see the module's doc).
     _tool_json: dict[int, list[str]] = field(default_factory=dict)
     # Events not rewritten yet (waiting for `lookup`), and the ids this stream asked about.
@@ -487,6 +520,8 @@ class StreamRewriter:
         if (self.sanitizer is not None and b"content_block_delta" in raw
                 and b'"input_json_delta"' in raw):
             return self._hold_tool_json(raw)
+        if b"content_block_stop" in raw and self._carried:
+            self._carried.clear()
         if b"content_block_stop" in raw and (self._tool_json or self._pending):
             data = self._data(raw)
             index = data.get("index") if data else None
@@ -510,20 +545,20 @@ class StreamRewriter:
     def _text_delta(self, raw: bytes) -> bytes:
         parsed = plain = self._plain_text_delta(raw)
         if parsed is None:
-            data = self._data(raw)
-            delta = data.get("delta") if data else None
-            index = data.get("index") if data else None
-            if not isinstance(delta, dict) or not isinstance(index, int) or not isinstance(
-                    delta.get("text"), str):
+            parsed = self._delta_field(raw, "text")
+            if parsed is None:
                 return raw
-            parsed = index, delta["text"]
         index, original = parsed
         # Screened with its chunk (`_quiet`): a plain delta, without text held before it.
         quiet = self._in_quiet and plain is not None and index not in self._pending
         text = self._pending.get(index, "") + original
-        held = ""
+        held = lead = ""
         if self.sanitizer is not None:
-            trailing = _TRAILING_WORD.search(text)
+            carried = self._carried.get(index, "")
+            if carried and text[:1] in _HEX_OR_HYPHEN:
+                lead, text, held = self._continued(carried, text)
+            continuing = bool(held)  # all of it held as the carried UUID's continuation
+            trailing = None if continuing else _TRAILING_WORD.search(text)
             at = self.sanitizer.hold_from(trailing.group(0), self.tenant) if trailing else None
             if trailing and at is not None:
                 text, held = text[:trailing.start() + at], text[trailing.start() + at:]
@@ -532,6 +567,11 @@ class StreamRewriter:
             if not quiet or held:
                 self._need(text)  # before any state changes: the event is rewritten again
                 text = self._clean(text)
+            if lead:
+                self.sanitizer.record(Counter(document_id=1), self.tenant, self.request_id)
+                text = lead + text
+            if not continuing:
+                self._carry(index, None if held else text)
         if held:
             self._pending[index] = held
         else:
@@ -540,6 +580,32 @@ class StreamRewriter:
         if text == original:
             return raw
         return self._delta(index, text) if text else b""
+
+    def _continued(self, carried: str, text: str) -> tuple[str, str, str]:
+        """`text` after a sent delta that ended in `carried`, an open UUID glued to a word:
+        (REDACTED or "", text, held). A foreign id that began in `carried` and ends in `text`
+        loses its rest (what was sent of it, 8 hex characters at most, stays); one that still
+        goes on holds all of `text`. Raises _Lookup first when the id is unresolved."""
+        joined = carried + text
+        whole = _ANY_UUID.search(joined)
+        if whole is not None and whole.start() < len(carried):
+            self._need(whole.group(0))
+            assert self.sanitizer is not None
+            if self.sanitizer.foreign_document(whole.group(0), self.tenant):
+                return REDACTED, joined[whole.end():], ""
+            return "", text, ""
+        still = _open_uuid_at_end(joined)
+        if still is not None and still.start("open") < len(carried):
+            return "", "", text
+        return "", text, ""
+
+    def _carry(self, index: int, sent: str | None) -> None:
+        """Remember the open UUID that `sent` ends with (None: text was held after it)."""
+        match = _open_uuid_at_end(sent) if sent is not None else None
+        if match is not None:
+            self._carried[index] = match.group("open")
+        else:
+            self._carried.pop(index, None)
 
     @staticmethod
     def _plain_text_delta(raw: bytes) -> tuple[int, str] | None:
@@ -555,14 +621,23 @@ class StreamRewriter:
             return None
 
     def _hold_tool_json(self, raw: bytes) -> bytes:
-        data = self._data(raw)
+        parsed = self._delta_field(raw, "partial_json")
+        if parsed is None:
+            return raw
+        index, partial_json = parsed
+        self._tool_json.setdefault(index, []).append(partial_json)
+        return b""
+
+    @classmethod
+    def _delta_field(cls, raw: bytes, key: str) -> tuple[int, str] | None:
+        """(index, delta[key]) of a content_block_delta event; None when it is not that."""
+        data = cls._data(raw)
         delta = data.get("delta") if data else None
         index = data.get("index") if data else None
         if not isinstance(delta, dict) or not isinstance(index, int) or not isinstance(
-                delta.get("partial_json"), str):
-            return raw
-        self._tool_json.setdefault(index, []).append(delta["partial_json"])
-        return b""
+                delta.get(key), str):
+            return None
+        return index, delta[key]
 
     def _clean(self, text: str) -> str:
         if self.sanitizer is None:
