@@ -148,15 +148,15 @@ async def ensure_silo_server(ctx: StepContext) -> str:
                              builders.SILO_DATABASE, host, lost_if_missing=has_data)
     templates = ((as_dict(live).get("spec") or {}).get("volumeClaimTemplates") or [{}]
                  if live is not None else [{}])
-    for manifest in (*builders.silo_services(spec, ns),
-                     builders.silo_statefulset(spec, ns, ctx.settings.silo_image,
-                                               templates[0].get("spec")),
-                     builders.silo_disruption_budget(spec, ns)):
+    for manifest in builders.silo_services(spec, ns):
         await ctx.kube.apply(manifest)
+    # The StatefulSet as read above, or as the apply answered: its status, with no second read.
+    sts = await ctx.kube.apply(builders.silo_statefulset(spec, ns, ctx.settings.silo_image,
+                                                         templates[0].get("spec")), live=live)
+    await ctx.kube.apply(builders.silo_disruption_budget(spec, ns))
     ctx.provisioned["statefulSet"] = builders.SILO_NAME
     await ensure_volume_size(ctx, claims)
-    sts = await ctx.kube.get(StatefulSet, builders.SILO_NAME, ns)
-    ready = int(((as_dict(sts) if sts else {}).get("status") or {}).get("readyReplicas") or 0)
+    ready = int((as_dict(sts).get("status") or {}).get("readyReplicas") or 0)
     if ready < 1:
         raise StepFailed(Condition("DatabaseReady", False, "WaitingForSiloPod",
                                    f"StatefulSet {ns}/{builders.SILO_NAME} has no Ready Pod yet"),

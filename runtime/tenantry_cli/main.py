@@ -251,6 +251,11 @@ def parser() -> argparse.ArgumentParser:
                        default="table", help="table for people (default), json/csv for "
                        "scripts; amounts are exact decimal strings")
 
+    def tenant_or_all(p: argparse.ArgumentParser, all_help: str) -> None:
+        which = p.add_mutually_exclusive_group(required=True)
+        which.add_argument("--tenant", help="the Tenant's name")
+        which.add_argument("--all", action="store_true", help=all_help)
+
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
     usage = commands.add_parser(
         "usage", formatter_class=formatter, help="a tenant's usage by day and/or model",
@@ -273,9 +278,7 @@ def parser() -> argparse.ArgumentParser:
                     "shows a draft; --close freezes an ended month (idempotent: closing again "
                     "returns the stored invoice). docs/billing.md has the rules.",
         epilog="Example: tenantry invoice --all --month 2026-10 --close -o json > oct.json")
-    who = invoice.add_mutually_exclusive_group(required=True)
-    who.add_argument("--tenant", help="the Tenant's name")
-    who.add_argument("--all", action="store_true", help="every Tenant (with a progress bar)")
+    tenant_or_all(invoice, "every Tenant (with a progress bar)")
     invoice.add_argument("--month", required=True, metavar="YYYY-MM")
     invoice.add_argument("--close", action="store_true",
                          help="freeze the month's invoice (only once the month has ended)")
@@ -325,9 +328,7 @@ def parser() -> argparse.ArgumentParser:
                     "documents that are gone, reading each tenant's documents as that "
                     "tenant. Idempotent. Exit 4 when a database or Redis is unreachable.",
         epilog="Example: tenantry documents backfill --all")
-    which = backfill.add_mutually_exclusive_group(required=True)
-    which.add_argument("--tenant", help="the Tenant's name")
-    which.add_argument("--all", action="store_true", help="every Tenant")
+    tenant_or_all(backfill, "every Tenant")
     output_options(backfill, ("table", "json", "csv"))
 
     check = commands.add_parser(
