@@ -224,9 +224,7 @@ async def silo_dsn(kube: Kube, settings: OperatorSettings, tenant: str, namespac
     password = await secret_value(kube, namespace, builders.SILO_ADMIN_SECRET, "password")
     if password is None:
         raise RuntimeError(f"Secret {namespace}/{builders.SILO_ADMIN_SECRET} has no password")
-    host = builders.silo_host(namespace).split(":")[0]
-    return (f"postgresql://postgres:{password}@{host}:{builders.SILO_PORT}"
-            f"/{builders.SILO_DATABASE}")
+    return builders.silo_admin_dsn(namespace, password)
 
 
 # --- database location -------------------------------------------------------------------------
