@@ -9,14 +9,19 @@ import secrets
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import psycopg
 import pytest
+from db_helpers import Conn, connect, drop_roles, q, scalar, scratch_database, unique
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from tenantry_devenv.services import Postgres
 from tenantry_operator import builders
+from tenantry_operator.database import bootstrap_shared, ensure_bridge_tenant
+from tenantry_runtime.contracts.database import bridge_role, bridge_schema
 
 _SSL_REQUEST, _GSSENC_REQUEST = 80877103, 80877104
 
@@ -91,3 +96,122 @@ def test_a_pod_posing_as_the_silo_never_receives_the_admin_password(
     real = _at(builders.silo_admin_dsn("tenant-victim", postgres.password), postgres.port)
     with psycopg.connect(real, connect_timeout=5) as conn:
         assert conn.execute("SELECT current_user").fetchone() == ("postgres",)
+
+
+# --- a bridge login's table locks and the operator ----------------------------------------------
+
+
+@dataclass
+class Bridged:
+    pg: Postgres
+    db: str
+    passwords: dict[str, str]
+
+    def admin(self) -> Conn:
+        return connect(self.pg, self.db)
+
+    def provision(self, tenant: str) -> None:
+        """One reconcile's database work, retried on a lock it may not wait for (as the
+        operator's step is retried)."""
+        password = self.passwords.setdefault(tenant, secrets.token_urlsafe(16))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with self.admin() as conn:
+                    ensure_bridge_tenant(conn, tenant, password)
+                return
+            except psycopg.errors.LockNotAvailable:
+                if time.monotonic() > deadline:
+                    raise
+
+    def login(self, tenant: str) -> Conn:
+        return connect(self.pg, self.db, bridge_role(tenant), self.passwords[tenant])
+
+
+@pytest.fixture(scope="module")
+def bridged(postgres: Postgres) -> Iterator[Bridged]:
+    world = None
+    try:
+        with scratch_database(postgres, "lk") as db:
+            world = Bridged(postgres, db, {})
+            with world.admin() as admin:
+                bootstrap_shared(admin)
+            yield world
+    finally:
+        if world is not None:
+            drop_roles(postgres, [bridge_role(t) for t in world.passwords])
+
+
+def _in_thread(work: Callable[[], None]) -> tuple[threading.Thread, list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as err:  # reported by the test
+            errors.append(err)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+def test_a_bridge_login_holding_its_table_does_not_stall_other_tenants(
+        bridged: Bridged) -> None:
+    hostile, victim = unique("hostile"), unique("victim")
+    bridged.provision(hostile)
+    schema = bridge_schema(hostile)
+    # A guard to restore (a new release's table, or a hand-made change), so the next reconcile
+    # of the hostile tenant alters its table under the registry lock.
+    with bridged.admin() as admin:
+        admin.execute(q("ALTER TABLE {t} DROP CONSTRAINT tenant_id_pinned",
+                        t=f"{schema}.documents"))
+    with bridged.login(hostile) as holder:
+        holder.autocommit = False  # an open transaction holding ACCESS SHARE, left idle
+        holder.execute(q("SELECT 1 FROM {t} LIMIT 0", t=f"{schema}.documents"))
+        hostile_reconcile, _ = _in_thread(lambda: bridged.provision(hostile))
+        time.sleep(1)  # it now waits for the table, holding the registry lock
+        victim_reconcile, victim_errors = _in_thread(lambda: bridged.provision(victim))
+        victim_reconcile.join(45)
+        stalled = victim_reconcile.is_alive()
+        holder.rollback()
+    hostile_reconcile.join(60)
+    victim_reconcile.join(60)
+    assert not stalled, "another tenant's provisioning waited for the hostile tenant's lock"
+    assert victim_errors == []
+    with bridged.login(victim) as conn:
+        assert scalar(conn, "SELECT current_user") == bridge_role(victim)
+    bridged.provision(hostile)  # released: the guard comes back
+    with bridged.admin() as admin:
+        assert scalar(admin, """SELECT count(*) FROM pg_constraint
+                                WHERE conrelid = %s::regclass
+                                  AND conname = 'tenant_id_pinned'""",
+                      (f"{schema}.documents",)) == 1
+
+
+def test_a_month_s_partition_is_not_held_up_by_a_bridge_login(bridged: Bridged) -> None:
+    tenant = unique("holder")
+    bridged.provision(tenant)
+    schema = bridge_schema(tenant)
+    with bridged.admin() as admin:
+        last = scalar(admin, """
+            SELECT max(c.relname) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+            WHERE i.inhparent = %s::regclass AND c.relname <> 'ai_usage_logs_default'""",
+                      (f"{schema}.ai_usage_logs",))
+        # As when a new month begins: the partition three months ahead is not there yet.
+        admin.execute(q("DROP TABLE {t}", t=f"{schema}.{last}"))
+    with bridged.login(tenant) as holder:
+        holder.autocommit = False  # its usage, read in a transaction left open
+        holder.execute(q("SELECT 1 FROM {t} LIMIT 0", t=f"{schema}.ai_usage_logs"))
+        with bridged.admin() as admin:
+            reconcile, errors = _in_thread(lambda: ensure_bridge_tenant(
+                admin, tenant, bridged.passwords[tenant]))
+            reconcile.join(30)
+            waiting = reconcile.is_alive()
+            holder.rollback()
+            reconcile.join(30)
+    assert not waiting, "the operator waited for as long as the tenant held its table"
+    assert [type(e) for e in errors] == [psycopg.errors.LockNotAvailable]
+    bridged.provision(tenant)  # released: the month's partition is made
+    with bridged.admin() as admin:
+        assert scalar(admin, "SELECT to_regclass(%s) IS NOT NULL", (f"{schema}.{last}",))

@@ -46,6 +46,7 @@ from tenantry_runtime.contracts.database import (
     TENANT_ID_CONSTRAINT,
     TENANT_SETTING,
     Conn,
+    bound_lock_wait,
     bridge_role,
     bridge_schema,
     ensure_check_constraint,
@@ -350,6 +351,9 @@ def _converge(conn: Conn, plan: Callable[[], list[Action]]) -> bool:
         if not plan():
             return False
         conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(_registry()))
+        # An action may lock a tenant's table, which its login can hold: every other tenant's
+        # changes wait for this registry lock, so that wait is bounded.
+        bound_lock_wait(conn)
         for action in plan():
             action()
     return True
@@ -905,6 +909,7 @@ def ensure_collection(
         return f"{target}.{table}"
     with conn.transaction():
         operator_lock(conn, f"collection:{target}.{table}")
+        bound_lock_wait(conn)  # a bridge tenant's login may hold its table
         _ensure_embeddings_table(conn, target, table, dimensions)
         if location == "schema":
             _ensure_hnsw_index(conn, target, table, f"{table}_hnsw", m, ef_construction, None)
