@@ -5,6 +5,7 @@ Complements test_attack.py (database logins) and test_network_policies.py (traff
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 import socket
 import struct
@@ -13,14 +14,16 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 import pytest
 from db_helpers import Conn, connect, drop_roles, q, scalar, scratch_database, unique
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from tenantry_devenv.services import Postgres
-from tenantry_operator import builders
+from tenantry_operator import builders, guardrails
 from tenantry_operator.database import bootstrap_shared, ensure_bridge_tenant
+from tenantry_operator.model import PlanSpec, TenantSpec, effective_spec
 from tenantry_runtime.contracts.database import bridge_role, bridge_schema
 
 _SSL_REQUEST, _GSSENC_REQUEST = 80877103, 80877104
@@ -215,3 +218,37 @@ def test_a_month_s_partition_is_not_held_up_by_a_bridge_login(bridged: Bridged) 
     bridged.provision(tenant)  # released: the month's partition is made
     with bridged.admin() as admin:
         assert scalar(admin, "SELECT to_regclass(%s) IS NOT NULL", (f"{schema}.{last}",))
+
+
+# --- a tenant's egress CIDRs and the node's own services -------------------------------------
+
+
+def _egress_admits(policies: list[dict[str, Any]], address: str) -> bool:
+    """Whether the workloads' egress rules admit `address` through an ipBlock (its `except`
+    honoured), as a CNI reads them."""
+    ip = ipaddress.ip_address(address)
+    for policy in policies:
+        for rule in policy["spec"].get("egress", []):
+            for peer in rule.get("to", []):
+                block = peer.get("ipBlock")
+                if block is None:
+                    continue
+                net = ipaddress.ip_network(block["cidr"])
+                if ip.version == net.version and ip in net and not any(
+                        ip in ipaddress.ip_network(e) for e in block.get("except", [])):
+                    return True
+    return False
+
+
+@pytest.mark.parametrize("address", ["169.254.169.254", "fd00:ec2::254", "fe80::a9fe:a9fe"])
+def test_the_whole_internet_does_not_include_the_node_s_metadata_service(address: str) -> None:
+    # The cloud's instance metadata answers on the node's link-local address with the node's
+    # credentials: no CIDR a Tenant names may reach it.
+    spec = effective_spec("acme", "uid", 1, TenantSpec.from_body({
+        "planRef": {"name": "p"},
+        "network": {"allowEgressCIDRs": ["0.0.0.0/0", "::/0", "169.254.0.0/16"]}}),
+        PlanSpec.model_validate({"model": "m"}))
+    policies = guardrails.network_policies(spec, "tenant-acme", "tenantry-runtime", "tenantry",
+                                           ["10.244.0.0/16", "10.96.0.0/12"])
+    assert _egress_admits(policies, "192.0.2.7")  # the outside, as asked
+    assert not _egress_admits(policies, address)
