@@ -22,9 +22,14 @@ from db_helpers import Conn, connect, drop_roles, q, scalar, scratch_database, u
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from tenantry_devenv.services import Postgres
 from tenantry_operator import builders, guardrails
-from tenantry_operator.database import bootstrap_shared, ensure_bridge_tenant
+from tenantry_operator.database import UnmanagedSchema, bootstrap_shared, ensure_bridge_tenant
 from tenantry_operator.model import PlanSpec, TenantSpec, effective_spec
-from tenantry_runtime.contracts.database import bridge_role, bridge_schema
+from tenantry_runtime.contracts.database import (
+    bridge_role,
+    bridge_schema,
+    migrate,
+    tenant_transaction,
+)
 
 _SSL_REQUEST, _GSSENC_REQUEST = 80877103, 80877104
 
@@ -252,3 +257,51 @@ def test_the_whole_internet_does_not_include_the_node_s_metadata_service(address
                                            ["10.244.0.0/16", "10.96.0.0/12"])
     assert _egress_admits(policies, "192.0.2.7")  # the outside, as asked
     assert not _egress_admits(policies, address)
+
+
+# --- a bridge schema made before the operator ---------------------------------------------------
+
+
+def test_a_bridge_schema_someone_else_made_first_is_not_adopted(bridged: Bridged) -> None:
+    # Bridge schema names are a public function of the tenant id: someone with CREATE on the
+    # database (another application, a careless engineer) can make one before the Tenant
+    # exists, with a trigger of their own that copies every row the tenant writes.
+    tenant, stranger = unique("early"), unique("stranger")
+    schema, loot = bridge_schema(tenant), f"loot_{stranger}"
+    with bridged.admin() as admin:
+        admin.execute(q("CREATE ROLE {r}", r=stranger))
+        try:
+            migrate(admin, schema)
+            admin.execute(q("ALTER SCHEMA {s} OWNER TO {r}", s=schema, r=stranger))
+            admin.execute(q("ALTER TABLE {t} OWNER TO {r}", t=f"{schema}.documents", r=stranger))
+            admin.execute(q("CREATE SCHEMA {s} AUTHORIZATION {r}", s=loot, r=stranger))
+            admin.execute(q("SET ROLE {r}", r=stranger))
+            admin.execute(q("CREATE TABLE {t} (content text)", t=f"{loot}.copies"))
+            admin.execute(q("""CREATE FUNCTION {f}() RETURNS trigger SECURITY DEFINER
+                               LANGUAGE plpgsql AS $$ BEGIN
+                                 INSERT INTO {t} VALUES (NEW.content); RETURN NEW;
+                               END $$""", f=f"{loot}.grab", t=f"{loot}.copies"))
+            admin.execute(q("CREATE TRIGGER grab AFTER INSERT ON {t} FOR EACH ROW"
+                            " EXECUTE FUNCTION {f}()", t=f"{schema}.documents", f=f"{loot}.grab"))
+            admin.execute("RESET ROLE")
+            password = bridged.passwords.setdefault(tenant, secrets.token_urlsafe(16))
+            try:
+                ensure_bridge_tenant(admin, tenant, password)
+            except UnmanagedSchema as err:
+                refused, copied, message = True, 0, str(err)
+            else:
+                refused = False
+                with bridged.login(tenant) as conn, tenant_transaction(conn, tenant):
+                    conn.execute(q("INSERT INTO {t} (content) VALUES ('secret plans')",
+                                   t=f"{schema}.documents"))
+                copied = scalar(admin, q("SELECT count(*) FROM {t}", t=f"{loot}.copies"))
+            assert refused, (f"the operator adopted a schema made by {stranger}; its trigger"
+                             f" copied {copied} row(s) the tenant wrote")
+            assert schema in message and stranger in message
+            assert scalar(admin, "SELECT count(*) FROM pg_roles WHERE rolname = %s",
+                          (bridge_role(tenant),)) == 0  # nothing provisioned
+        finally:
+            admin.execute("RESET ROLE")
+            admin.execute(q("DROP SCHEMA IF EXISTS {s} CASCADE", s=loot))
+            admin.execute(q("DROP SCHEMA IF EXISTS {s} CASCADE", s=schema))
+            admin.execute(q("DROP ROLE {r}", r=stranger))

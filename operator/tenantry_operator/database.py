@@ -73,6 +73,7 @@ __all__ = [
     "PoolTenant",
     "RoleDropError",
     "UnmanagedRole",
+    "UnmanagedSchema",
     "bootstrap_shared",
     "delete_shared_rows",
     "delete_tenant_data",
@@ -225,6 +226,10 @@ class CollectionMismatch(ValueError):
 
 class UnmanagedRole(RuntimeError):
     """A role of the tenant's name exists that the operator did not create: not taken over."""
+
+
+class UnmanagedSchema(RuntimeError):
+    """A bridge schema of the tenant's name exists that someone else made: not adopted."""
 
 
 class RoleDropError(RuntimeError):
@@ -823,18 +828,41 @@ def _bridge_actions(conn: Conn, tenant: str) -> list[Action]:
     ]
 
 
+def _refuse_foreign_schema(conn: Conn, tenant: str) -> None:
+    """Raise UnmanagedSchema when the tenant's bridge schema exists, someone else owns it and
+    the operator never provisioned the tenant (its role is not in the registry).
+
+    Its name is a public function of the tenant id, so it can be made before the Tenant, with
+    objects of its maker (a trigger copying every row, grants to other roles) that taking
+    over its ownership would keep. A schema of a provisioned tenant handed to another role by
+    hand is taken back instead (_ownership_actions).
+    """
+    role, schema = bridge_role(tenant), bridge_schema(tenant)
+    rows = fetch_rows(conn, """
+        SELECT pg_get_userbyid(nspowner) FROM pg_namespace
+        WHERE nspname = %s AND nspowner <> current_user::regrole""", (schema,))
+    if rows and _registered_oid(conn, role) is None:
+        raise UnmanagedSchema(
+            f"schema {schema} (tenant {tenant}'s bridge schema) exists, owned by {rows[0][0]},"
+            " but the Tenantry operator did not create it; it is not adopted because its"
+            " owner's objects (triggers, functions, grants) would stay. Check what it holds,"
+            " then drop it and the operator creates it afresh")
+
+
 def ensure_bridge_tenant(conn: Conn, tenant: str, password: str) -> None:
     """Role and schema bridge_role/bridge_schema(tenant), migrated, granted to that role only;
     password set.
 
     Does not touch the shared registry row; `ensure_pool_tenant(conn, tenant, "bridge")` does.
-    Raises UnmanagedRole when a role of that name exists that the operator did not create.
+    Raises UnmanagedRole when a role of that name exists that the operator did not create,
+    UnmanagedSchema likewise for a schema.
     """
     role, schema = bridge_role(tenant), bridge_schema(tenant)
     if not password:
         raise ValueError("a bridge tenant needs a non-empty password")
     _require_shared(conn)
     _rename_legacy(conn, tenant)
+    _refuse_foreign_schema(conn, tenant)
     # NOINHERIT: even if someone grants it a group role, it does not silently gain rights
     # (and every reconcile revokes such memberships: SET ROLE would still reach them).
     _ensure_role(conn, role, {"rolcanlogin": True, "rolinherit": False, **_LOCKED_DOWN},
