@@ -25,6 +25,7 @@ from tenantry_operator import builders, guardrails
 from tenantry_operator.database import UnmanagedSchema, bootstrap_shared, ensure_bridge_tenant
 from tenantry_operator.model import PlanSpec, TenantSpec, effective_spec
 from tenantry_runtime.contracts.database import (
+    SHARED_SCHEMA,
     bridge_role,
     bridge_schema,
     migrate,
@@ -304,4 +305,20 @@ def test_a_bridge_schema_someone_else_made_first_is_not_adopted(bridged: Bridged
             admin.execute("RESET ROLE")
             admin.execute(q("DROP SCHEMA IF EXISTS {s} CASCADE", s=loot))
             admin.execute(q("DROP SCHEMA IF EXISTS {s} CASCADE", s=schema))
+            admin.execute(q("DROP ROLE {r}", r=stranger))
+
+
+def test_a_shared_schema_someone_else_made_before_the_install_is_not_adopted(
+        postgres: Postgres) -> None:
+    # Its owner could drop or rename every pool tenant's table and put its own in their place.
+    stranger = unique("dba")
+    with scratch_database(postgres, "pre") as db, connect(postgres, db) as admin:
+        admin.execute(q("CREATE ROLE {r}", r=stranger))
+        try:
+            admin.execute(q("CREATE SCHEMA {s} AUTHORIZATION {r}", s=SHARED_SCHEMA, r=stranger))
+            with pytest.raises(UnmanagedSchema, match=stranger):
+                bootstrap_shared(admin)
+            assert scalar(admin, "SELECT to_regclass('tenantry.documents')") is None
+        finally:
+            admin.execute(q("DROP SCHEMA {s} CASCADE", s=SHARED_SCHEMA))
             admin.execute(q("DROP ROLE {r}", r=stranger))

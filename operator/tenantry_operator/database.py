@@ -697,6 +697,12 @@ def bootstrap_shared(conn: Conn) -> list[int]:
 
     Also revokes CONNECT and TEMPORARY from PUBLIC on every database the admin owns.
     """
+    # A shared schema someone else made before the install (no registry of the admin's yet).
+    owner = _foreign_owner(conn, SHARED_SCHEMA)
+    if owner is not None and not fetch_rows(conn, """
+            SELECT 1 FROM pg_class WHERE oid = to_regclass(%s)
+              AND relowner = current_user::regrole""", (f"{SHARED_SCHEMA}.{ROLE_REGISTRY}",)):
+        raise _unmanaged_schema(SHARED_SCHEMA, "the shared schema", owner)
     applied = migrate(conn, SHARED_SCHEMA)
     _ensure_registry(conn)
     # APP_ROLE is cluster-wide and may serve several databases (each with its own registry),
@@ -838,15 +844,25 @@ def _refuse_foreign_schema(conn: Conn, tenant: str) -> None:
     hand is taken back instead (_ownership_actions).
     """
     role, schema = bridge_role(tenant), bridge_schema(tenant)
+    owner = _foreign_owner(conn, schema)
+    if owner is not None and _registered_oid(conn, role) is None:
+        raise _unmanaged_schema(schema, f"tenant {tenant}'s bridge schema", owner)
+
+
+def _foreign_owner(conn: Conn, schema: str) -> str | None:
+    """The owner of `schema` when it exists and is not the admin."""
     rows = fetch_rows(conn, """
         SELECT pg_get_userbyid(nspowner) FROM pg_namespace
         WHERE nspname = %s AND nspowner <> current_user::regrole""", (schema,))
-    if rows and _registered_oid(conn, role) is None:
-        raise UnmanagedSchema(
-            f"schema {schema} (tenant {tenant}'s bridge schema) exists, owned by {rows[0][0]},"
-            " but the Tenantry operator did not create it; it is not adopted because its"
-            " owner's objects (triggers, functions, grants) would stay. Check what it holds,"
-            " then drop it and the operator creates it afresh")
+    return str(rows[0][0]) if rows else None
+
+
+def _unmanaged_schema(schema: str, what: str, owner: str) -> UnmanagedSchema:
+    return UnmanagedSchema(
+        f"schema {schema} ({what}) exists, owned by {owner}, but the Tenantry operator did not"
+        " create it; it is not adopted because its owner's objects (triggers, functions,"
+        " grants) would stay, and a schema's owner may drop and replace any table in it."
+        " Check what it holds, then drop it and the operator creates it afresh")
 
 
 def ensure_bridge_tenant(conn: Conn, tenant: str, password: str) -> None:
