@@ -5,6 +5,7 @@ Complements test_attack.py (database logins) and test_network_policies.py (traff
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import secrets
 import socket
@@ -14,16 +15,20 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest
 from db_helpers import Conn, connect, drop_roles, q, scalar, scratch_database, unique
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from tenantry_devenv.services import Postgres
-from tenantry_operator import builders, guardrails
+from tenantry_operator import builders, dataplane, endpoint_reach, guardrails
 from tenantry_operator.database import UnmanagedSchema, bootstrap_shared, ensure_bridge_tenant
+from tenantry_operator.kube import Kube
 from tenantry_operator.model import PlanSpec, TenantSpec, effective_spec
+from tenantry_operator.reconcile import phase_of
+from tenantry_operator.settings import OperatorSettings
+from tenantry_operator.steps import StepContext, StepFailed
 from tenantry_runtime.contracts.database import (
     SHARED_SCHEMA,
     bridge_role,
@@ -322,3 +327,52 @@ def test_a_shared_schema_someone_else_made_before_the_install_is_not_adopted(
         finally:
             admin.execute(q("DROP SCHEMA {s} CASCADE", s=SHARED_SCHEMA))
             admin.execute(q("DROP ROLE {r}", r=stranger))
+
+
+# --- a dedicated endpoint's URL and the runtime's network position ----------------------------
+
+
+CLUSTER = ("10.244.0.0/16", "10.96.0.0/12")
+PLATFORM = ("tenantry-runtime", "tenantry-system")
+
+
+@pytest.mark.parametrize("url", [
+    "http://api.tenant-beta:443/admin?",                       # completed by the search path
+    "http://api.tenant-beta.svc:443/v1",
+    "https://api.tenant-beta.svc.cluster.local/v1",
+    "http://10-244-3-7.tenant-beta.pod.cluster.local:443",
+    "http://tenantry-postgres.tenantry-system.svc:443",        # the operator's namespace
+    "http://redis.tenantry-runtime.svc:6379", "http://redis:6379",  # the runtime's
+    "http://169.254.169.254/latest", "http://10.244.3.7:443", "http://10.96.0.1:443",
+])
+def test_a_dedicated_endpoint_cannot_point_into_another_namespace(url: str) -> None:
+    problem = endpoint_reach.endpoint_problem(url, "tenant-alpha", "tenant-", PLATFORM, CLUSTER)
+    assert problem is not None, f"{url} accepted"
+
+
+@pytest.mark.parametrize("url", [
+    "https://api.anthropic.com", "https://models.example.com/v1", "https://example.com",
+    "http://llm.tenant-alpha.svc:8080", "http://llm.tenant-alpha:8080",
+    "https://192.0.2.10/v1", "http://10.0.5.20:8000",  # a model server in the VPC
+    "http://127.0.0.1:9/v1", "http://localhost:8080",  # the runtime's own Pod (tests, demo)
+    "http://llm.models.svc.cluster.local:8080/v1",      # a platform's model server
+])
+def test_a_dedicated_endpoint_may_be_outside_or_in_the_tenant_s_namespace(url: str) -> None:
+    assert endpoint_reach.endpoint_problem(url, "tenant-alpha", "tenant-", PLATFORM,
+                                           CLUSTER) is None
+
+
+def test_the_runtime_config_step_refuses_such_an_endpoint_before_writing() -> None:
+    spec = effective_spec("alpha", "uid", 1, TenantSpec.from_body({
+        "planRef": {"name": "p"},
+        "ai": {"endpoint": {"type": "dedicated", "url": "http://api.tenant-beta:443/x?",
+                            "secretRef": {"name": "key"}}}}),
+        PlanSpec.model_validate({"model": "m"}))
+    # No API server: the step must stop before it reads or writes anything.
+    ctx = StepContext(spec=spec, kube=cast(Kube, None), status={},
+                      settings=OperatorSettings(cluster_cidrs=CLUSTER))
+    with pytest.raises(StepFailed) as failed:
+        asyncio.run(dataplane.ensure_runtime_config(ctx))
+    assert failed.value.condition.reason == "EndpointNotAllowed"
+    assert "tenant-beta" in failed.value.condition.message
+    assert phase_of(spec, [failed.value.condition]) == "Failed"

@@ -27,6 +27,7 @@ from tenantry_runtime.contracts.runtime_config import (
 
 from . import builders, database, upgrade
 from .conditions import Condition
+from .endpoint_reach import endpoint_problem
 from .kube import Kube, as_dict
 from .model import EffectiveSpec, Isolation
 from .names import LABEL_MANAGED_BY, LABEL_TENANT, MANAGER, owned_by
@@ -436,6 +437,14 @@ async def settled_config(ctx: StepContext) -> tuple[TenantRuntimeConfig, str]:
 
 
 async def ensure_runtime_config(ctx: StepContext) -> Condition:
+    endpoint = ctx.spec.ai.endpoint
+    settings = ctx.settings
+    problem = endpoint.url and endpoint_problem(
+        endpoint.url, ctx.namespace, settings.namespace_prefix,
+        (settings.runtime_namespace, settings.credentials_namespace), settings.cluster_cidrs)
+    if problem:  # before the config: the runtime keeps the endpoint it was last given
+        raise StepFailed(Condition("RuntimeConfigReady", False, "EndpointNotAllowed",
+                                   f"spec.ai.endpoint.url: {problem}"), retry_after=60)
     config, digest = await settled_config(ctx)
     await ctx.kube.apply(builders.runtime_configmap(ctx.namespace, ctx.spec.name,
                                                     config.model_dump_json(indent=2), digest),
