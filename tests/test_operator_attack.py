@@ -6,7 +6,9 @@ Complements test_attack.py (database logins) and test_network_policies.py (traff
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
+import json
 import secrets
 import socket
 import struct
@@ -20,12 +22,17 @@ from typing import Any, cast
 import psycopg
 import pytest
 from db_helpers import Conn, connect, drop_roles, q, scalar, scratch_database, unique
+from lightkube import AsyncClient, KubeConfig
+from lightkube.resources.core_v1 import Secret
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from tenantry_devenv.controlplane import ControlPlane
 from tenantry_devenv.services import Postgres
-from tenantry_operator import builders, dataplane, endpoint_reach, guardrails
+from tenantry_operator import builders, cache_scope, dataplane, endpoint_reach, guardrails
+from tenantry_operator.cache import MISS
 from tenantry_operator.database import UnmanagedSchema, bootstrap_shared, ensure_bridge_tenant
 from tenantry_operator.kube import Kube
 from tenantry_operator.model import PlanSpec, TenantSpec, effective_spec
+from tenantry_operator.names import namespace_name, standard_labels
 from tenantry_operator.reconcile import phase_of
 from tenantry_operator.settings import OperatorSettings
 from tenantry_operator.steps import StepContext, StepFailed
@@ -376,3 +383,40 @@ def test_the_runtime_config_step_refuses_such_an_endpoint_before_writing() -> No
     assert failed.value.condition.reason == "EndpointNotAllowed"
     assert "tenant-beta" in failed.value.condition.message
     assert phase_of(spec, [failed.value.condition]) == "Failed"
+
+
+# --- labelled objects a tenant makes and the operator's memory ---------------------------------
+
+
+async def test_labelled_secrets_a_tenant_makes_stay_out_of_the_operator_s_memory(
+        control_plane: ControlPlane) -> None:
+    tenant = "hoarder"
+    namespace = namespace_name(tenant)
+    control_plane.kubectl("create", "namespace", namespace, check=False)
+    labels = standard_labels(tenant, "credentials")  # what the operator's caches select by
+    junk = [f"junk-{i}" for i in range(20)]
+    docs = [{"apiVersion": "v1", "kind": "Secret",
+             "metadata": {"name": name, "namespace": namespace, "labels": labels},
+             "data": {"blob": base64.b64encode(secrets.token_bytes(64 * 1024)).decode()}}
+            for name in [*junk, builders.API_KEYS_SECRET]]
+    control_plane.kubectl("apply", "-f", "-", input_text="\n---\n".join(map(json.dumps, docs)))
+    scoped = Kube(AsyncClient(config=KubeConfig.from_file(control_plane.kubeconfig)))
+    plain = Kube(AsyncClient(config=KubeConfig.from_file(control_plane.kubeconfig)))
+    try:
+        assert await scoped.start_caches(60, keep=cache_scope.tenant_namespace_scope(
+            "tenant-", ("tenantry-runtime", "tenantry-system")))
+        assert await plain.start_caches(60)
+        assert scoped.caches is not None and plain.caches is not None
+        held, unscoped = scoped.caches.by_kind[Secret], plain.caches.by_kind[Secret]
+        # The label alone lets them in; the scope keeps only what the operator writes there.
+        assert all(unscoped.get(name, namespace) is not MISS for name in junk)
+        assert [name for name in junk if held.get(name, namespace) is not MISS] == []
+        assert held.get(builders.API_KEYS_SECRET, namespace) is not MISS
+        # Nothing is hidden: a read of another name asks the API server.
+        read = await scoped.read(Secret, junk[0], namespace)
+        assert read is not None and read["metadata"]["name"] == junk[0]
+        assert held.get(junk[0], namespace) is MISS
+    finally:
+        await scoped.close()
+        await plain.close()
+        control_plane.kubectl("delete", "namespace", namespace, "--wait=false")
