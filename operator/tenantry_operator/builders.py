@@ -202,6 +202,19 @@ def silo_host(namespace: str) -> str:
     return f"{SILO_NAME}.{namespace}.svc:{SILO_PORT}"
 
 
+def silo_admin_dsn(namespace: str, password: str) -> str:
+    """The operator's admin DSN of a silo, through its client Service.
+
+    The Service selects Pods by labels that any Pod of the tenant's namespace may carry, so
+    the server behind it may be the tenant's: require_auth lets only SCRAM through, which
+    never sends the password and fails unless the server knows its verifier (libpq would
+    otherwise send it in clear text to a server that asks).
+    """
+    return make_conninfo("", host=silo_host(namespace).split(":")[0], port=str(SILO_PORT),
+                         user="postgres", password=password, dbname=SILO_DATABASE,
+                         require_auth="scram-sha-256")
+
+
 RUNTIME_CONFIGMAP = "tenantry-runtime-config"
 CONFIG_HASH_ANNOTATION = f"{GROUP}/config-hash"
 

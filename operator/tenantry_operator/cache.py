@@ -27,7 +27,8 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, NamedTuple
 
 from lightkube import ALL_NS, AsyncClient
@@ -36,6 +37,7 @@ from lightkube.core.resource import NamespacedResource
 log = logging.getLogger(__name__)
 
 Key = tuple[str | None, str]  # (namespace, name)
+Keep = Callable[[str | None, str], bool]  # (namespace, name) -> held by the cache
 _MISS: Any = object()
 # How long a deleted object's tombstone refuses late events and responses about it: a GET or
 # a write in flight across the deletion answers within seconds; this bounds their memory.
@@ -109,9 +111,11 @@ class KindCache:
 
     def __init__(self, client: AsyncClient, kind: Any, label_selector: str | None,
                  stale_after: float = 10.0, watch_seconds: int = 290,
-                 listing: asyncio.Lock | None = None) -> None:
+                 listing: asyncio.Lock | None = None, keep: Keep | None = None) -> None:
         self.kind = kind
         self.label_selector = label_selector
+        # Which (namespace, name) it holds at all; reads of the others go to the API server.
+        self.keep = keep
         # A cache of every object of its kind: a miss proves absence.
         self.complete = label_selector is None
         self._generic: Any = client._client  # lightkube's request builder: raw JSON, no models
@@ -141,7 +145,7 @@ class KindCache:
     def get(self, name: str, namespace: str | None = None) -> Any:
         """The cached object as a dict; None when absent; `MISS` when unknown (not usable, or
         a label-filtered cache without it)."""
-        if not self.usable:
+        if not self.usable or (self.keep is not None and not self.keep(namespace, name)):
             return _MISS
         entry = self._store.get((namespace, name))
         if entry is not None:
@@ -198,15 +202,21 @@ class KindCache:
                 and stone.buries(obj))
 
     def _matches(self, obj: Mapping[str, Any]) -> bool:
-        """Whether the watch would deliver this object (the selector is key=value pairs)."""
+        """Whether the watch would deliver this object (the selector is key=value pairs) and
+        the cache keeps it."""
+        if not self._kept(obj):
+            return False
         if self.label_selector is None:
             return True
         labels = (obj.get("metadata") or {}).get("labels") or {}
         return all(labels.get(k) == v for k, v in
                    (pair.split("=", 1) for pair in self.label_selector.split(",")))
 
+    def _kept(self, obj: Mapping[str, Any]) -> bool:
+        return self.keep is None or self.keep(*_key(obj))
+
     def _remember(self, obj: Mapping[str, Any]) -> None:
-        if self._buried(obj):  # a late event or response of a deleted object
+        if self._buried(obj) or not self._kept(obj):  # a late event of a deleted object
             return
         key, version = _key(obj), _version(obj)
         held = self._store.get(key)
@@ -244,7 +254,8 @@ class KindCache:
             kind = {"apiVersion": page.get("apiVersion"),
                     "kind": str(page.get("kind", "")).removesuffix("List")}
             for item in page.get("items") or []:
-                if not self._buried(item):  # deleted while the (paged) list was made
+                # Not one it keeps, or deleted while the (paged) list was made.
+                if self._kept(item) and not self._buried(item):
                     store[_key(item)] = (_version(item), compact({**kind, **item}))
             token = (page.get("metadata") or {}).get("continue")
             if not token:
@@ -320,9 +331,12 @@ class KindCache:
 class Caches:
     """The caches of one operator process, by kind; started once, stopped at cleanup."""
 
-    def __init__(self, client: AsyncClient, kinds: Mapping[Any, str | None]) -> None:
+    def __init__(self, client: AsyncClient, kinds: Mapping[Any, str | None],
+                 keep: Callable[[Any, str | None, str], bool] | None = None) -> None:
+        """`keep(kind, namespace, name)`: what each cache holds (None: all it is sent)."""
         listing = asyncio.Lock()
-        self.by_kind = {kind: KindCache(client, kind, selector, listing=listing)
+        self.by_kind = {kind: KindCache(client, kind, selector, listing=listing,
+                                        keep=partial(keep, kind) if keep else None)
                         for kind, selector in kinds.items()}
         self._tasks: list[asyncio.Task[None]] = []
 

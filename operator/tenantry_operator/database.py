@@ -46,6 +46,7 @@ from tenantry_runtime.contracts.database import (
     TENANT_ID_CONSTRAINT,
     TENANT_SETTING,
     Conn,
+    bound_lock_wait,
     bridge_role,
     bridge_schema,
     ensure_check_constraint,
@@ -72,6 +73,7 @@ __all__ = [
     "PoolTenant",
     "RoleDropError",
     "UnmanagedRole",
+    "UnmanagedSchema",
     "bootstrap_shared",
     "delete_shared_rows",
     "delete_tenant_data",
@@ -226,6 +228,10 @@ class UnmanagedRole(RuntimeError):
     """A role of the tenant's name exists that the operator did not create: not taken over."""
 
 
+class UnmanagedSchema(RuntimeError):
+    """A bridge schema of the tenant's name exists that someone else made: not adopted."""
+
+
 class RoleDropError(RuntimeError):
     """The tenant's data is gone but its role could not be dropped yet (retry)."""
 
@@ -350,6 +356,9 @@ def _converge(conn: Conn, plan: Callable[[], list[Action]]) -> bool:
         if not plan():
             return False
         conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(_registry()))
+        # An action may lock a tenant's table, which its login can hold: every other tenant's
+        # changes wait for this registry lock, so that wait is bounded.
+        bound_lock_wait(conn)
         for action in plan():
             action()
     return True
@@ -688,6 +697,12 @@ def bootstrap_shared(conn: Conn) -> list[int]:
 
     Also revokes CONNECT and TEMPORARY from PUBLIC on every database the admin owns.
     """
+    # A shared schema someone else made before the install (no registry of the admin's yet).
+    owner = _foreign_owner(conn, SHARED_SCHEMA)
+    if owner is not None and not fetch_rows(conn, """
+            SELECT 1 FROM pg_class WHERE oid = to_regclass(%s)
+              AND relowner = current_user::regrole""", (f"{SHARED_SCHEMA}.{ROLE_REGISTRY}",)):
+        raise _unmanaged_schema(SHARED_SCHEMA, "the shared schema", owner)
     applied = migrate(conn, SHARED_SCHEMA)
     _ensure_registry(conn)
     # APP_ROLE is cluster-wide and may serve several databases (each with its own registry),
@@ -819,18 +834,51 @@ def _bridge_actions(conn: Conn, tenant: str) -> list[Action]:
     ]
 
 
+def _refuse_foreign_schema(conn: Conn, tenant: str) -> None:
+    """Raise UnmanagedSchema when the tenant's bridge schema exists, someone else owns it and
+    the operator never provisioned the tenant (its role is not in the registry).
+
+    Its name is a public function of the tenant id, so it can be made before the Tenant, with
+    objects of its maker (a trigger copying every row, grants to other roles) that taking
+    over its ownership would keep. A schema of a provisioned tenant handed to another role by
+    hand is taken back instead (_ownership_actions).
+    """
+    role, schema = bridge_role(tenant), bridge_schema(tenant)
+    owner = _foreign_owner(conn, schema)
+    if owner is not None and _registered_oid(conn, role) is None:
+        raise _unmanaged_schema(schema, f"tenant {tenant}'s bridge schema", owner)
+
+
+def _foreign_owner(conn: Conn, schema: str) -> str | None:
+    """The owner of `schema` when it exists and is not the admin."""
+    rows = fetch_rows(conn, """
+        SELECT pg_get_userbyid(nspowner) FROM pg_namespace
+        WHERE nspname = %s AND nspowner <> current_user::regrole""", (schema,))
+    return str(rows[0][0]) if rows else None
+
+
+def _unmanaged_schema(schema: str, what: str, owner: str) -> UnmanagedSchema:
+    return UnmanagedSchema(
+        f"schema {schema} ({what}) exists, owned by {owner}, but the Tenantry operator did not"
+        " create it; it is not adopted because its owner's objects (triggers, functions,"
+        " grants) would stay, and a schema's owner may drop and replace any table in it."
+        " Check what it holds, then drop it and the operator creates it afresh")
+
+
 def ensure_bridge_tenant(conn: Conn, tenant: str, password: str) -> None:
     """Role and schema bridge_role/bridge_schema(tenant), migrated, granted to that role only;
     password set.
 
     Does not touch the shared registry row; `ensure_pool_tenant(conn, tenant, "bridge")` does.
-    Raises UnmanagedRole when a role of that name exists that the operator did not create.
+    Raises UnmanagedRole when a role of that name exists that the operator did not create,
+    UnmanagedSchema likewise for a schema.
     """
     role, schema = bridge_role(tenant), bridge_schema(tenant)
     if not password:
         raise ValueError("a bridge tenant needs a non-empty password")
     _require_shared(conn)
     _rename_legacy(conn, tenant)
+    _refuse_foreign_schema(conn, tenant)
     # NOINHERIT: even if someone grants it a group role, it does not silently gain rights
     # (and every reconcile revokes such memberships: SET ROLE would still reach them).
     _ensure_role(conn, role, {"rolcanlogin": True, "rolinherit": False, **_LOCKED_DOWN},
@@ -905,6 +953,7 @@ def ensure_collection(
         return f"{target}.{table}"
     with conn.transaction():
         operator_lock(conn, f"collection:{target}.{table}")
+        bound_lock_wait(conn)  # a bridge tenant's login may hold its table
         _ensure_embeddings_table(conn, target, table, dimensions)
         if location == "schema":
             _ensure_hnsw_index(conn, target, table, f"{table}_hnsw", m, ef_construction, None)

@@ -27,6 +27,7 @@ from tenantry_runtime.contracts.runtime_config import (
 
 from . import builders, database, upgrade
 from .conditions import Condition
+from .endpoint_reach import endpoint_problem
 from .kube import Kube, as_dict
 from .model import EffectiveSpec, Isolation
 from .names import LABEL_MANAGED_BY, LABEL_TENANT, MANAGER, owned_by
@@ -224,9 +225,7 @@ async def silo_dsn(kube: Kube, settings: OperatorSettings, tenant: str, namespac
     password = await secret_value(kube, namespace, builders.SILO_ADMIN_SECRET, "password")
     if password is None:
         raise RuntimeError(f"Secret {namespace}/{builders.SILO_ADMIN_SECRET} has no password")
-    host = builders.silo_host(namespace).split(":")[0]
-    return (f"postgresql://postgres:{password}@{host}:{builders.SILO_PORT}"
-            f"/{builders.SILO_DATABASE}")
+    return builders.silo_admin_dsn(namespace, password)
 
 
 # --- database location -------------------------------------------------------------------------
@@ -438,6 +437,14 @@ async def settled_config(ctx: StepContext) -> tuple[TenantRuntimeConfig, str]:
 
 
 async def ensure_runtime_config(ctx: StepContext) -> Condition:
+    endpoint = ctx.spec.ai.endpoint
+    settings = ctx.settings
+    problem = endpoint.url and endpoint_problem(
+        endpoint.url, ctx.namespace, settings.namespace_prefix,
+        (settings.runtime_namespace, settings.credentials_namespace), settings.cluster_cidrs)
+    if problem:  # before the config: the runtime keeps the endpoint it was last given
+        raise StepFailed(Condition("RuntimeConfigReady", False, "EndpointNotAllowed",
+                                   f"spec.ai.endpoint.url: {problem}"), retry_after=60)
     config, digest = await settled_config(ctx)
     await ctx.kube.apply(builders.runtime_configmap(ctx.namespace, ctx.spec.name,
                                                     config.model_dump_json(indent=2), digest),

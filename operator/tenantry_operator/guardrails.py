@@ -44,6 +44,10 @@ COMPONENT_LABEL = "app.kubernetes.io/component"
 SILO_COMPONENT = "silo-database"  # builders._silo_labels: the component of the silo's Pods
 DNS_NAMESPACE = "kube-system"
 DNS_POD_LABELS = {"k8s-app": "kube-dns"}  # CoreDNS keeps kube-dns's label for compatibility
+# Cut out of every tenant's allowEgressCIDRs like the cluster's ranges: link-local addresses
+# are the node's own services, the cloud's instance metadata (169.254.169.254, AWS's IPv6
+# fd00:ec2::254) among them, which hands out the node's credentials to whoever asks.
+NODE_LOCAL_CIDRS = ("169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128")
 
 # What a silo adds to the tenant's own quota: its Pod, its volume claim, and two Services
 # (headless and client, builders.silo_services).
@@ -223,7 +227,8 @@ def network_policies(spec: EffectiveSpec, namespace: str, runtime_namespace: str
         workload_ingress.append(_namespaces(*network.allow_ingress_from_namespaces))
     workload_egress: list[dict[str, Any]] = [{"podSelector": WORKLOADS},
                                              _namespaces(runtime_namespace)]
-    workload_egress += egress_blocks(network.allow_egress_cidrs, cluster_cidrs)
+    workload_egress += egress_blocks(network.allow_egress_cidrs,
+                                     [*NODE_LOCAL_CIDRS, *cluster_cidrs])
     policies = [
         _policy(spec, namespace, POLICY_DEFAULT_DENY,
                 {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}),

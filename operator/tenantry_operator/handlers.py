@@ -10,7 +10,7 @@ from typing import Any, cast
 
 import kopf
 
-from . import alerts, database, maintenance, plans, quotas
+from . import alerts, cache_scope, database, maintenance, plans, quotas
 from . import finalize as finalizer
 from .conditions import Condition, merge_conditions
 from .kube import Kube, Tenant, as_dict
@@ -49,7 +49,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo["kube"] = kube = Kube.from_env()
     kube.use_fast_path()  # aiohttp for the per-tenant GETs and applies (fastpath.py)
     # Reads from watches (cache.py); until they are listed, reads go to the API server.
-    if not await kube.start_caches(wait_seconds=30):
+    keep = cache_scope.tenant_namespace_scope(
+        ours.namespace_prefix, (ours.runtime_namespace, ours.credentials_namespace))
+    if not await kube.start_caches(wait_seconds=30, keep=keep):
         log.warning("caches not listed within 30 s: reading from the API server meanwhile")
     await maintenance.on_startup(ours)
     memo["maintenance"] = asyncio.create_task(maintenance.keep_partitions_ahead(ours))

@@ -7,7 +7,7 @@ import binascii
 import copy
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from lightkube import ApiError, AsyncClient, KubeConfig, codecs
@@ -156,11 +156,13 @@ class Kube:
         self.caches: Caches | None = None  # start_caches: reads served from watches
         self.fast: FastPath | None = None  # use_fast_path: aiohttp for GET and apply
 
-    async def start_caches(self, wait_seconds: float = 60.0) -> bool:
+    async def start_caches(self, wait_seconds: float = 60.0,
+                           keep: Callable[[Any, str | None, str], bool] | None = None) -> bool:
         """Watch what the operator owns (cache.py); True once every cache is listed (until
-        then, and whenever a watch is down, `read` asks the API server)."""
+        then, and whenever a watch is down, `read` asks the API server). `keep(kind,
+        namespace, name)` limits what the caches hold (cache_scope.py)."""
         if self.caches is None:
-            self.caches = Caches(self.client, cached_kinds())
+            self.caches = Caches(self.client, cached_kinds(), keep)
             self.caches.start()
         return await self.caches.wait_listed(wait_seconds)
 

@@ -95,6 +95,7 @@ FAILED_REASONS = frozenset({
     "IsolationNotAllowed", "IsolationLowered", "NamespaceConflict", "ResourceConflict",
     "InvalidTenantName", "CredentialsLost", "VolumeExpansionNotAllowed",
     "VolumeShrinkNotSupported", "MaxTokensAboveRateLimit", "EndpointKeyMissing",
+    "EndpointNotAllowed",
 })
 
 

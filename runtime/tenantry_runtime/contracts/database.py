@@ -24,6 +24,7 @@ __all__ = [
     "SHARED_SCHEMA",
     "TENANT_ID_CHECK",
     "TENANT_ID_PATTERN",
+    "TENANT_LOCK_WAIT",
     "TENANT_PREDICATE",
     "TENANT_SETTING",
     "Conn",
@@ -31,6 +32,7 @@ __all__ = [
     "Migration",
     "MigrationChecksumError",
     "MigrationError",
+    "bound_lock_wait",
     "bridge_role",
     "bridge_schema",
     "ensure_check_constraint",
@@ -216,6 +218,18 @@ def _create_private_schema(conn: Conn) -> None:
         name = sql.Identifier(PRIVATE_SCHEMA, table)
         conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(name, columns))
         conn.execute(sql.SQL("REVOKE ALL ON {} FROM PUBLIC").format(name))
+
+
+# How long the operator waits for a lock on a table that a tenant's login may hold too (a bridge
+# or silo tenant's tables: an idle transaction that read one holds it as long as the tenant
+# likes). Past it the statement fails with LockNotAvailable and the step is retried, instead of
+# a worker (and, under the role registry's lock, every other tenant's changes) waiting on it.
+TENANT_LOCK_WAIT = "5s"
+
+
+def bound_lock_wait(conn: Conn) -> None:
+    """Until the caller's transaction ends, wait at most TENANT_LOCK_WAIT for any lock."""
+    conn.execute("SELECT set_config('lock_timeout', %s, true)", (TENANT_LOCK_WAIT,))
 
 
 def operator_lock(conn: Conn, key: str) -> None:
@@ -498,6 +512,7 @@ def ensure_partitions(
                 continue  # read only: the lock is taken only to create
             with conn.transaction():
                 operator_lock(conn, f"partitions:{schema}")
+                bound_lock_wait(conn)  # the parent's lock: a tenant's login may hold it
                 if _relation_exists(conn, schema, name):
                     continue
                 _create_partition(conn, schema, parent, name, lower, upper)
