@@ -27,6 +27,10 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as error:
         raise ApiError("invalid_request_error",
                        f"Request body is not valid JSON: {error}") from None
+    except RecursionError:
+        # A few KB of brackets exhaust the parser's stack: the caller's error, not a 500.
+        raise ApiError("invalid_request_error",
+                       "Request body is nested too deeply.") from None
     if not isinstance(parsed, dict):
         raise ApiError("invalid_request_error", "Request body must be a JSON object.")
     return parsed
@@ -91,10 +95,14 @@ def loads_utf8(data: bytes) -> Any:
     """JSON from UTF-8 bytes (what model endpoints send). `json.loads` of bytes first guesses
     their encoding in Python, a third of its time on an SSE event's data (bench/README.md,
     third round). A UTF-8 byte order mark is skipped, as `json.loads` does. Raises ValueError
-    (UnicodeDecodeError is one) as `json.loads` does."""
+    (UnicodeDecodeError is one) as `json.loads` does, also for JSON nested too deeply to
+    parse (RecursionError), so an endpoint's odd answer cannot skip its settlement."""
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
-    return _DECODER.decode(data.decode())
+    try:
+        return _DECODER.decode(data.decode())
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def sse_data_line(event: bytes) -> bytes | None:

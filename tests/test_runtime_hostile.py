@@ -1,0 +1,110 @@
+"""A hostile tenant with a valid key against the runtime (adversarial review, rtattack).
+
+Each test here failed against the code before its fix. The angles test_attack.py (the data
+plane), test_runtime_api.py and the schemathesis fuzzing already cover are not repeated.
+A "dedicated endpoint" below is a real HTTP server answering what a broken or hostile model
+endpoint could answer: the runtime must not trust its usage figures or its JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+from runtime_helpers import MODEL, UPSTREAM_KEY, RuntimeServer, serve, usage_events
+from tenantry_runtime.contracts.runtime_config import Endpoint
+from tenantry_runtime.limits import limit_keys
+
+pytestmark = pytest.mark.timeout(120)
+
+NESTED = 50_000  # far below max_body_bytes (64 KiB in the fixture), far above the parser's depth
+
+
+def nested_content() -> str:
+    return "[" * NESTED + "]" * NESTED
+
+
+class HostileEndpoint:
+    """A model endpoint whose next answers are set by the test: (status, body bytes)."""
+
+    def __init__(self) -> None:
+        self.answer: tuple[int, bytes] = (200, b"{}")
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        more = True
+        while more:
+            message = await receive()
+            more = message.get("more_body", False)
+        status, body = self.answer
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture(scope="module")
+def hostile_endpoint() -> Iterator[tuple[str, HostileEndpoint]]:
+    endpoint = HostileEndpoint()
+    with serve(endpoint) as url:
+        yield url, endpoint
+
+
+def message_with_usage(usage: dict[str, int]) -> bytes:
+    return json.dumps({"id": "msg_x", "type": "message", "role": "assistant", "model": MODEL,
+                       "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
+                       "stop_sequence": None, "usage": usage}).encode()
+
+
+def dedicated_tenant(server: RuntimeServer, tenant: str, url: str) -> str:
+    mine = Endpoint(type="dedicated", url=url, secret_name="s", secret_key="k")
+    return server.add_tenant(tenant, endpoint=mine, endpoint_api_key=UPSTREAM_KEY)["main"]
+
+
+def post_message(server: RuntimeServer, key: str, content: Any = "hello") -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/messages", headers={"x-api-key": key}, timeout=30,
+                      json={"model": MODEL, "max_tokens": 16,
+                            "messages": [{"role": "user", "content": content}]})
+
+
+# --- deeply nested JSON -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])
+def test_deeply_nested_json_is_refused_as_the_callers_error(
+        runtime_server: RuntimeServer, path: str) -> None:
+    # 40 KB of brackets made json.loads raise RecursionError: a 500 "Internal error" and a
+    # logged traceback per request, which any tenant could repeat at its rate limit.
+    key = runtime_server.add_tenant("hostnest")["main"]
+    content = "[" * 20_000 + "]" * 20_000  # 40 KB
+    body = (f'{{"model": "{MODEL}", "max_tokens": 16, '
+            f'"messages": [{{"role": "user", "content": {content}}}]}}').encode()
+    answer = httpx.post(f"{runtime_server.url}{path}", content=body, timeout=30,
+                        headers={"x-api-key": key, "content-type": "application/json"})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "nested" in error["message"]
+
+
+def test_an_endpoints_nested_answer_releases_the_tenants_slot(
+        runtime_server: RuntimeServer, hostile_endpoint: tuple[str, HostileEndpoint]) -> None:
+    # The answer's usage was parsed between admission and settlement; its RecursionError
+    # skipped the settlement: the hold, the tenant's in-flight slot and the replica's
+    # saturation slot were never released (the tenant's cap reached, every tenant's
+    # saturation gate shrinking by one per such answer).
+    url, endpoint = hostile_endpoint
+    key = dedicated_tenant(runtime_server, "hostnestup", url)
+    endpoint.answer = (200, b'{"usage": ' + nested_content().encode() + b"}")
+    post_message(runtime_server, key)
+    runtime = runtime_server.app.state.runtime
+    assert runtime.in_flight["hostnestup"] == 0
+    held = runtime_server.redis_client().get(
+        limit_keys("hostnestup", datetime.now(UTC)).held_total)
+    assert int(held or 0) == 0
+    assert len(usage_events(runtime_server.redis_url, "hostnestup")) == 1
