@@ -13,11 +13,13 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import anthropic
 import httpx
 import pytest
 from runtime_helpers import MODEL, UPSTREAM_KEY, RuntimeServer, serve, usage_events
 from tenantry_runtime.contracts.runtime_config import Endpoint
 from tenantry_runtime.limits import limit_keys
+from tenantry_runtime.metering import usage_rows
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -108,3 +110,65 @@ def test_an_endpoints_nested_answer_releases_the_tenants_slot(
         limit_keys("hostnestup", datetime.now(UTC)).held_total)
     assert int(held or 0) == 0
     assert len(usage_events(runtime_server.redis_url, "hostnestup")) == 1
+
+
+# --- usage figures an endpoint reports --------------------------------------------------------
+
+
+def test_negative_usage_from_an_endpoint_does_not_cancel_the_charge(
+        runtime_server: RuntimeServer, hostile_endpoint: tuple[str, HostileEndpoint]) -> None:
+    url, endpoint = hostile_endpoint
+    key = dedicated_tenant(runtime_server, "hostneg", url)
+    endpoint.answer = (200, message_with_usage({"input_tokens": -1_000_000,
+                                                "output_tokens": 300}))
+    assert post_message(runtime_server, key).status_code == 200
+    spent = runtime_server.redis_client().get(limit_keys("hostneg", datetime.now(UTC)).day)
+    # The 300 tokens written are charged; -1,000,000 read made the charge 0 (budget bypass).
+    assert int(spent or 0) == 300
+    [event] = usage_events(runtime_server.redis_url, "hostneg")
+    assert (event["input_tokens"], event["output_tokens"]) == (0, 300)
+    # And the event is one the usage writer can store (ai_usage_logs CHECKs tokens >= 0):
+    # a negative count failed its batch forever, and every later event of the tenant with it.
+    rows, bad = usage_rows("hostneg", [(b"1-0", {b"request_id": event["request_id"].encode(),
+                                                 b"event": json.dumps(event).encode()})])
+    assert (len(rows), bad) == (1, [])
+
+
+def test_absurd_usage_from_an_endpoint_is_capped_not_a_poisoned_settlement(
+        runtime_server: RuntimeServer, hostile_endpoint: tuple[str, HostileEndpoint]) -> None:
+    url, endpoint = hostile_endpoint
+    key = dedicated_tenant(runtime_server, "hosthuge", url)
+    endpoint.answer = (200, message_with_usage({"input_tokens": 10, "output_tokens": 10**30}))
+    assert post_message(runtime_server, key).status_code == 200
+    runtime = runtime_server.app.state.runtime
+    # 10**30 made settle.lua's INCRBY fail: the settlement went to the spool (or was lost)
+    # and its replay failed the same way every time.
+    [event] = usage_events(runtime_server.redis_url, "hosthuge")
+    assert 0 < event["output_tokens"] < 2**53
+    spent = runtime_server.redis_client().get(limit_keys("hosthuge", datetime.now(UTC)).day)
+    assert int(spent or 0) == 10 + event["output_tokens"]
+    assert runtime.in_flight["hosthuge"] == 0
+
+
+@pytest.mark.parametrize("tokens", [-1, 2**63])
+def test_the_usage_writer_drops_an_event_postgres_would_refuse(tokens: int) -> None:
+    # Events already in Redis (written before the cap) must not block the tenant's stream.
+    event = {"request_id": "req_1", "tenant": "t", "model": MODEL,
+             "at": "2026-11-28T00:00:00+00:00", "input_tokens": tokens, "output_tokens": 1,
+             "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    rows, bad = usage_rows("t", [(b"1-0", {b"request_id": b"req_1",
+                                           b"event": json.dumps(event).encode()})])
+    assert (rows, bad) == ([], [b"1-0"])
+
+
+def test_sdk_still_works_for_an_honest_dedicated_endpoint(
+        runtime_server: RuntimeServer, hostile_endpoint: tuple[str, HostileEndpoint]) -> None:
+    url, endpoint = hostile_endpoint
+    key = dedicated_tenant(runtime_server, "hosthonest", url)
+    endpoint.answer = (200, message_with_usage({"input_tokens": 7, "output_tokens": 3}))
+    client = anthropic.Anthropic(base_url=runtime_server.url, api_key=key, max_retries=0)
+    message = client.messages.create(model=MODEL, max_tokens=16,
+                                     messages=[{"role": "user", "content": "hi"}])
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (7, 3)
+    spent = runtime_server.redis_client().get(limit_keys("hosthonest", datetime.now(UTC)).day)
+    assert int(spent or 0) == 10

@@ -12,6 +12,10 @@ from .limits import Usage
 
 _USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens",
                  "cache_read_input_tokens")
+# The most tokens one count of one answer may report (far above any context window). An
+# endpoint reporting more is capped here: settle.lua's INCRBY and the usage table's bigint
+# and numeric columns refuse what is far larger, and the settlement would be lost.
+MAX_REPORTED_TOKENS = 10**9
 
 
 @dataclass(frozen=True)
@@ -83,8 +87,10 @@ def usage_of(raw: object, base: Usage | None = None) -> Usage:
     values = {name: getattr(start, name) for name in _USAGE_FIELDS}
     for name in _USAGE_FIELDS:
         value = raw.get(name)
-        if isinstance(value, int) and not isinstance(value, bool):
-            values[name] = value
+        # A negative count is no count: it would cancel the others' charge (a budget
+        # bypass) and make an event the usage table refuses (CHECK >= 0).
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            values[name] = min(value, MAX_REPORTED_TOKENS)
     return Usage(**values)
 
 
