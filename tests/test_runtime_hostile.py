@@ -18,8 +18,10 @@ import httpx
 import pytest
 from runtime_helpers import MODEL, UPSTREAM_KEY, RuntimeServer, serve, usage_events
 from tenantry_runtime.contracts.runtime_config import Endpoint
+from tenantry_runtime.errors import ApiError
 from tenantry_runtime.limits import limit_keys
 from tenantry_runtime.metering import usage_rows
+from tenantry_runtime.usage import usage_window
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -172,3 +174,21 @@ def test_sdk_still_works_for_an_honest_dedicated_endpoint(
     assert (message.usage.input_tokens, message.usage.output_tokens) == (7, 3)
     spent = runtime_server.redis_client().get(limit_keys("hosthonest", datetime.now(UTC)).day)
     assert int(spent or 0) == 10
+
+
+# --- /v1/usage dates --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("start", "end"), [(None, "0001-01-05"), ("9999-12-01", "9999-12-31")])
+def test_usage_dates_at_the_calendars_edges_are_the_callers_error(
+        start: str | None, end: str) -> None:
+    with pytest.raises(ApiError) as caught:
+        usage_window(start, end, datetime.now(UTC).date()).bounds()
+    assert caught.value.status == 400
+
+
+def test_usage_before_the_first_day_is_a_400_over_http(runtime_server: RuntimeServer) -> None:
+    key = runtime_server.add_tenant("hostdates")["main"]
+    answer = httpx.get(f"{runtime_server.url}/v1/usage", params={"to": "0001-01-05"},
+                       headers={"x-api-key": key}, timeout=30)
+    assert answer.status_code == 400, answer.text

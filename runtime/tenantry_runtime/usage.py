@@ -61,6 +61,9 @@ def usage_window(start: str | None, end: str | None, today: date) -> UsageWindow
     first, last = _day("from", start), _day("to", end)
     # Defaults: to = today (UTC), from = the 30 days ending at `to`.
     last = last or today
+    if last == date.max or (first is None and last.toordinal() < DEFAULT_DAYS):
+        # The default `from` or the bound after `to` would leave the calendar (a 500).
+        raise ApiError("invalid_request_error", f"to ({last}) is outside the usable dates.")
     first = first or last - timedelta(days=DEFAULT_DAYS - 1)
     if first > last:
         raise ApiError("invalid_request_error", f"from ({first}) is after to ({last}).")
