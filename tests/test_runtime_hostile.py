@@ -192,3 +192,24 @@ def test_usage_before_the_first_day_is_a_400_over_http(runtime_server: RuntimeSe
     answer = httpx.get(f"{runtime_server.url}/v1/usage", params={"to": "0001-01-05"},
                        headers={"x-api-key": key}, timeout=30)
     assert answer.status_code == 400, answer.text
+
+
+# --- tokens/min -------------------------------------------------------------------------------
+
+
+def test_tokens_beyond_the_reservation_count_against_tokens_per_minute(
+        runtime_server: RuntimeServer, hostile_endpoint: tuple[str, HostileEndpoint]) -> None:
+    # A 200-byte body can make the model read 100,000 tokens (a PDF or image by URL, web
+    # fetch results). Admission charges tokens/min the reservation (body bytes / 3 +
+    # max_tokens); the settlement only gave unused tokens back, so such requests passed a
+    # tokens/min limit at the requests/min rate. A dedicated endpoint stands in for the model.
+    url, endpoint = hostile_endpoint
+    mine = Endpoint(type="dedicated", url=url, secret_name="s", secret_key="k")
+    key = runtime_server.add_tenant("hosttpm", endpoint=mine, endpoint_api_key=UPSTREAM_KEY,
+                                    limits={"tokens_per_minute": 10_000})["main"]
+    endpoint.answer = (200, message_with_usage({"input_tokens": 50_000, "output_tokens": 10}))
+    assert post_message(runtime_server, key).status_code == 200
+    refused = post_message(runtime_server, key)
+    assert refused.status_code == 429, refused.text
+    # 40,010 tokens beyond the minute's burst: about four minutes at 10,000 a minute.
+    assert 3 * 60 < int(refused.headers["retry-after"]) <= 5 * 60
