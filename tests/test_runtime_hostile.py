@@ -16,12 +16,21 @@ from typing import Any
 import anthropic
 import httpx
 import pytest
-from runtime_helpers import MODEL, UPSTREAM_KEY, RuntimeServer, serve, usage_events
+from runtime_helpers import (
+    MODEL,
+    UPSTREAM_KEY,
+    RuntimeServer,
+    serve,
+    usage_events,
+    write_limits,
+)
 from tenantry_runtime.contracts.runtime_config import Endpoint
 from tenantry_runtime.errors import ApiError
 from tenantry_runtime.limits import limit_keys
 from tenantry_runtime.metering import usage_rows
 from tenantry_runtime.usage import usage_window
+from test_runtime_rag import World
+from test_runtime_rag import world as rag_world
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -213,3 +222,25 @@ def test_tokens_beyond_the_reservation_count_against_tokens_per_minute(
     assert refused.status_code == 429, refused.text
     # 40,010 tokens beyond the minute's burst: about four minutes at 10,000 a minute.
     assert 3 * 60 < int(refused.headers["retry-after"]) <= 5 * 60
+
+
+# --- the documents API ------------------------------------------------------------------------
+
+world = rag_world  # test_runtime_rag's: pool tenants a, b with collections, Postgres, MiniLM
+
+
+def test_the_documents_api_is_rate_limited(world: World) -> None:
+    # /v1/documents and /v1/search embed (CPU on the replica, or a paid embeddings API) and
+    # query Postgres, and answered any number of requests: requests/min never applied.
+    write_limits(world.server.redis_url, world.a, requests_per_minute=2)
+    with world.http(world.a) as client:
+        assert [client.get("/v1/documents").status_code for _ in range(2)] == [200, 200]
+        for answer in (client.post("/v1/search", json={"query": "budgets"}),
+                       client.post("/v1/documents", json={"text": "a document"}),
+                       client.get("/v1/documents")):
+            assert answer.status_code == 429, answer.text
+            assert answer.json()["error"]["type"] == "rate_limit_error"
+            assert int(answer.headers["retry-after"]) >= 1
+    with world.http(world.b) as client:  # another tenant's limit is its own
+        assert client.post("/v1/search", json={"query": "budgets"}).status_code == 200
+

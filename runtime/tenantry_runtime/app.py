@@ -312,8 +312,9 @@ def admit_without_redis(runtime: Runtime, caller: Caller, limits_key: str, reque
         raise refused
 
 
-async def admit_count_tokens(runtime: Runtime, caller: Caller, request_id: str) -> None:
-    """count_tokens is rate limited like messages: requests/min only, no budget, no hold."""
+async def admit_rate_only(runtime: Runtime, caller: Caller, request_id: str) -> None:
+    """count_tokens and the documents API (documents.py) are rate limited like messages:
+    requests/min only, no budget, no hold."""
     tenant = caller.config.tenant
     now = datetime.now(UTC)
     keys = limit_keys(tenant, now)
@@ -428,7 +429,7 @@ async def serve_count_tokens(runtime: Runtime, _: Rag, request_id: str, headers:
     model = parse_count_tokens_request(body)
     check_tenant_active(caller.record)
     check_model(caller.record, model)
-    await admit_count_tokens(runtime, caller, request_id)
+    await admit_rate_only(runtime, caller, request_id)
     upstream = await runtime.upstreams.send(
         endpoint_for(caller.record, runtime.settings), "/v1/messages/count_tokens", body,
         headers, read_body=True)
