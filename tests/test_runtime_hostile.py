@@ -9,6 +9,8 @@ endpoint could answer: the runtime must not trust its usage figures or its JSON.
 from __future__ import annotations
 
 import json
+import socket
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -243,4 +245,55 @@ def test_the_documents_api_is_rate_limited(world: World) -> None:
             assert int(answer.headers["retry-after"]) >= 1
     with world.http(world.b) as client:  # another tenant's limit is its own
         assert client.post("/v1/search", json={"query": "budgets"}).status_code == 200
+
+
+# --- the request's head -----------------------------------------------------------------------
+
+
+def raw_connection(server: RuntimeServer) -> socket.socket:
+    host, port = server.url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def test_an_endless_header_is_cut_off_before_anyone_authenticates(
+        runtime_server: RuntimeServer) -> None:
+    # uvicorn's httptools protocol has no limit on a request's head, and httptools keeps a
+    # header's value until it ends: 200 MB of one header grew the worker from 120 to 515 MB
+    # (one connection, no key needed).
+    sent, limit = 0, 64 * 2**20
+    with raw_connection(runtime_server) as sock:
+        try:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-junk: ")
+            while sent < limit:
+                sock.sendall(b"a" * 65536)
+                sent += 65536
+        except OSError:
+            pass  # the runtime closed the connection
+    assert sent < limit // 2  # what socket buffers took before the close
+
+
+def test_a_large_head_is_answered_431(runtime_server: RuntimeServer) -> None:
+    with raw_connection(runtime_server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-junk: " + b"a" * 100_000)
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer
+
+
+def test_heads_and_bodies_within_the_limits_still_pass(runtime_server: RuntimeServer) -> None:
+    key = runtime_server.add_tenant("hostheads")["main"]
+    padding = {"x-pad": "p" * 40_000}  # with the rest of the head, within 64 KiB
+    assert httpx.get(f"{runtime_server.url}/healthz", headers=padding).status_code == 200
+    body = json.dumps({"model": MODEL, "max_tokens": 16, "messages": [
+        {"role": "user", "content": "b" * 60_000}]}).encode()
+    # Two requests with bodies, pipelined in one write: bodies never count as heads.
+    request = (b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: " + key.encode()
+               + b"\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
+               + body)
+    with raw_connection(runtime_server) as sock:
+        sock.sendall(request * 2)
+        answers = b""
+        deadline = time.monotonic() + 20
+        while answers.count(b"HTTP/1.1 200 ") < 2 and time.monotonic() < deadline:
+            answers += sock.recv(65536)
+    assert answers.count(b"HTTP/1.1 200 ") == 2, answers[:300]
 

@@ -47,9 +47,45 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
+# The most bytes a request's line and headers may take. uvicorn's httptools protocol has no
+# limit (its h11 protocol has 16 KiB), and httptools keeps a header's value until it ends:
+# one unauthenticated connection sending one endless header grew the worker by 400 MB.
+MAX_HEAD_BYTES = 64 * 1024
+HEAD_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; "
+                  b"charset=utf-8\r\ncontent-length: 27\r\nconnection: close\r\n\r\n"
+                  b"Request headers too large.\n")
+
+
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol over a `CoalescingTransport`."""
+    """uvicorn's httptools protocol over a `CoalescingTransport`, with a request's head
+    limited to `MAX_HEAD_BYTES` (431, then the connection is closed)."""
+
+    _head_open = True  # a request's line or headers are (or will be) arriving
+    _heads_done = 0
+    _head_bytes = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         coalescing = CoalescingTransport(transport, self.loop)
         super().connection_made(cast(asyncio.Transport, coalescing))
+
+    def data_received(self, data: bytes) -> None:
+        open_before, done_before = self._head_open, self._heads_done
+        super().data_received(data)
+        # Counted only when all of `data` is head: open before and after, none completed in
+        # between (a read that also held a body or a request's end is not counted; the
+        # limit may then be passed by at most one read).
+        if not (open_before and self._head_open and done_before == self._heads_done):
+            return
+        self._head_bytes += len(data)
+        if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+            self.transport.write(HEAD_TOO_LARGE)
+            self.transport.close()
+
+    def on_headers_complete(self) -> None:
+        self._head_open, self._head_bytes = False, 0
+        self._heads_done += 1
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._head_open = True
