@@ -8,10 +8,11 @@ endpoint could answer: the runtime must not trust its usage figures or its JSON.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -297,3 +298,37 @@ def test_heads_and_bodies_within_the_limits_still_pass(runtime_server: RuntimeSe
             answers += sock.recv(65536)
     assert answers.count(b"HTTP/1.1 200 ") == 2, answers[:300]
 
+
+
+# --- /readyz ----------------------------------------------------------------------------------
+
+
+def postgres_sessions(world: World) -> int:
+    """Sessions ever opened to the world's database (counted as they end)."""
+    row = world.admin.execute("SELECT sessions FROM pg_stat_database WHERE datname = "
+                              "current_database()").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def settled(read: Callable[[], int]) -> int:
+    """`read()` once it has not changed for half a second (sessions count as they end)."""
+    last, stable_since = read(), time.monotonic()
+    while time.monotonic() - stable_since < 0.5:
+        time.sleep(0.1)
+        now = read()
+        if now != last:
+            last, stable_since = now, time.monotonic()
+    return last
+
+
+async def test_a_flood_of_readiness_checks_shares_one_database_check(world: World) -> None:
+    # /readyz needs no key and opened a Postgres connection per call: anyone could make
+    # every replica open connections as fast as it asked, taking the database's connection
+    # slots (max_connections) and the workers' threads from every tenant.
+    before = settled(lambda: postgres_sessions(world))
+    async with httpx.AsyncClient(base_url=world.server.url, timeout=30) as client:
+        answers = await asyncio.gather(*(client.get("/readyz") for _ in range(60)))
+    assert {answer.status_code for answer in answers} == {200}
+    opened = settled(lambda: postgres_sessions(world)) - before
+    assert opened <= 10, opened

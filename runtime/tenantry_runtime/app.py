@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import psycopg
 from fastapi import FastAPI, Request
@@ -71,6 +71,7 @@ from .usage import usage_router
 
 log = logging.getLogger(__name__)
 REDIS_ERRORS = (RedisUnavailable, ReplyError)
+T = TypeVar("T")
 
 
 @dataclass
@@ -191,6 +192,19 @@ class Admitted:
         # The hold expires on its own; the charge and the usage event are lost.
         self.runtime.failures["settlement_lost"] += 1
         log.error("settlement of %s lost, Redis unavailable: %s", self.request_id, error)
+
+
+class SingleFlight(Generic[T]):
+    """One run of a coroutine at a time; callers arriving meanwhile await that run's result.
+    A caller that leaves does not cancel the run the others wait for."""
+
+    def __init__(self) -> None:
+        self._running: asyncio.Future[T] | None = None
+
+    async def run(self, work: Callable[[], Awaitable[T]]) -> T:
+        if self._running is None or self._running.done():
+            self._running = asyncio.ensure_future(work())
+        return await asyncio.shield(self._running)
 
 
 def database_answers(dsn: str) -> None:
@@ -591,20 +605,30 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
     async def healthz() -> Response:
         return JSONResponse({"status": "ok"})
 
-    async def readiness(request: Request, dependencies: bool) -> Response:
-        runtime = runtime_of(request)
-        problems = [] if runtime.store.loaded else ["tenant configs not loaded"]
-        if dependencies:
-            try:
-                await runtime.redis.execute("PING")
-            except REDIS_ERRORS as error:
-                problems.append(f"redis: {error}")
-        if dependencies and runtime.settings.database_url is not None:
+    async def check_dependencies(runtime: Runtime) -> list[str]:
+        problems = []
+        try:
+            await runtime.redis.execute("PING")
+        except REDIS_ERRORS as error:
+            problems.append(f"redis: {error}")
+        if runtime.settings.database_url is not None:
             try:
                 await asyncio.to_thread(database_answers,
                                         runtime.settings.database_url.get_secret_value())
             except psycopg.Error as error:
                 problems.append(f"postgres: {type(error).__name__}")
+        return problems
+
+    # /readyz needs no key and opens a Postgres connection: callers arriving while a check
+    # runs share it, so a flood of them cannot take the database's connection slots (or the
+    # worker's threads) from the tenants.
+    dependency_check = SingleFlight[list[str]]()
+
+    async def readiness(request: Request, dependencies: bool) -> Response:
+        runtime = runtime_of(request)
+        problems = [] if runtime.store.loaded else ["tenant configs not loaded"]
+        if dependencies:
+            problems += await dependency_check.run(lambda: check_dependencies(runtime))
         if problems:
             return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
         return JSONResponse({"status": "ready", "tenants": len(runtime.store.tenants())})
