@@ -248,6 +248,15 @@ def test_the_documents_api_is_rate_limited(world: World) -> None:
         assert client.post("/v1/search", json={"query": "budgets"}).status_code == 200
 
 
+def test_usage_reads_are_rate_limited(runtime_server: RuntimeServer) -> None:
+    # GET /v1/usage aggregates up to 366 days of the tenant's rows, at any rate before.
+    key = runtime_server.add_tenant("hostusage", limits={"requests_per_minute": 2})["main"]
+    statuses = [httpx.get(f"{runtime_server.url}/v1/usage", headers={"x-api-key": key},
+                          timeout=30).status_code for _ in range(3)]
+    # This runtime records no usage (503); the third is refused before that is found.
+    assert statuses == [503, 503, 429]
+
+
 # --- the request's head -----------------------------------------------------------------------
 
 

@@ -249,6 +249,15 @@ def authenticate_headers(runtime: Runtime, headers: Headers) -> Caller:
     return caller
 
 
+async def admitted_caller(runtime: Runtime, request: Request) -> Caller:
+    """The authenticated caller of a route beside the hot ones, admitted by its
+    requests/min (these routes query the tenant's database, some embed)."""
+    request_id = request.state.request_id = new_request_id()
+    caller = authenticate(runtime, request)
+    await admit_rate_only(runtime, caller, request_id)
+    return caller
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     return await collect_body(request.headers, request.stream(), limit)
 
@@ -565,7 +574,7 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
     async def count_tokens(request: Request) -> Response:
         return await serve_with_fastapi(count_route, request)
 
-    app.include_router(usage_router(lambda request: authenticate(runtime_of(request), request),
+    app.include_router(usage_router(lambda request: admitted_caller(runtime_of(request), request),
                                     lambda request: runtime_of(request).settings))
 
     @app.get("/metrics")

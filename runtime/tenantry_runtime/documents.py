@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from .app import Runtime, admit_rate_only, authenticate, read_body
+from .app import Runtime, admitted_caller, read_body
 from .contracts.runtime_config import TenantRuntimeConfig
 from .errors import ApiError
 from .messages import parse_json_object
@@ -38,11 +38,9 @@ def rag_of(request: Request) -> Rag:
 async def caller_of(request: Request) -> Caller:
     """The authenticated, active caller, admitted by its requests/min: these routes embed
     (CPU, or a paid embeddings API) and query the tenant's database."""
-    request_id = request.state.request_id = f"req_{uuid.uuid4().hex[:24]}"
     runtime: Runtime = request.app.state.runtime
-    caller = authenticate(runtime, request)
+    caller = await admitted_caller(runtime, request)
     check_tenant_active(caller.record)
-    await admit_rate_only(runtime, caller, request_id)
     return caller
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
@@ -120,13 +120,13 @@ def usage_dsn(record: TenantRecord, settings: RuntimeSettings) -> str:
     return settings.database_url.get_secret_value()
 
 
-def usage_router(authenticate: Callable[[Request], Caller],
+def usage_router(authenticate: Callable[[Request], Awaitable[Caller]],
                  settings_of: Callable[[Request], RuntimeSettings]) -> APIRouter:
     router = APIRouter()
 
     @router.get("/v1/usage")
     async def usage(request: Request) -> Response:
-        caller = authenticate(request)
+        caller = await authenticate(request)
         window = usage_window(request.query_params.get("from"),
                               request.query_params.get("to"), datetime.now(UTC).date())
         dsn = usage_dsn(caller.record, settings_of(request))
