@@ -49,6 +49,7 @@ class HostileEndpoint:
 
     def __init__(self) -> None:
         self.answer: tuple[int, bytes] = (200, b"{}")
+        self.delay = 0.0  # seconds before answering
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -58,6 +59,7 @@ class HostileEndpoint:
             message = await receive()
             more = message.get("more_body", False)
         status, body = self.answer
+        await asyncio.sleep(self.delay)
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", b"%d" % len(body))]})
@@ -255,6 +257,28 @@ def test_usage_reads_are_rate_limited(runtime_server: RuntimeServer) -> None:
                           timeout=30).status_code for _ in range(3)]
     # This runtime records no usage (503); the third is refused before that is found.
     assert statuses == [503, 503, 429]
+
+
+async def test_count_tokens_stays_within_the_tenants_concurrent_requests(
+        runtime_server: RuntimeServer, hostile_endpoint: tuple[str, HostileEndpoint]) -> None:
+    # count_tokens took no slot of the tenant's concurrency cap: while the endpoint was slow,
+    # one tenant could hold every upstream connection (shared by all tenants) with it.
+    url, endpoint = hostile_endpoint
+    key = dedicated_tenant(runtime_server, "hostcount", url)
+    record = runtime_server.record("hostcount")
+    runtime_server.write(record.model_copy(update={"max_concurrent_requests": 2}))
+    endpoint.answer, endpoint.delay = (200, b'{"input_tokens": 5}'), 1.0
+    try:
+        async with httpx.AsyncClient(base_url=runtime_server.url, timeout=30,
+                                     headers={"x-api-key": key}) as client:
+            answers = await asyncio.gather(*(client.post(
+                "/v1/messages/count_tokens", json={
+                    "model": MODEL, "messages": [{"role": "user", "content": "count"}]})
+                for _ in range(5)))
+    finally:
+        endpoint.delay = 0.0
+    assert sorted(answer.status_code for answer in answers) == [200, 200, 429, 429, 429]
+    assert runtime_server.app.state.runtime.in_flight["hostcount"] == 0
 
 
 # --- the request's head -----------------------------------------------------------------------

@@ -262,10 +262,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     return await collect_body(request.headers, request.stream(), limit)
 
 
-async def admit(runtime: Runtime, caller: Caller, request_id: str, model: str, reserve: int,
-                stream: bool) -> Admitted:
-    """One Redis round trip; raises the client's error when refused."""
-    endpoint = endpoint_for(caller.record, runtime.settings)
+async def occupy(runtime: Runtime, caller: Caller) -> None:
+    """Take one of the tenant's concurrent slots on this replica and one of the worker's
+    (`runtime.release` gives both back); raises the client's error when there is none."""
     tenant = caller.config.tenant
     # A tenant's share of this replica: one tenant's burst cannot take every connection.
     cap = caller.record.max_concurrent_requests or runtime.settings.max_concurrent_per_tenant
@@ -282,6 +281,14 @@ async def admit(runtime: Runtime, caller: Caller, request_id: str, model: str, r
         if isinstance(error, ApiError):
             runtime.metrics.rejected(tenant, "overloaded", error.status)
         raise
+
+
+async def admit(runtime: Runtime, caller: Caller, request_id: str, model: str, reserve: int,
+                stream: bool) -> Admitted:
+    """One Redis round trip; raises the client's error when refused."""
+    endpoint = endpoint_for(caller.record, runtime.settings)
+    tenant = caller.config.tenant
+    await occupy(runtime, caller)
     now = datetime.now(UTC)
     keys = limit_keys(tenant, now)
     try:
@@ -453,9 +460,15 @@ async def serve_count_tokens(runtime: Runtime, _: Rag, request_id: str, headers:
     check_tenant_active(caller.record)
     check_model(caller.record, model)
     await admit_rate_only(runtime, caller, request_id)
-    upstream = await runtime.upstreams.send(
-        endpoint_for(caller.record, runtime.settings), "/v1/messages/count_tokens", body,
-        headers, read_body=True)
+    endpoint = endpoint_for(caller.record, runtime.settings)
+    # Within the tenant's concurrent requests, as messages: the upstream connections are
+    # every tenant's.
+    await occupy(runtime, caller)
+    try:
+        upstream = await runtime.upstreams.send(endpoint, "/v1/messages/count_tokens", body,
+                                                headers, read_body=True)
+    finally:
+        runtime.release(caller.config.tenant)
     return Reply(upstream.status, {"request-id": request_id}, upstream.content)
 
 
