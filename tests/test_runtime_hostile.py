@@ -128,6 +128,42 @@ def test_an_endpoints_nested_answer_releases_the_tenants_slot(
     assert len(usage_events(runtime_server.redis_url, "hostnestup")) == 1
 
 
+# --- what the runtime checks is what the endpoint reads ----------------------------------------
+
+
+@pytest.mark.parametrize("fields", [
+    '"model": "claude-elsewhere", "model": "{model}", "max_tokens": 16',
+    '"model": "claude-elsewhere", "mod\\u0065l": "{model}", "max_tokens": 16',
+    '"model": "{model}", "max_tokens": 100000000, "max_tokens": 16',
+    '"model": "{model}", "max_tokens": 16, "stream": true, "str\\u0065am": false',
+])
+def test_a_repeated_field_is_refused_not_read_two_ways(
+        runtime_server: RuntimeServer, fields: str) -> None:
+    # The runtime checks its parse (Python keeps the last of repeated keys) and forwards the
+    # bytes: an endpoint whose parser keeps the first would run a model, max_tokens or
+    # stream that was never checked (the last value is the one that passes the checks).
+    key = runtime_server.add_tenant("hostrepeat")["main"]
+    body = ("{" + fields.format(model=MODEL)
+            + ', "messages": [{"role": "user", "content": "which model?"}]}')
+    answer = httpx.post(f"{runtime_server.url}/v1/messages", content=body.encode(),
+                        headers={"x-api-key": key, "content-type": "application/json"},
+                        timeout=30)
+    assert answer.status_code == 400, (body, answer.text)
+    assert "more than once" in answer.json()["error"]["message"]
+
+
+def test_escapes_and_repeated_names_inside_messages_still_pass(
+        runtime_server: RuntimeServer) -> None:
+    key = runtime_server.add_tenant("hostescape")["main"]
+    content = [{"type": "text", "text": "caf\u00e9 \"model\" é"},
+               {"type": "text", "text": json.dumps({"model": 1, "max_tokens": 2})}]
+    answer = httpx.post(f"{runtime_server.url}/v1/messages", timeout=30,
+                        headers={"x-api-key": key}, json={
+                            "model": MODEL, "max_tokens": 16, "metadata": {"model": "x"},
+                            "messages": [{"role": "user", "content": content}]})
+    assert answer.status_code == 200, answer.text
+
+
 # --- usage figures an endpoint reports --------------------------------------------------------
 
 

@@ -40,9 +40,36 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     return parsed
 
 
+# The request fields the runtime decides on. It forwards the request's bytes, not its parse:
+# with a field repeated, Python keeps the last and a parser that keeps the first (or fails
+# differently) would run another model or max_tokens than the one checked.
+_DECIDED = ("model", "max_tokens", "stream")
+_DECIDED_KEYS = tuple(f'"{name}"'.encode() for name in _DECIDED)
+
+
+def check_fields_once(body: bytes) -> None:
+    """400 when the top-level object repeats a field the runtime decides on. Parsed again
+    (with the pairs kept) only when the bytes could hold a repeat: a name written twice, or
+    an escape that could spell one."""
+    if b"\\u" not in body and all(body.count(key) < 2 for key in _DECIDED_KEYS):
+        return
+    objects: list[list[tuple[str, Any]]] = []
+
+    def keep(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        objects.append(pairs)
+        return dict(pairs)
+
+    json.loads(body, object_pairs_hook=keep)  # parsed once before: cannot fail now
+    names = [name for name, _ in objects[-1]]  # the top-level object is completed last
+    for name in _DECIDED:
+        if names.count(name) > 1:
+            raise ApiError("invalid_request_error", f"{name}: given more than once.")
+
+
 def parse_messages_request(body: bytes) -> MessagesRequest:
     """The fields the runtime decides on; the upstream validates the rest."""
     parsed = parse_json_object(body)
+    check_fields_once(body)
     model, max_tokens = parsed.get("model"), parsed.get("max_tokens")
     stream = parsed.get("stream", False)
     if not isinstance(model, str) or not model:
@@ -72,6 +99,7 @@ def check_messages(messages: object) -> None:
 def parse_count_tokens_request(body: bytes) -> str:
     """The model of a count_tokens request, its messages checked like a message's."""
     parsed = parse_json_object(body)
+    check_fields_once(body)
     model = parsed.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError("invalid_request_error", "model: field required (a string).")
