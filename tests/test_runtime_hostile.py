@@ -14,23 +14,29 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import anthropic
 import httpx
 import pytest
+from pydantic import SecretStr
 from runtime_helpers import (
     MODEL,
     UPSTREAM_KEY,
     RuntimeServer,
     serve,
     usage_events,
+    wait_for,
     write_limits,
 )
+from tenantry_runtime.app import create_app
 from tenantry_runtime.contracts.runtime_config import Endpoint
 from tenantry_runtime.errors import ApiError
 from tenantry_runtime.limits import limit_keys
 from tenantry_runtime.metering import usage_rows
+from tenantry_runtime.settings import RuntimeSettings
+from tenantry_runtime.store import TenantStore
 from tenantry_runtime.usage import usage_window
 from test_runtime_rag import World
 from test_runtime_rag import world as rag_world
@@ -50,6 +56,9 @@ class HostileEndpoint:
     def __init__(self) -> None:
         self.answer: tuple[int, bytes] = (200, b"{}")
         self.delay = 0.0  # seconds before answering
+        # An SSE answer instead: these events, then silence for `hang` seconds.
+        self.events: list[bytes] | None = None
+        self.hang = 0.0
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -60,6 +69,14 @@ class HostileEndpoint:
             more = message.get("more_body", False)
         status, body = self.answer
         await asyncio.sleep(self.delay)
+        if self.events is not None:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream")]})
+            for event in self.events:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            await asyncio.sleep(self.hang)
+            await send({"type": "http.response.body", "body": b""})
+            return
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", b"%d" % len(body))]})
@@ -401,3 +418,57 @@ async def test_a_flood_of_readiness_checks_shares_one_database_check(world: Worl
     assert {answer.status_code for answer in answers} == {200}
     opened = settled(lambda: postgres_sessions(world)) - before
     assert opened <= 10, opened
+
+
+# --- a stream the client leaves ---------------------------------------------------------------
+
+
+def sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def test_a_stream_left_mid_answer_is_not_billed_as_one_token(
+        runtime_server: RuntimeServer, hostile_endpoint: tuple[str, HostileEndpoint],
+        tmp_path: Path) -> None:
+    # The client reads the answer, leaves, and the model goes on past
+    # abandoned_stream_seconds: the final usage (message_delta) is never read, and the
+    # settlement charged message_start's output (1 token) for all the client had read.
+    url, endpoint = hostile_endpoint
+    settings = RuntimeSettings(
+        tenants_dir=tmp_path, config_poll_seconds=0.1,
+        redis_url=SecretStr(runtime_server.redis_url), upstream_url=url,
+        upstream_api_key=SecretStr(UPSTREAM_KEY), abandoned_stream_seconds=0.5)
+    store = TenantStore()
+    app = create_app(settings, store)
+    delta = sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+        "type": "text_delta", "text": "word " * 200}})
+    endpoint.events = [sse("message_start", {"type": "message_start", "message": {
+        "id": "msg_x", "type": "message", "role": "assistant", "model": MODEL, "content": [],
+        "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": 10, "output_tokens": 1}}}),
+        sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                    "content_block": {"type": "text", "text": ""}}),
+        *[delta] * 20]
+    endpoint.hang = 5.0
+    try:
+        with serve(app) as runtime_url:
+            server = RuntimeServer(runtime_url, tmp_path, runtime_server.redis_url,
+                                   runtime_server.stub, store, app)
+            key = dedicated_tenant(server, "hostleave", url)
+            with httpx.stream("POST", f"{runtime_url}/v1/messages", headers={"x-api-key": key},
+                              timeout=30, json={
+                                  "model": MODEL, "max_tokens": 900, "stream": True,
+                                  "messages": [{"role": "user", "content": "go on"}]}) as answer:
+                read = 0
+                for chunk in answer.iter_bytes():
+                    read += len(chunk)
+                    if read > 15_000:
+                        break  # the client leaves with most of the text
+            wait_for(lambda: usage_events(runtime_server.redis_url, "hostleave"), 10,
+                     "the abandoned stream's settlement")
+    finally:
+        endpoint.events, endpoint.hang = None, 0.0
+    [event] = usage_events(runtime_server.redis_url, "hostleave")
+    assert event["status"] == 499
+    assert (event["input_tokens"], event["output_tokens"]) == (10, 900)
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import logging
 import time
@@ -129,6 +130,7 @@ class Admitted:
     at: datetime
     keys: LimitKeys
     settled: bool = False
+    max_tokens: int = 0  # what the request allowed the model to write
 
     async def settle(self, usage: Usage, status: int) -> None:
         """Charge `usage`, drop the hold, record the event; failures are logged, never raised."""
@@ -284,7 +286,7 @@ async def occupy(runtime: Runtime, caller: Caller) -> None:
 
 
 async def admit(runtime: Runtime, caller: Caller, request_id: str, model: str, reserve: int,
-                stream: bool) -> Admitted:
+                stream: bool, max_tokens: int = 0) -> Admitted:
     """One Redis round trip; raises the client's error when refused."""
     endpoint = endpoint_for(caller.record, runtime.settings)
     tenant = caller.config.tenant
@@ -310,7 +312,7 @@ async def admit(runtime: Runtime, caller: Caller, request_id: str, model: str, r
             runtime.metrics.rejected(tenant, verdict.name.lower(), refused.status)
             raise refused
     return Admitted(runtime, caller, request_id, model, endpoint, stream, time.perf_counter(),
-                    now, keys)
+                    now, keys, max_tokens=max_tokens)
 
 
 def admit_without_redis(runtime: Runtime, caller: Caller, limits_key: str, request_id: str,
@@ -406,15 +408,22 @@ async def relay_stream(admitted: Admitted, upstream: UpstreamResponse
 
 async def bill_abandoned_stream(admitted: Admitted, upstream: UpstreamResponse,
                                 seen: StreamUsage) -> None:
+    usage = None
     try:
         async with asyncio.timeout(admitted.runtime.settings.abandoned_stream_seconds):
             async for chunk in upstream.chunks():
                 seen.feed(chunk)
     except (*STREAM_ERRORS, TimeoutError):
         admitted.runtime.failures["abandoned_stream_unfinished"] += 1
+        if not seen.completed:
+            # Its final usage (message_delta) never came: the output is charged as the most
+            # the request allowed, or a client that leaves mid-answer (the rest running past
+            # the read's bound) would have had everything it read billed as one token.
+            usage = dataclasses.replace(seen.usage, output_tokens=max(
+                seen.usage.output_tokens, admitted.max_tokens))
     finally:
         upstream.close()
-        await admitted.settle(seen.usage, 499)
+        await admitted.settle(usage or seen.usage, 499)
 
 
 async def serve_messages(runtime: Runtime, rag: Rag, request_id: str, headers: Headers,
@@ -428,7 +437,8 @@ async def serve_messages(runtime: Runtime, rag: Rag, request_id: str, headers: H
         "tenantry-conversation-id" in headers) else None
     context_bytes = rag.context_allowance(caller, headers)
     reserve = reservation(estimate_input_tokens(len(body) + context_bytes), parsed.max_tokens)
-    admitted = await admit(runtime, caller, request_id, parsed.model, reserve, parsed.stream)
+    admitted = await admit(runtime, caller, request_id, parsed.model, reserve, parsed.stream,
+                           parsed.max_tokens)
     try:
         forward = await rag.augment(caller, headers, body) if context_bytes else body
         upstream = await runtime.upstreams.send(
