@@ -35,6 +35,7 @@ from tenantry_runtime.contracts.runtime_config import Endpoint
 from tenantry_runtime.errors import ApiError
 from tenantry_runtime.limits import limit_keys
 from tenantry_runtime.metering import usage_rows
+from tenantry_runtime.serving import CoalescingHttpToolsProtocol
 from tenantry_runtime.settings import RuntimeSettings
 from tenantry_runtime.store import TenantStore
 from tenantry_runtime.usage import usage_window
@@ -384,6 +385,69 @@ def test_heads_and_bodies_within_the_limits_still_pass(runtime_server: RuntimeSe
             answers += sock.recv(65536)
     assert answers.count(b"HTTP/1.1 200 ") == 2, answers[:300]
 
+
+
+class QuickHeads(CoalescingHttpToolsProtocol):
+    head_timeout_seconds = 0.5
+
+
+@pytest.fixture(scope="module")
+def quick_heads_url(runtime_server: RuntimeServer) -> Iterator[str]:
+    """The runtime's protocol with a half-second head timeout, on an app of its own."""
+    settings = RuntimeSettings(redis_url=SecretStr(runtime_server.redis_url))
+    with serve(create_app(settings, TenantStore()), http=QuickHeads) as url:
+        yield url
+
+
+def closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> bytes:
+    """What the server sends until it closes the connection, sending `trickle` every
+    0.1 s meanwhile; fails when it is still open after `seconds`."""
+    sock.settimeout(0.1)
+    received, deadline = b"", time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if trickle:
+                sock.sendall(trickle)
+            data = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:
+            return received  # reset: closed
+        if not data:
+            return received
+        received += data
+    raise AssertionError(f"still open after {seconds}s; received {received[:200]!r}")
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /healthz HTTP/1.1\r\nhost: x\r\n"])
+def test_a_connection_without_a_whole_head_is_closed(quick_heads_url: str, sent: bytes) -> None:
+    # uvicorn closes an idle connection only after an answer (keep-alive), and any byte
+    # resets that: a connection that sent nothing, or a head a byte at a time, stayed open
+    # for good (slowloris: a few thousand take every file descriptor of the worker).
+    host, port = quick_heads_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(sent)
+        answer = closed_within(sock, 5, trickle=b"x-slow: 1\r\n" if sent else b"")
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+
+
+def test_an_unread_body_after_a_401_must_end_in_time(quick_heads_url: str) -> None:
+    host, port = quick_heads_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: 100000000"
+                     b"\r\n\r\n{")
+        answer = closed_within(sock, 5, trickle=b" ")
+    assert answer.startswith(b"HTTP/1.1 401 "), answer
+
+
+def test_a_slow_but_timely_request_and_keep_alive_still_work(quick_heads_url: str) -> None:
+    host, port = quick_heads_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        for _ in range(2):  # the second on the same connection (kept alive)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+            time.sleep(0.3)  # the head's rest within the half second
+            sock.sendall(b"host: x\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
 
 
 # --- /readyz ----------------------------------------------------------------------------------
