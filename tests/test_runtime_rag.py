@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import tempfile
 import threading
 import time
 import uuid
@@ -100,8 +101,8 @@ def world(postgres: Postgres, redis_server: Redis, workdir: Path,
             ensure_bridge_tenant(admin, bridge, bridge_password)
             ensure_pool_tenant(admin, bridge, "bridge")
             ensure_collection(admin, bridge, "schema", 384, 16, 64)
-            tenants_dir = workdir / "rag-tenants"
-            tenants_dir.mkdir()
+            # A directory per use: test_runtime_hostile.py builds this world too.
+            tenants_dir = Path(tempfile.mkdtemp(prefix="rag-tenants-", dir=workdir))
             stub_url, stub = upstream_stub
             settings = RuntimeSettings(
                 tenants_dir=tenants_dir, config_poll_seconds=0.1,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import logging
 import time
@@ -11,7 +12,7 @@ from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import psycopg
 from fastapi import FastAPI, Request
@@ -71,6 +72,7 @@ from .usage import usage_router
 
 log = logging.getLogger(__name__)
 REDIS_ERRORS = (RedisUnavailable, ReplyError)
+T = TypeVar("T")
 
 
 @dataclass
@@ -128,6 +130,7 @@ class Admitted:
     at: datetime
     keys: LimitKeys
     settled: bool = False
+    max_tokens: int = 0  # what the request allowed the model to write
 
     async def settle(self, usage: Usage, status: int) -> None:
         """Charge `usage`, drop the hold, record the event; failures are logged, never raised."""
@@ -193,6 +196,19 @@ class Admitted:
         log.error("settlement of %s lost, Redis unavailable: %s", self.request_id, error)
 
 
+class SingleFlight(Generic[T]):
+    """One run of a coroutine at a time; callers arriving meanwhile await that run's result.
+    A caller that leaves does not cancel the run the others wait for."""
+
+    def __init__(self) -> None:
+        self._running: asyncio.Future[T] | None = None
+
+    async def run(self, work: Callable[[], Awaitable[T]]) -> T:
+        if self._running is None or self._running.done():
+            self._running = asyncio.ensure_future(work())
+        return await asyncio.shield(self._running)
+
+
 def database_answers(dsn: str) -> None:
     """Raises psycopg.Error unless the database accepts a connection and a query."""
     with psycopg.connect(dsn, connect_timeout=2, autocommit=True) as conn:
@@ -235,14 +251,22 @@ def authenticate_headers(runtime: Runtime, headers: Headers) -> Caller:
     return caller
 
 
+async def admitted_caller(runtime: Runtime, request: Request) -> Caller:
+    """The authenticated caller of a route beside the hot ones, admitted by its
+    requests/min (these routes query the tenant's database, some embed)."""
+    request_id = request.state.request_id = new_request_id()
+    caller = authenticate(runtime, request)
+    await admit_rate_only(runtime, caller, request_id)
+    return caller
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     return await collect_body(request.headers, request.stream(), limit)
 
 
-async def admit(runtime: Runtime, caller: Caller, request_id: str, model: str, reserve: int,
-                stream: bool) -> Admitted:
-    """One Redis round trip; raises the client's error when refused."""
-    endpoint = endpoint_for(caller.record, runtime.settings)
+async def occupy(runtime: Runtime, caller: Caller) -> None:
+    """Take one of the tenant's concurrent slots on this replica and one of the worker's
+    (`runtime.release` gives both back); raises the client's error when there is none."""
     tenant = caller.config.tenant
     # A tenant's share of this replica: one tenant's burst cannot take every connection.
     cap = caller.record.max_concurrent_requests or runtime.settings.max_concurrent_per_tenant
@@ -259,6 +283,14 @@ async def admit(runtime: Runtime, caller: Caller, request_id: str, model: str, r
         if isinstance(error, ApiError):
             runtime.metrics.rejected(tenant, "overloaded", error.status)
         raise
+
+
+async def admit(runtime: Runtime, caller: Caller, request_id: str, model: str, reserve: int,
+                stream: bool, max_tokens: int = 0) -> Admitted:
+    """One Redis round trip; raises the client's error when refused."""
+    endpoint = endpoint_for(caller.record, runtime.settings)
+    tenant = caller.config.tenant
+    await occupy(runtime, caller)
     now = datetime.now(UTC)
     keys = limit_keys(tenant, now)
     try:
@@ -280,7 +312,7 @@ async def admit(runtime: Runtime, caller: Caller, request_id: str, model: str, r
             runtime.metrics.rejected(tenant, verdict.name.lower(), refused.status)
             raise refused
     return Admitted(runtime, caller, request_id, model, endpoint, stream, time.perf_counter(),
-                    now, keys)
+                    now, keys, max_tokens=max_tokens)
 
 
 def admit_without_redis(runtime: Runtime, caller: Caller, limits_key: str, request_id: str,
@@ -312,8 +344,9 @@ def admit_without_redis(runtime: Runtime, caller: Caller, limits_key: str, reque
         raise refused
 
 
-async def admit_count_tokens(runtime: Runtime, caller: Caller, request_id: str) -> None:
-    """count_tokens is rate limited like messages: requests/min only, no budget, no hold."""
+async def admit_rate_only(runtime: Runtime, caller: Caller, request_id: str) -> None:
+    """count_tokens and the documents API (documents.py) are rate limited like messages:
+    requests/min only, no budget, no hold."""
     tenant = caller.config.tenant
     now = datetime.now(UTC)
     keys = limit_keys(tenant, now)
@@ -375,15 +408,22 @@ async def relay_stream(admitted: Admitted, upstream: UpstreamResponse
 
 async def bill_abandoned_stream(admitted: Admitted, upstream: UpstreamResponse,
                                 seen: StreamUsage) -> None:
+    usage = None
     try:
         async with asyncio.timeout(admitted.runtime.settings.abandoned_stream_seconds):
             async for chunk in upstream.chunks():
                 seen.feed(chunk)
     except (*STREAM_ERRORS, TimeoutError):
         admitted.runtime.failures["abandoned_stream_unfinished"] += 1
+        if not seen.completed:
+            # Its final usage (message_delta) never came: the output is charged as the most
+            # the request allowed, or a client that leaves mid-answer (the rest running past
+            # the read's bound) would have had everything it read billed as one token.
+            usage = dataclasses.replace(seen.usage, output_tokens=max(
+                seen.usage.output_tokens, admitted.max_tokens))
     finally:
         upstream.close()
-        await admitted.settle(seen.usage, 499)
+        await admitted.settle(usage or seen.usage, 499)
 
 
 async def serve_messages(runtime: Runtime, rag: Rag, request_id: str, headers: Headers,
@@ -397,7 +437,8 @@ async def serve_messages(runtime: Runtime, rag: Rag, request_id: str, headers: H
         "tenantry-conversation-id" in headers) else None
     context_bytes = rag.context_allowance(caller, headers)
     reserve = reservation(estimate_input_tokens(len(body) + context_bytes), parsed.max_tokens)
-    admitted = await admit(runtime, caller, request_id, parsed.model, reserve, parsed.stream)
+    admitted = await admit(runtime, caller, request_id, parsed.model, reserve, parsed.stream,
+                           parsed.max_tokens)
     try:
         forward = await rag.augment(caller, headers, body) if context_bytes else body
         upstream = await runtime.upstreams.send(
@@ -428,10 +469,16 @@ async def serve_count_tokens(runtime: Runtime, _: Rag, request_id: str, headers:
     model = parse_count_tokens_request(body)
     check_tenant_active(caller.record)
     check_model(caller.record, model)
-    await admit_count_tokens(runtime, caller, request_id)
-    upstream = await runtime.upstreams.send(
-        endpoint_for(caller.record, runtime.settings), "/v1/messages/count_tokens", body,
-        headers, read_body=True)
+    await admit_rate_only(runtime, caller, request_id)
+    endpoint = endpoint_for(caller.record, runtime.settings)
+    # Within the tenant's concurrent requests, as messages: the upstream connections are
+    # every tenant's.
+    await occupy(runtime, caller)
+    try:
+        upstream = await runtime.upstreams.send(endpoint, "/v1/messages/count_tokens", body,
+                                                headers, read_body=True)
+    finally:
+        runtime.release(caller.config.tenant)
     return Reply(upstream.status, {"request-id": request_id}, upstream.content)
 
 
@@ -550,7 +597,7 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
     async def count_tokens(request: Request) -> Response:
         return await serve_with_fastapi(count_route, request)
 
-    app.include_router(usage_router(lambda request: authenticate(runtime_of(request), request),
+    app.include_router(usage_router(lambda request: admitted_caller(runtime_of(request), request),
                                     lambda request: runtime_of(request).settings))
 
     @app.get("/metrics")
@@ -590,20 +637,30 @@ def create_app(settings: RuntimeSettings, store: TenantStore | None = None) -> F
     async def healthz() -> Response:
         return JSONResponse({"status": "ok"})
 
-    async def readiness(request: Request, dependencies: bool) -> Response:
-        runtime = runtime_of(request)
-        problems = [] if runtime.store.loaded else ["tenant configs not loaded"]
-        if dependencies:
-            try:
-                await runtime.redis.execute("PING")
-            except REDIS_ERRORS as error:
-                problems.append(f"redis: {error}")
-        if dependencies and runtime.settings.database_url is not None:
+    async def check_dependencies(runtime: Runtime) -> list[str]:
+        problems = []
+        try:
+            await runtime.redis.execute("PING")
+        except REDIS_ERRORS as error:
+            problems.append(f"redis: {error}")
+        if runtime.settings.database_url is not None:
             try:
                 await asyncio.to_thread(database_answers,
                                         runtime.settings.database_url.get_secret_value())
             except psycopg.Error as error:
                 problems.append(f"postgres: {type(error).__name__}")
+        return problems
+
+    # /readyz needs no key and opens a Postgres connection: callers arriving while a check
+    # runs share it, so a flood of them cannot take the database's connection slots (or the
+    # worker's threads) from the tenants.
+    dependency_check = SingleFlight[list[str]]()
+
+    async def readiness(request: Request, dependencies: bool) -> Response:
+        runtime = runtime_of(request)
+        problems = [] if runtime.store.loaded else ["tenant configs not loaded"]
+        if dependencies:
+            problems += await dependency_check.run(lambda: check_dependencies(runtime))
         if problems:
             return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
         return JSONResponse({"status": "ready", "tenants": len(runtime.store.tenants())})

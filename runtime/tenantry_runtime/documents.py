@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from .app import Runtime, authenticate, read_body
+from .app import Runtime, admitted_caller, read_body
 from .contracts.runtime_config import TenantRuntimeConfig
 from .errors import ApiError
 from .messages import parse_json_object
@@ -35,10 +35,11 @@ def rag_of(request: Request) -> Rag:
     return rag
 
 
-def caller_of(request: Request) -> Caller:
-    request.state.request_id = f"req_{uuid.uuid4().hex[:24]}"
+async def caller_of(request: Request) -> Caller:
+    """The authenticated, active caller, admitted by its requests/min: these routes embed
+    (CPU, or a paid embeddings API) and query the tenant's database."""
     runtime: Runtime = request.app.state.runtime
-    caller = authenticate(runtime, request)
+    caller = await admitted_caller(runtime, request)
     check_tenant_active(caller.record)
     return caller
 
@@ -63,7 +64,7 @@ def _top_k(body: dict[str, Any], config: TenantRuntimeConfig, largest: int) -> i
 @router.post("/v1/documents")
 async def create_document(request: Request) -> Response:
     """Body `{"text", "title"?, "metadata"?}`: stored, chunked, embedded."""
-    caller = caller_of(request)
+    caller = await caller_of(request)
     rag = rag_of(request)
     settings = rag.settings
     body = parse_json_object(await read_body(request, settings.max_body_bytes))
@@ -101,7 +102,7 @@ async def create_document(request: Request) -> Response:
 async def get_documents(request: Request, limit: int = 20, after_id: str | None = None
                         ) -> Response:
     """The tenant's documents, oldest first: `limit` (1..100) after `after_id`."""
-    caller = caller_of(request)
+    caller = await caller_of(request)
     rag = rag_of(request)
     if not 1 <= limit <= 100:
         raise ApiError("invalid_request_error", "limit: an integer within 1..100.")
@@ -125,7 +126,7 @@ async def get_documents(request: Request, limit: int = 20, after_id: str | None 
 @router.delete("/v1/documents/{document_id}")
 async def remove_document(document_id: str, request: Request) -> Response:
     """The document and its chunks; 404 for an id the tenant does not have."""
-    caller = caller_of(request)
+    caller = await caller_of(request)
     rag = rag_of(request)
     wanted = parse_uuid(document_id, "document")
     deleted = await rag.databases.write(
@@ -141,7 +142,7 @@ async def remove_document(document_id: str, request: Request) -> Response:
 @router.post("/v1/search")
 async def search(request: Request) -> Response:
     """Body `{"query", "top_k"?}`: the nearest chunks of the tenant's own documents."""
-    caller = caller_of(request)
+    caller = await caller_of(request)
     rag = rag_of(request)
     body = parse_json_object(await read_body(request, rag.settings.max_body_bytes))
     query = _string(body, "query", required=True, limit=100_000)
@@ -153,7 +154,7 @@ async def search(request: Request) -> Response:
 @router.get("/v1/conversations/{conversation_id}")
 async def get_conversation(conversation_id: str, request: Request) -> Response:
     """The stored turns; with `tenantry-end-user` only that end user's."""
-    caller = caller_of(request)
+    caller = await caller_of(request)
     rag = rag_of(request)
     wanted = parse_uuid(conversation_id, "conversation")
     end_user = request.headers.get(END_USER_HEADER)

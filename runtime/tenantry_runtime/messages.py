@@ -12,6 +12,10 @@ from .limits import Usage
 
 _USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens",
                  "cache_read_input_tokens")
+# The most tokens one count of one answer may report (far above any context window). An
+# endpoint reporting more is capped here: settle.lua's INCRBY and the usage table's bigint
+# and numeric columns refuse what is far larger, and the settlement would be lost.
+MAX_REPORTED_TOKENS = 10**9
 
 
 @dataclass(frozen=True)
@@ -27,14 +31,45 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as error:
         raise ApiError("invalid_request_error",
                        f"Request body is not valid JSON: {error}") from None
+    except RecursionError:
+        # A few KB of brackets exhaust the parser's stack: the caller's error, not a 500.
+        raise ApiError("invalid_request_error",
+                       "Request body is nested too deeply.") from None
     if not isinstance(parsed, dict):
         raise ApiError("invalid_request_error", "Request body must be a JSON object.")
     return parsed
 
 
+# The request fields the runtime decides on. It forwards the request's bytes, not its parse:
+# with a field repeated, Python keeps the last and a parser that keeps the first (or fails
+# differently) would run another model or max_tokens than the one checked.
+_DECIDED = ("model", "max_tokens", "stream")
+_DECIDED_KEYS = tuple(f'"{name}"'.encode() for name in _DECIDED)
+
+
+def check_fields_once(body: bytes) -> None:
+    """400 when the top-level object repeats a field the runtime decides on. Parsed again
+    (with the pairs kept) only when the bytes could hold a repeat: a name written twice, or
+    an escape that could spell one."""
+    if b"\\u" not in body and all(body.count(key) < 2 for key in _DECIDED_KEYS):
+        return
+    objects: list[list[tuple[str, Any]]] = []
+
+    def keep(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        objects.append(pairs)
+        return dict(pairs)
+
+    json.loads(body, object_pairs_hook=keep)  # parsed once before: cannot fail now
+    names = [name for name, _ in objects[-1]]  # the top-level object is completed last
+    for name in _DECIDED:
+        if names.count(name) > 1:
+            raise ApiError("invalid_request_error", f"{name}: given more than once.")
+
+
 def parse_messages_request(body: bytes) -> MessagesRequest:
     """The fields the runtime decides on; the upstream validates the rest."""
     parsed = parse_json_object(body)
+    check_fields_once(body)
     model, max_tokens = parsed.get("model"), parsed.get("max_tokens")
     stream = parsed.get("stream", False)
     if not isinstance(model, str) or not model:
@@ -64,6 +99,7 @@ def check_messages(messages: object) -> None:
 def parse_count_tokens_request(body: bytes) -> str:
     """The model of a count_tokens request, its messages checked like a message's."""
     parsed = parse_json_object(body)
+    check_fields_once(body)
     model = parsed.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError("invalid_request_error", "model: field required (a string).")
@@ -79,8 +115,10 @@ def usage_of(raw: object, base: Usage | None = None) -> Usage:
     values = {name: getattr(start, name) for name in _USAGE_FIELDS}
     for name in _USAGE_FIELDS:
         value = raw.get(name)
-        if isinstance(value, int) and not isinstance(value, bool):
-            values[name] = value
+        # A negative count is no count: it would cancel the others' charge (a budget
+        # bypass) and make an event the usage table refuses (CHECK >= 0).
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            values[name] = min(value, MAX_REPORTED_TOKENS)
     return Usage(**values)
 
 
@@ -91,10 +129,14 @@ def loads_utf8(data: bytes) -> Any:
     """JSON from UTF-8 bytes (what model endpoints send). `json.loads` of bytes first guesses
     their encoding in Python, a third of its time on an SSE event's data (bench/README.md,
     third round). A UTF-8 byte order mark is skipped, as `json.loads` does. Raises ValueError
-    (UnicodeDecodeError is one) as `json.loads` does."""
+    (UnicodeDecodeError is one) as `json.loads` does, also for JSON nested too deeply to
+    parse (RecursionError), so an endpoint's odd answer cannot skip its settlement."""
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
-    return _DECODER.decode(data.decode())
+    try:
+        return _DECODER.decode(data.decode())
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def sse_data_line(event: bytes) -> bytes | None:

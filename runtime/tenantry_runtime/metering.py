@@ -19,6 +19,7 @@ row is the gate of every tenant. A silo tenant without a DSN keeps its events in
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections import Counter
@@ -38,6 +39,7 @@ from .contracts.database import tenant_transaction, validate_identifier
 from .contracts.redis_keys import TenantKeys
 from .contracts.runtime_config import TenantRuntimeConfig
 from .contracts.tenant_locks import TenantMoved, write_transaction
+from .limits import Usage
 from .store import TenantRecord, TenantStore
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,12 @@ _COLUMNS = ("tenant_id", "request_id", "created_at", "model", "input_tokens", "o
 
 def usage_stream(tenant: str) -> str:
     return TenantKeys(tenant).prefix + "usage"
+
+
+# The event's token counts, in the table's column order.
+TOKEN_FIELDS = tuple(f.name for f in dataclasses.fields(Usage))
+# What ai_usage_logs.cost (numeric(20, 10)) holds.
+MAX_COST = Decimal(10) ** 10
 
 
 def _optional(event: dict[str, Any], name: str, kind: Any) -> Any:
@@ -72,12 +80,15 @@ def usage_rows(tenant: str, entries: Sequence[Entry]) -> tuple[list[UsageRow], l
                 raise ValueError("event does not belong to this stream")
             # Exact: the cost travels as a decimal string and becomes numeric, never a float.
             cost = _optional(event, "cost", Decimal)
-            if cost is not None and (not cost.is_finite() or cost < 0):
+            if cost is not None and (not cost.is_finite() or not 0 <= cost < MAX_COST):
                 raise ValueError(f"cost {cost}")
+            tokens = [int(event[name]) for name in TOKEN_FIELDS]
+            if not all(0 <= count < 2**63 for count in tokens):
+                # Postgres would refuse the batch (CHECK >= 0, bigint) on every retry, and
+                # hold the tenant's later events behind it.
+                raise ValueError(f"token counts {tokens}")
             rows.append((tenant, str(event["request_id"]), datetime.fromisoformat(event["at"]),
-                         str(event["model"]), int(event["input_tokens"]),
-                         int(event["output_tokens"]), int(event["cache_creation_input_tokens"]),
-                         int(event["cache_read_input_tokens"]), cost,
+                         str(event["model"]), *tokens, cost,
                          _optional(event, "currency", str), _optional(event, "price_version", str),
                          _optional(event, "latency_ms", float), _optional(event, "status", int),
                          _optional(event, "endpoint", str), _optional(event, "key", str),

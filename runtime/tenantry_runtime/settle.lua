@@ -34,12 +34,16 @@ if charged > 0 then
   redis.call('INCRBY', KEYS[5], charged)
   redis.call('EXPIRE', KEYS[5], ARGV[4])
 end
-if reserved > charged then
+if reserved >= 0 and reserved ~= charged then
   local tpm = tonumber(redis.call('HGET', KEYS[1], 'tokens_per_minute') or '0')
   local tat = tonumber(redis.call('GET', KEYS[3]) or '0')
-  if tpm > 0 and tat > 0 then
+  if tpm > 0 then
     local t = redis.call('TIME')
     local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    if tat < now then tat = now end
+    -- Unused tokens are given back; tokens beyond the reservation (a small body naming a
+    -- PDF or image by URL, a server tool's results) are charged, or tokens/min would
+    -- only ever see the reservation.
     local back = tat - (reserved - charged) * 60000 / tpm
     if back > now then
       redis.call('SET', KEYS[3], back, 'PX', math.ceil(back - now) + 1)

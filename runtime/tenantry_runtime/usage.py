@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
@@ -61,6 +61,9 @@ def usage_window(start: str | None, end: str | None, today: date) -> UsageWindow
     first, last = _day("from", start), _day("to", end)
     # Defaults: to = today (UTC), from = the 30 days ending at `to`.
     last = last or today
+    if last == date.max or (first is None and last.toordinal() < DEFAULT_DAYS):
+        # The default `from` or the bound after `to` would leave the calendar (a 500).
+        raise ApiError("invalid_request_error", f"to ({last}) is outside the usable dates.")
     first = first or last - timedelta(days=DEFAULT_DAYS - 1)
     if first > last:
         raise ApiError("invalid_request_error", f"from ({first}) is after to ({last}).")
@@ -117,13 +120,13 @@ def usage_dsn(record: TenantRecord, settings: RuntimeSettings) -> str:
     return settings.database_url.get_secret_value()
 
 
-def usage_router(authenticate: Callable[[Request], Caller],
+def usage_router(authenticate: Callable[[Request], Awaitable[Caller]],
                  settings_of: Callable[[Request], RuntimeSettings]) -> APIRouter:
     router = APIRouter()
 
     @router.get("/v1/usage")
     async def usage(request: Request) -> Response:
-        caller = authenticate(request)
+        caller = await authenticate(request)
         window = usage_window(request.query_params.get("from"),
                               request.query_params.get("to"), datetime.now(UTC).date())
         dsn = usage_dsn(caller.record, settings_of(request))
