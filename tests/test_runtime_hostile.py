@@ -34,6 +34,7 @@ from tenantry_runtime.app import create_app
 from tenantry_runtime.contracts.runtime_config import Endpoint
 from tenantry_runtime.errors import ApiError
 from tenantry_runtime.limits import limit_keys
+from tenantry_runtime.messages import check_fields_once
 from tenantry_runtime.metering import usage_rows
 from tenantry_runtime.serving import CoalescingHttpToolsProtocol
 from tenantry_runtime.settings import RuntimeSettings
@@ -180,6 +181,25 @@ def test_escapes_and_repeated_names_inside_messages_still_pass(
                             "model": MODEL, "max_tokens": 16, "metadata": {"model": "x"},
                             "messages": [{"role": "user", "content": content}]})
     assert answer.status_code == 200, answer.text
+
+
+@pytest.mark.parametrize(("body", "refused"), [
+    (rb'{"model": "a", "model": "b"}', "model"),
+    (b'{"\\u006d\\u006f\\u0064\\u0065\\u006c" \n\t : "a", "model": "b"}', "model"),
+    (rb'{"max_tokens": 1, "max_tok\u0065ns"  :  2}', "max_tokens"),
+    (rb'{"model": "a", "messages": [{"content": "caf\u00e9 \"model\": x"}], "m": {"model": 1}}',
+     None),
+    (rb'{"model": "a", "x\u00e9": 1, "y": "\u00e9\u00e9"}', None),
+])
+def test_fields_given_twice_are_found_however_they_are_spelled(body: bytes,
+                                                               refused: str | None) -> None:
+    """The screen in front of the exact check (one scan for names written twice, one for keys
+    with escapes) never lets a repeat through; a repeat only nested or in text passes."""
+    if refused is None:
+        check_fields_once(body)
+        return
+    with pytest.raises(ApiError, match=refused):
+        check_fields_once(body)
 
 
 # --- usage figures an endpoint reports --------------------------------------------------------

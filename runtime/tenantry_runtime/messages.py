@@ -4,6 +4,7 @@ responses and SSE streams."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,14 +45,19 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
 # with a field repeated, Python keeps the last and a parser that keeps the first (or fails
 # differently) would run another model or max_tokens than the one checked.
 _DECIDED = ("model", "max_tokens", "stream")
-_DECIDED_KEYS = tuple(f'"{name}"'.encode() for name in _DECIDED)
+_DECIDED_KEYS = re.compile(rb'"(?:model|max_tokens|stream)"')
+# A key whose last \u escape is followed by at most 16 plain characters: every key that
+# spells a decided name with escapes ("mod\u0065l") is one. Escapes in values (non-ASCII
+# text) are not followed by `":`, and the bounded run keeps the search linear.
+_ESCAPED_KEY = re.compile(rb'\\u[0-9a-fA-F]{4}[^"\\:]{0,16}"\s*:')
 
 
 def check_fields_once(body: bytes) -> None:
     """400 when the top-level object repeats a field the runtime decides on. Parsed again
     (with the pairs kept) only when the bytes could hold a repeat: a name written twice, or
-    an escape that could spell one."""
-    if b"\\u" not in body and all(body.count(key) < 2 for key in _DECIDED_KEYS):
+    a key with an escape that could spell one (one C scan each otherwise: ~2 us per 2 KB)."""
+    names = _DECIDED_KEYS.findall(body)
+    if len(names) == len(set(names)) and _ESCAPED_KEY.search(body) is None:
         return
     objects: list[list[tuple[str, Any]]] = []
 
@@ -60,9 +66,9 @@ def check_fields_once(body: bytes) -> None:
         return dict(pairs)
 
     json.loads(body, object_pairs_hook=keep)  # parsed once before: cannot fail now
-    names = [name for name, _ in objects[-1]]  # the top-level object is completed last
+    top_level = [name for name, _ in objects[-1]]  # the top-level object is completed last
     for name in _DECIDED:
-        if names.count(name) > 1:
+        if top_level.count(name) > 1:
             raise ApiError("invalid_request_error", f"{name}: given more than once.")
 
 
