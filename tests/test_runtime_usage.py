@@ -231,6 +231,35 @@ def test_silo_usage_lands_in_its_own_database_while_the_shared_gate_is_free(
         assert rows_in(shared.admin_dsn, "tenantry", silo) == []
 
 
+def test_a_silo_holding_its_usage_table_does_not_stop_other_tenants_metering(
+        shared: Shared, redis_server: Any, upstream_stub: tuple[str, object],
+        tmp_path: Path) -> None:
+    """A silo tenant's admin (its database is its own) locks its usage table: the writer's
+    insert there gives up after its lock and statement timeouts instead of waiting for good,
+    so the writer, which serves every tenant, goes on to the others."""
+    silo = unique("usglocked")
+    with silo_database(shared, silo) as (silo_dsn, location):
+        with running_app(tmp_path, redis_server.url, upstream_stub[0], shared.app_dsn) as app:
+            app.server.add_tenant(silo, **location)
+            with_dsn(app, silo, silo_dsn)
+            pool = unique("usgbehind")
+            shared.pool_tenant(pool)
+            app.server.add_tenant(pool)
+            with psycopg.connect(silo_dsn) as locker:
+                locker.execute("LOCK TABLE tenantry.ai_usage_logs IN ACCESS EXCLUSIVE MODE")
+                request_id = app.call(silo, "its table is locked")
+                writer = runtime_of(app).writer
+                wait_for(lambda: writer.failures["usage_gate_busy"] >= 1, 15,
+                         "the silo's insert giving up on its lock")
+                beside = app.call(pool, "not stuck behind the silo's lock")
+                wait_for(lambda: rows_in(shared.admin_dsn, "tenantry", pool), 15,
+                         "the other tenant's row while the silo's table is locked")
+                locker.rollback()
+            wait_for(lambda: rows_in(silo_dsn, "tenantry", silo), 15, "the silo row")
+        assert [r["request_id"] for r in rows_in(silo_dsn, "tenantry", silo)] == [request_id]
+        assert [r["request_id"] for r in rows_in(shared.admin_dsn, "tenantry", pool)] == [beside]
+
+
 def test_a_bridge_tenants_usage_needs_no_login_of_its_own(
         shared: Shared, redis_server: Any, upstream_stub: tuple[str, object],
         tmp_path: Path) -> None:

@@ -144,6 +144,9 @@ class UsageWriter:
     # How long a batch waits for a gate held by an isolation change before it is retried in
     # the next round: the writer serves every tenant, one tenant's move must not stall all.
     gate_wait_seconds: float = 2.0
+    # The same bound in a silo's own database, whose admin is the tenant's (it may lock its
+    # usage table or run it slow): the insert gives up there too, and the batch is retried.
+    silo_statement_seconds: float = 10.0
     failures: Counter[str] = field(default_factory=Counter)
     _groups: set[str] = field(default_factory=set)
     _waiting: set[str] = field(default_factory=set)
@@ -273,14 +276,18 @@ class UsageWriter:
         return False
 
     def _write(self, record: TenantRecord, rows: Sequence[UsageRow]) -> None:
+        lock_wait = sql.SQL("SET lock_timeout = {}").format(
+            sql.Literal(f"{int(self.gate_wait_seconds * 1000)}ms"))
         with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(sql.SQL("SET lock_timeout = {}").format(
-                sql.Literal(f"{int(self.gate_wait_seconds * 1000)}ms")))
+            conn.execute(lock_wait)
             if not _in_own_database(record) or record.database_dsn is None:
                 insert_usage(conn, record.config, rows)
                 return
             with psycopg.connect(record.database_dsn.get_secret_value(), autocommit=True,
                                  connect_timeout=5) as data_conn:
+                data_conn.execute(lock_wait)
+                data_conn.execute(sql.SQL("SET statement_timeout = {}").format(
+                    sql.Literal(f"{int(self.silo_statement_seconds * 1000)}ms")))
                 insert_usage(conn, record.config, rows, data_conn)
 
     async def _guarded(self, tenant: str, work: Awaitable[object]) -> bool:
@@ -290,7 +297,8 @@ class UsageWriter:
             return True
         except psycopg.errors.LockNotAvailable:
             self.failures["usage_gate_busy"] += 1
-            log.info("usage of %s waits: its write gate is held (isolation change)", tenant)
+            log.info("usage of %s waits: its write gate (an isolation change) or its silo's"
+                     " usage table is held", tenant)
         except TenantMoved as moved:
             # The store reloads the config; the batch stays pending until then.
             self.failures["usage_tenant_moved"] += 1
