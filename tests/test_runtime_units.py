@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tenantry_runtime.messages import (
 )
 from tenantry_runtime.policy import api_key_of, check_request, endpoint_for
 from tenantry_runtime.settings import RuntimeSettings
+from tenantry_runtime.spool import SettlementSpool
 from tenantry_runtime.store import DirectorySource, Outcome, TenantRecord, TenantStore
 from tenantry_runtime.upstream import backoff_delay, forwarded_headers, upstream_error
 from tenantry_runtime.upstream_stub import StubState, answer, stream_events
@@ -300,3 +302,15 @@ def test_a_worker_adopts_the_spool_files_of_workers_that_are_gone(tmp_path: Path
     assert spool.pending() == 1
     assert (tmp_path / "settlements-1.jsonl").exists()
     assert not (tmp_path / "settlements-999999999.jsonl").exists()
+
+
+def test_a_spool_file_replayed_whole_while_it_is_counted_counts_nothing(tmp_path: Path) -> None:
+    """The replay unlinks a file it finished: between `pending`'s listing and its read
+    (seen in CI as a FileNotFoundError from the replay test's wait)."""
+    spool = SettlementSpool(tmp_path)
+    spool.path.write_bytes(b'{"keys": [], "args": []}\n')
+    (tmp_path / f"settlements-{os.getpid()}.adopted-1.jsonl").write_bytes(b"{}\n{}\n")
+    listed = spool._files()
+    spool.path.unlink()  # replayed whole right after the listing
+    spool._files = lambda: listed  # type: ignore[method-assign]
+    assert spool.pending() == 2

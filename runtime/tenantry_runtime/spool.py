@@ -11,6 +11,7 @@ nothing: settle.lua keeps a marker per request id (`SETTLED_MARKER_TTL_SECONDS`)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -100,7 +101,13 @@ class SettlementSpool:
         return replayed
 
     def pending(self) -> int:
-        return sum(len(p.read_bytes().splitlines()) for p in self._files())
+        """Settlements waiting in the spool files (a file replayed whole meanwhile: 0)."""
+        count = 0
+        for path in self._files():
+            # The replay unlinks a file it finished between the listing and the read.
+            with contextlib.suppress(FileNotFoundError):
+                count += len(path.read_bytes().splitlines())
+        return count
 
     async def keep_replaying(self, limiter: Limiter, interval: float) -> None:
         while True:
