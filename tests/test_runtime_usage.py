@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -199,9 +199,32 @@ async def test_pool_and_bridge_usage_lands_where_the_tenant_lives_exactly_once(
             check_row(row, events[tenant][row["request_id"]])
 
 
-def test_silo_usage_lands_in_its_own_database_while_the_shared_gate_is_free(
+@contextmanager
+def gate_held(shared: Shared, silo: str, _: str) -> Iterator[None]:
+    """An isolation change of the silo tenant: its gate row, in the SHARED database."""
+    with psycopg.connect(shared.admin_dsn) as holder:
+        hold_writes(holder, silo)
+        yield
+        holder.rollback()
+
+
+@contextmanager
+def usage_table_locked(_: Shared, __: str, silo_dsn: str) -> Iterator[None]:
+    """The silo's admin (the tenant's) locking its usage table, in its own database."""
+    with psycopg.connect(silo_dsn) as locker:
+        locker.execute("LOCK TABLE tenantry.ai_usage_logs IN SHARE MODE")  # no INSERT
+        yield
+        locker.rollback()
+
+
+@pytest.mark.parametrize("hold", [gate_held, usage_table_locked])
+def test_silo_usage_lands_in_its_own_database_and_a_held_silo_stalls_no_one(
         shared: Shared, redis_server: Any, upstream_stub: tuple[str, object],
-        tmp_path: Path) -> None:
+        tmp_path: Path, hold: Callable[[Shared, str, str], AbstractContextManager[None]]
+        ) -> None:
+    """While the silo's writes are held, the writer gives up on them after
+    `gate_wait_seconds` (and, in the silo's database, its statement timeout) instead of
+    waiting for good: the writer serves every tenant, so the others are still metered."""
     silo = unique("usgsilo")
     with silo_database(shared, silo) as (silo_dsn, location):
         with running_app(tmp_path, redis_server.url, upstream_stub[0], shared.app_dsn) as app:
@@ -210,18 +233,15 @@ def test_silo_usage_lands_in_its_own_database_while_the_shared_gate_is_free(
             pool = unique("usgbeside")
             shared.pool_tenant(pool)
             app.server.add_tenant(pool)
-            # An isolation change holds the silo's gate: its writes wait for it, and after
-            # gate_wait_seconds the writer moves on, so other tenants are still metered.
-            with psycopg.connect(shared.admin_dsn) as holder:
-                hold_writes(holder, silo)
-                request_id = app.call(silo, "held at the gate")
+            with hold(shared, silo, silo_dsn):
+                request_id = app.call(silo, "held")
                 writer = runtime_of(app).writer
-                wait_for(lambda: writer.failures["usage_gate_busy"] >= 1, 10, "a busy gate")
+                wait_for(lambda: writer.failures["usage_gate_busy"] >= 1, 15,
+                         "the silo's write giving up")
                 beside = app.call(pool, "not stuck behind the silo")
-                wait_for(lambda: rows_in(shared.admin_dsn, "tenantry", pool), 10,
-                         "the other tenant's row while the gate is held")
+                wait_for(lambda: rows_in(shared.admin_dsn, "tenantry", pool), 15,
+                         "the other tenant's row while the silo is held")
                 assert rows_in(silo_dsn, "tenantry", silo) == []
-                holder.rollback()
             assert [r["request_id"] for r in rows_in(shared.admin_dsn, "tenantry", pool)] == [
                 beside]
             wait_for(lambda: rows_in(silo_dsn, "tenantry", silo), 15, "the silo row")
@@ -229,35 +249,6 @@ def test_silo_usage_lands_in_its_own_database_while_the_shared_gate_is_free(
             assert day["requests"] == 1 and Decimal(day["cost"]) > 0
         assert [r["request_id"] for r in rows_in(silo_dsn, "tenantry", silo)] == [request_id]
         assert rows_in(shared.admin_dsn, "tenantry", silo) == []
-
-
-def test_a_silo_holding_its_usage_table_does_not_stop_other_tenants_metering(
-        shared: Shared, redis_server: Any, upstream_stub: tuple[str, object],
-        tmp_path: Path) -> None:
-    """A silo tenant's admin (its database is its own) locks its usage table: the writer's
-    insert there gives up after its lock and statement timeouts instead of waiting for good,
-    so the writer, which serves every tenant, goes on to the others."""
-    silo = unique("usglocked")
-    with silo_database(shared, silo) as (silo_dsn, location):
-        with running_app(tmp_path, redis_server.url, upstream_stub[0], shared.app_dsn) as app:
-            app.server.add_tenant(silo, **location)
-            with_dsn(app, silo, silo_dsn)
-            pool = unique("usgbehind")
-            shared.pool_tenant(pool)
-            app.server.add_tenant(pool)
-            with psycopg.connect(silo_dsn) as locker:
-                locker.execute("LOCK TABLE tenantry.ai_usage_logs IN ACCESS EXCLUSIVE MODE")
-                request_id = app.call(silo, "its table is locked")
-                writer = runtime_of(app).writer
-                wait_for(lambda: writer.failures["usage_gate_busy"] >= 1, 15,
-                         "the silo's insert giving up on its lock")
-                beside = app.call(pool, "not stuck behind the silo's lock")
-                wait_for(lambda: rows_in(shared.admin_dsn, "tenantry", pool), 15,
-                         "the other tenant's row while the silo's table is locked")
-                locker.rollback()
-            wait_for(lambda: rows_in(silo_dsn, "tenantry", silo), 15, "the silo row")
-        assert [r["request_id"] for r in rows_in(silo_dsn, "tenantry", silo)] == [request_id]
-        assert [r["request_id"] for r in rows_in(shared.admin_dsn, "tenantry", pool)] == [beside]
 
 
 def test_a_bridge_tenants_usage_needs_no_login_of_its_own(
