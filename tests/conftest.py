@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from tenantry_devenv.controlplane import ControlPlane, start_control_plane
 from tenantry_devenv.services import Postgres, Redis, start_postgres, start_redis
+from tenantry_runtime.resp import PipelinedRedis
 
 
 @pytest.fixture(scope="session")
@@ -54,6 +55,14 @@ def redis_server(workdir: Path) -> Iterator[Redis]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def pipelined_redis(redis_server: Redis) -> AsyncIterator[PipelinedRedis]:
+    """The runtime's Redis client (replies within 5 s) on the session's redis-server."""
+    client = PipelinedRedis(redis_server.url, timeout=5)
+    yield client
+    await client.aclose()
 
 
 def pytest_report_header() -> str:

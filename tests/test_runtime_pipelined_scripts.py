@@ -16,8 +16,8 @@ FAILS = Script("return redis.error_reply('ERR over the limit')")
 
 
 async def test_scripts_run_in_order_and_each_keeps_its_own_reply(
-        redis_server: RedisServer) -> None:
-    client = PipelinedRedis(redis_server.url, timeout=5)
+        redis_server: RedisServer, pipelined_redis: PipelinedRedis) -> None:
+    client = pipelined_redis
     sync = redis.Redis.from_url(redis_server.url)
     try:
         sync.delete("{pipe}:spent")
@@ -32,5 +32,4 @@ async def test_scripts_run_in_order_and_each_keeps_its_own_reply(
         assert isinstance(replies[1], ReplyError) and "over the limit" in str(replies[1])
         assert await client.execute("PING") == b"PONG"
     finally:
-        await client.aclose()
         sync.close()

@@ -66,44 +66,35 @@ def test_address_from_url() -> None:
 
 
 async def test_many_concurrent_commands_each_get_their_own_reply(
-        redis_server: RedisServer) -> None:
-    client = PipelinedRedis(redis_server.url, timeout=5)
-    try:
-        replies = await asyncio.gather(*(client.execute("ECHO", f"n{i}") for i in range(2000)))
-        assert replies == [f"n{i}".encode() for i in range(2000)]
-        assert await client.execute("DEL", "resp:missing") == 0
-        assert await client.execute("GET", "resp:missing") is None
-        assert await client.execute("PING") == b"PONG"
-    finally:
-        await client.aclose()
+        pipelined_redis: PipelinedRedis) -> None:
+    client = pipelined_redis
+    replies = await asyncio.gather(*(client.execute("ECHO", f"n{i}") for i in range(2000)))
+    assert replies == [f"n{i}".encode() for i in range(2000)]
+    assert await client.execute("DEL", "resp:missing") == 0
+    assert await client.execute("GET", "resp:missing") is None
+    assert await client.execute("PING") == b"PONG"
 
 
 async def test_scripts_load_themselves_and_errors_leave_the_connection_usable(
-        redis_server: RedisServer) -> None:
-    client = PipelinedRedis(redis_server.url, timeout=5)
+        redis_server: RedisServer, pipelined_redis: PipelinedRedis) -> None:
+    client = pipelined_redis
     script = Script("return {tonumber(ARGV[1]) + 1, KEYS[1]}")
-    try:
-        redis.Redis.from_url(redis_server.url).script_flush()
-        assert await client.run_script(script, ["{t}:k"], [41]) == [42, b"{t}:k"]
-        assert await client.run_script(script, ["{t}:k"], [1]) == [2, b"{t}:k"]
-        with pytest.raises(ReplyError, match="ERR"):
-            await client.run_script(Script("return redis.call('NOPE')"), [], [])
-        assert await client.execute("PING") == b"PONG"
-    finally:
-        await client.aclose()
+    redis.Redis.from_url(redis_server.url).script_flush()
+    assert await client.run_script(script, ["{t}:k"], [41]) == [42, b"{t}:k"]
+    assert await client.run_script(script, ["{t}:k"], [1]) == [2, b"{t}:k"]
+    with pytest.raises(ReplyError, match="ERR"):
+        await client.run_script(Script("return redis.call('NOPE')"), [], [])
+    assert await client.execute("PING") == b"PONG"
 
 
 async def test_a_lost_connection_fails_fast_and_the_next_call_reconnects(
-        redis_server: RedisServer) -> None:
-    client = PipelinedRedis(redis_server.url, timeout=5)
-    try:
-        client_id = await client.execute("CLIENT", "ID")
-        redis.Redis.from_url(redis_server.url).client_kill_filter(_id=client_id)
-        await asyncio.sleep(0.1)
-        assert await client.execute("PING") == b"PONG"
-        assert await client.execute("CLIENT", "ID") != client_id
-    finally:
-        await client.aclose()
+        redis_server: RedisServer, pipelined_redis: PipelinedRedis) -> None:
+    client = pipelined_redis
+    client_id = await client.execute("CLIENT", "ID")
+    redis.Redis.from_url(redis_server.url).client_kill_filter(_id=client_id)
+    await asyncio.sleep(0.1)
+    assert await client.execute("PING") == b"PONG"
+    assert await client.execute("CLIENT", "ID") != client_id
 
 
 async def test_no_reply_in_time_is_unavailable_and_later_calls_work(

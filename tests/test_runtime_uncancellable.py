@@ -14,10 +14,10 @@ from tenantry_runtime.uncancellable import uncancellable
 pytestmark = pytest.mark.timeout(60)
 
 
-async def test_a_cancel_waits_for_the_end_then_is_raised(redis_server: RedisServer) -> None:
+async def test_a_cancel_waits_for_the_end_then_is_raised(pipelined_redis: PipelinedRedis) -> None:
     """Cancelled while waiting on Redis replies (twice), on a slow Redis call and on a thread:
     every step still runs, in the cancelled task, and the cancel comes after."""
-    client = PipelinedRedis(redis_server.url, timeout=5)
+    client = pipelined_redis
     steps: list[str] = []
 
     async def work() -> str:
@@ -32,68 +32,60 @@ async def test_a_cancel_waits_for_the_end_then_is_raised(redis_server: RedisServ
     async def request() -> str:
         return await uncancellable(work())
 
-    try:
-        task = asyncio.create_task(request())
-        await asyncio.sleep(0.05)
-        assert task.cancel()
-        await asyncio.sleep(0.01)
-        assert task.cancel()  # a second cancel is held back too
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert steps == ["b'OK'", "slept", "thread", "1"]
-        assert task.cancelled()
-    finally:
-        await client.aclose()
+    task = asyncio.create_task(request())
+    await asyncio.sleep(0.05)
+    assert task.cancel()
+    await asyncio.sleep(0.01)
+    assert task.cancel()  # a second cancel is held back too
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert steps == ["b'OK'", "slept", "thread", "1"]
+    assert task.cancelled()
 
 
 async def test_uncancelled_it_returns_the_result_and_the_task_carries_on(
-        redis_server: RedisServer) -> None:
-    client = PipelinedRedis(redis_server.url, timeout=5)
-    try:
-        assert await uncancellable(client.execute("PING")) == b"PONG"
+        pipelined_redis: PipelinedRedis) -> None:
+    client = pipelined_redis
+    assert await uncancellable(client.execute("PING")) == b"PONG"
 
-        async def failing() -> None:
-            await asyncio.sleep(0)
-            raise ZeroDivisionError
+    async def failing() -> None:
+        await asyncio.sleep(0)
+        raise ZeroDivisionError
 
-        with pytest.raises(ZeroDivisionError):
-            await uncancellable(failing())
-        # Outside it the client's replies are cancellable as before.
-        call = asyncio.create_task(client.execute("DEBUG", "SLEEP", "0.2"))
-        await asyncio.sleep(0.05)
-        call.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await call
-    finally:
-        await client.aclose()
+    with pytest.raises(ZeroDivisionError):
+        await uncancellable(failing())
+    # Outside it the client's replies are cancellable as before.
+    call = asyncio.create_task(client.execute("DEBUG", "SLEEP", "0.2"))
+    await asyncio.sleep(0.05)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
 
 
-async def test_a_reconnect_inside_keeps_its_timeout(redis_server: RedisServer) -> None:
+async def test_a_reconnect_inside_keeps_its_timeout(
+        redis_server: RedisServer, pipelined_redis: PipelinedRedis) -> None:
     """Connecting (the Redis client's lock and `wait_for`) under a cancel: the connection is
     made, the command answered, then the cancel is raised."""
-    client = PipelinedRedis(redis_server.url, timeout=5)
-    try:
-        await client.execute("PING")
-        client_id = await client.execute("CLIENT", "ID")
-        redis.Redis.from_url(redis_server.url).client_kill_filter(_id=client_id)
-        await asyncio.sleep(0.05)
-        answers: list[object] = []
+    client = pipelined_redis
+    await client.execute("PING")
+    client_id = await client.execute("CLIENT", "ID")
+    redis.Redis.from_url(redis_server.url).client_kill_filter(_id=client_id)
+    await asyncio.sleep(0.05)
+    answers: list[object] = []
 
-        async def work() -> None:
-            try:
-                answers.append(await client.execute("PING"))
-            except Exception as error:  # the first call after the kill may see it
-                answers.append(type(error).__name__)
-                answers.append(await client.execute("PING"))
+    async def work() -> None:
+        try:
+            answers.append(await client.execute("PING"))
+        except Exception as error:  # the first call after the kill may see it
+            answers.append(type(error).__name__)
+            answers.append(await client.execute("PING"))
 
-        async def request() -> None:
-            await uncancellable(work())
+    async def request() -> None:
+        await uncancellable(work())
 
-        task = asyncio.create_task(request())
-        await asyncio.sleep(0)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert answers[-1] == b"PONG"
-    finally:
-        await client.aclose()
+    task = asyncio.create_task(request())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert answers[-1] == b"PONG"

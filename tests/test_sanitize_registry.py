@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
@@ -37,10 +36,8 @@ def test_whole_uuids_and_non_hex_words_are_not_held(text: str) -> None:
 
 
 @pytest.fixture
-async def registry(redis_server: RedisServer) -> AsyncIterator[DocumentRegistry]:
-    redis = PipelinedRedis(redis_server.url, 5)
-    yield DocumentRegistry(redis)
-    await redis.aclose()
+def registry(pipelined_redis: PipelinedRedis) -> DocumentRegistry:
+    return DocumentRegistry(pipelined_redis)
 
 
 def with_registry(registry: DocumentRegistry, *tenants: str) -> Sanitizer:
